@@ -1,0 +1,31 @@
+"""Deterministic identities: the same session and line always get the same identifier.
+
+This is what makes writes idempotent (a conditional update on the identifier finds the earlier write)
+and output byte-identical between runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from adapter.extraction.procedures import SessionKey
+
+_NAMESPACE = uuid.UUID("6f1d2c1e-9a4b-5c3d-8e7f-0a1b2c3d4e5f")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def line_identifier(session: SessionKey, code: str, modifiers: tuple[str, ...]) -> str:
+    return "fna-" + _digest(f"{session.text()}|{code}|{'-'.join(modifiers)}")
+
+
+def claim_identifier(session: SessionKey) -> str:
+    return "fna-claim-" + _digest(session.text())
+
+
+def full_url(system: str, value: str) -> str:
+    """A stable `urn:uuid:` for a transaction entry, derived from its business identifier."""
+    return f"urn:uuid:{uuid.uuid5(_NAMESPACE, f'{system}|{value}')}"

@@ -1,0 +1,199 @@
+"""The coding rules: from Procedure facts to CPT lines per billing session. Pure, table-driven, explained.
+
+Per session, lesions are ordered (performed start, Procedure id, position in the Procedure) and grouped by
+guidance modality. Each group gives its primary code x1 and its add-on x(n-1); the first modality (that
+of the earliest lesion) keeps a plain primary, every other modality's primary takes the distinct-service
+modifier. A session with any Procedure that needs review is held whole: its add-on units depend on it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from adapter.config import CodeTables
+from adapter.extraction.procedures import Disposition, Finding, Kind, Lesion, ProcedureFacts, SessionKey
+
+
+@dataclass(frozen=True)
+class ChargeLine:
+    session: SessionKey
+    code: str
+    display: str
+    modality: str
+    role: str
+    """`primary` or `add-on`."""
+    modifiers: tuple[str, ...]
+    units: int
+    lesions: tuple[Lesion, ...]
+    procedures: tuple[str, ...]
+    rule: str
+    """Why this line: which lesions, which rule; without the code itself (see `explanation`)."""
+
+    @property
+    def explanation(self) -> str:
+        return f"{self.label} x{self.units}: {self.rule}"
+
+    @property
+    def label(self) -> str:
+        return "-".join((self.code, *self.modifiers))
+
+
+@dataclass(frozen=True)
+class Review:
+    procedure: str
+    origin: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Session:
+    key: SessionKey
+    procedures: list[ProcedureFacts]
+    lesions: list[tuple[Lesion, str, str]] = field(default_factory=list)
+    """(lesion, modality, Procedure ref) in counting order, each lesion once."""
+    repeats: list[tuple[Lesion, str]] = field(default_factory=list)
+    """Lesions met again in a later Procedure of the session: (lesion, Procedure ref)."""
+    lines: list[ChargeLine] = field(default_factory=list)
+    held: bool = False
+
+    @property
+    def first_modality(self) -> str | None:
+        return self.lesions[0][1] if self.lesions else None
+
+
+@dataclass
+class CodingResult:
+    sessions: list[Session] = field(default_factory=list)
+    reviews: list[Review] = field(default_factory=list)
+    no_charge: list[ProcedureFacts] = field(default_factory=list)
+    skipped: list[ProcedureFacts] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[ChargeLine]:
+        return [line for s in self.sessions if not s.held for line in s.lines]
+
+    @property
+    def coded_sessions(self) -> list[Session]:
+        return [s for s in self.sessions if not s.held]
+
+
+def _lesion_list(lesions: list[Lesion]) -> str:
+    return ", ".join(f"{lesion.label} [{lesion.element}]" for lesion in lesions)
+
+
+def _count_lesions(session: Session) -> list[tuple[tuple[str, str], Finding]]:
+    """Fills session.lesions in counting order; a lesion seen under two modalities is a finding for both."""
+    seen: dict[str, tuple[str, str]] = {}
+    findings: list[tuple[tuple[str, str], Finding]] = []
+    for proc in session.procedures:
+        for lesion in proc.lesions:
+            if lesion.key in seen:
+                modality, first_ref = seen[lesion.key]
+                session.repeats.append((lesion, proc.ref))
+                if proc.modality and modality and proc.modality != modality:
+                    findings.append(((first_ref, proc.ref), Finding("lesion-modality-conflict",
+                                            f"{lesion.label} is sampled under {modality} in {first_ref} and "
+                                            f"under {proc.modality} in {proc.ref}")))
+                continue
+            seen[lesion.key] = (proc.modality or "", proc.ref)
+            session.lesions.append((lesion, proc.modality or "", proc.ref))
+    return findings
+
+
+def _build_lines(session: Session, tables: CodeTables) -> None:
+    groups: dict[str, list[tuple[Lesion, str]]] = defaultdict(list)
+    for lesion, modality, ref in session.lesions:
+        groups[modality].append((lesion, ref))
+    first = session.first_modality
+    distinct = tables.settings.distinct_modifier
+    for modality, members in groups.items():  # dicts keep first-appearance order
+        fam = tables.family[modality]
+        name = tables.display_of(modality)
+        lesion, ref = members[0]
+        if modality == first:
+            modifiers: tuple[str, ...] = ()
+            why_mod = f"{name} is the session's first modality (earliest lesion), so no modifier"
+        else:
+            modifiers = (distinct,)
+            why_mod = (f"an additional modality in a session that began with {tables.display_of(first or '')}, "
+                       f"so modifier {distinct}")
+        session.lines.append(ChargeLine(
+            session.key, fam.primary, fam.primary_display, modality, "primary", modifiers, 1, (lesion,), (ref,),
+            f"first lesion under {name} in this session: {_lesion_list([lesion])}; {why_mod}"))
+        extra = members[1:]
+        if extra:
+            session.lines.append(ChargeLine(
+                session.key, fam.add_on, fam.add_on_display, modality, "add-on", (), len(extra),
+                tuple(lesion for lesion, _ in extra), tuple(sorted({r for _, r in extra})),
+                f"each additional lesion under {name} "
+                f"({len(members)} lesions, the first billed as {fam.primary}): "
+                f"{_lesion_list([lesion for lesion, _ in extra])}; add-on codes never take a modifier"))
+
+
+def _core_conflicts(session: Session, cores: list[ProcedureFacts]) -> list[tuple[str, Finding]]:
+    structures = {lesion.body_structure: ref for lesion, _, ref in session.lesions if lesion.body_structure}
+    out: list[tuple[str, Finding]] = []
+    for core in cores:
+        for lesion in core.lesions:
+            if lesion.body_structure in structures:
+                out.append((structures[lesion.body_structure], Finding(
+                    "core-biopsy-same-lesion",
+                    f"{core.ref} (core needle biopsy) sampled the same lesion {lesion.label} in this session: "
+                    "FNA and core biopsy of one lesion are billable together only when the FNA sample was "
+                    "inadequate")))
+    return out
+
+
+def _hold(session: Session, own: dict[str, list[Finding]], result: CodingResult) -> None:
+    session.held = True
+    session.lines.clear()
+    held_refs = [p.ref for p in session.procedures if own.get(p.ref)]
+    for proc in session.procedures:
+        findings = own.get(proc.ref) or [Finding(
+            "session-held", f"held with its session because {', '.join(held_refs)} needs review: its "
+                            "lesions decide this Procedure's primary/add-on codes")]
+        result.reviews.extend(Review(proc.ref, proc.origin, f.reason, f.detail) for f in findings)
+
+
+def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingResult:
+    """Codes every session of `facts`. Pure: same facts and tables, same result."""
+    result = CodingResult()
+    by_session: dict[SessionKey, list[ProcedureFacts]] = defaultdict(list)
+    cores: dict[SessionKey, list[ProcedureFacts]] = defaultdict(list)
+    for proc in facts:
+        if proc.disposition is Disposition.SKIPPED:
+            result.skipped.append(proc)
+        elif proc.kind is Kind.CORE:
+            if proc.status == "completed" and proc.session:
+                cores[proc.session].append(proc)
+        elif proc.disposition is Disposition.NO_CHARGE:
+            result.no_charge.append(proc)
+        elif proc.session is None:
+            result.reviews.extend(Review(proc.ref, proc.origin, f.reason, f.detail) for f in proc.findings)
+        else:
+            by_session[proc.session].append(proc)
+
+    for key in sorted(by_session):
+        session = Session(key, sorted(by_session[key], key=ProcedureFacts.sort_key))
+        result.sessions.append(session)
+        own: dict[str, list[Finding]] = {p.ref: list(p.findings) for p in session.procedures}
+        for refs, finding in _count_lesions(session):
+            for ref in refs:
+                own[ref].append(finding)
+        for ref, finding in _core_conflicts(session, cores.get(key, [])):
+            own[ref].append(finding)
+        if any(own.values()):
+            _hold(session, own, result)
+            continue
+        _build_lines(session, tables)
+        for line in session.lines:
+            limit = tables.mue.get(line.code)
+            if limit is not None and line.units > limit:
+                for ref in line.procedures:
+                    own[ref].append(Finding("mue-exceeded", f"{line.code} x{line.units} exceeds its MUE limit of "
+                                                            f"{limit} (config/mue.yaml); never cut silently"))
+        if any(own.values()):
+            _hold(session, own, result)
+    return result

@@ -1,0 +1,280 @@
+"""Code tables and settings, loaded from `config/` and validated before anything is coded.
+
+Every table is data: a coder or analyst changes a YAML file, never the engine. Each error names the
+file and the entry, because the person reading it is fixing a table, not reading a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from adapter.errors import ConfigError
+
+CodeKey = tuple[str, str]
+"""(system, code) of a coding."""
+
+TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml")
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    """Primary and add-on CPT code of one guidance modality."""
+
+    modality: str
+    primary: str
+    primary_display: str
+    add_on: str
+    add_on_display: str
+
+
+@dataclass(frozen=True)
+class Modifier:
+    code: str
+    system: str
+    display: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    fhir_version: str = "4.0.1"
+    time_zone: str = "UTC"
+    when_missing: str = "review"
+    distinct_modifier: str = "59"
+    claims: bool = True
+    guidance_code_system: str = "http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance"
+    modifier_extension: str = "http://fhir-charge-adapter.example.org/fhir/StructureDefinition/cpt-modifier"
+    charge_identifier_system: str = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/charge-line"
+    claim_identifier_system: str = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/claim"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.time_zone)
+
+
+@dataclass(frozen=True)
+class CodeTables:
+    """Everything the pure engine needs to know about codes, in lookup-ready form."""
+
+    fna: frozenset[CodeKey]
+    core_needle_biopsy: frozenset[CodeKey]
+    modalities: dict[str, str]
+    method_codes: dict[CodeKey, str]
+    procedure_codes: dict[CodeKey, str]
+    cpt_system: str
+    family: dict[str, FamilyEntry]
+    never_emit: dict[str, str]
+    modifiers: dict[str, Modifier]
+    mue: dict[str, int]
+    settings: Settings = field(default_factory=Settings)
+    version: str = ""
+    """Short hash of the table files: which rules produced a charge, for the audit trail."""
+
+    def display_of(self, modality: str) -> str:
+        return self.modalities.get(modality, modality)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "must be a mapping at the top level")
+    return data
+
+
+def _str(value: Any, file: Path, entry: str) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(str(file), entry, "must be a non-empty string")
+    return value.strip()
+
+
+def _list(data: dict[str, Any], key: str, file: Path, required: bool = True) -> list[Any]:
+    value = data.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise ConfigError(str(file), key, "must be a non-empty list")
+    return value
+
+
+def _mapping(value: Any, file: Path, entry: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(str(file), entry, "must be a mapping")
+    return value
+
+
+def _codings(items: list[Any], key: str, file: Path) -> list[tuple[CodeKey, dict[str, Any]]]:
+    out: list[tuple[CodeKey, dict[str, Any]]] = []
+    seen: set[CodeKey] = set()
+    for i, raw in enumerate(items):
+        entry = f"{key}[{i}]"
+        item = _mapping(raw, file, entry)
+        system = _str(item.get("system"), file, f"{entry}.system")
+        code = _str(item.get("code"), file, f"{entry}.code")
+        if (system, code) in seen:
+            raise ConfigError(str(file), entry, f"duplicate code {system}|{code}")
+        seen.add((system, code))
+        out.append(((system, code), item))
+    return out
+
+
+def _load_settings(path: Path) -> Settings:
+    data = _read_yaml(path) if path.exists() else {}
+    known = {"fhir_version", "session", "guidance", "coding", "output", "urls"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(path), str(key), f"unknown setting (known: {', '.join(sorted(known))})")
+    session = _mapping(data.get("session", {}), path, "session")
+    guidance = _mapping(data.get("guidance", {}), path, "guidance")
+    coding = _mapping(data.get("coding", {}), path, "coding")
+    output = _mapping(data.get("output", {}), path, "output")
+    urls = _mapping(data.get("urls", {}), path, "urls")
+    defaults = Settings()
+    values: dict[str, Any] = {
+        "fhir_version": _str(data.get("fhir_version", defaults.fhir_version), path, "fhir_version"),
+        "time_zone": _str(session.get("time_zone", defaults.time_zone), path, "session.time_zone"),
+        "when_missing": _str(guidance.get("when_missing", defaults.when_missing), path, "guidance.when_missing"),
+        "distinct_modifier": _str(
+            coding.get("distinct_modifier", defaults.distinct_modifier), path, "coding.distinct_modifier"
+        ),
+        "claims": output.get("claims", defaults.claims),
+    }
+    for name in ("guidance_code_system", "modifier_extension", "charge_identifier_system",
+                 "claim_identifier_system"):
+        values[name] = _str(urls.get(name, getattr(defaults, name)), path, f"urls.{name}")
+    if values["when_missing"] not in ("review", "none"):
+        raise ConfigError(str(path), "guidance.when_missing", "must be 'review' or 'none'")
+    if not isinstance(values["claims"], bool):
+        raise ConfigError(str(path), "output.claims", "must be true or false")
+    try:
+        ZoneInfo(values["time_zone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(str(path), "session.time_zone", f"unknown time zone {values['time_zone']!r}") from None
+    return Settings(**values)
+
+
+def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
+    """Load and cross-check every table in `config_dir` (default: the repository's `config/`)."""
+    base = Path(config_dir) if config_dir else Path(os.environ.get("CHARGE_ADAPTER_CONFIG", DEFAULT_CONFIG_DIR))
+    if not base.is_dir():
+        raise ConfigError(str(base), "", "configuration folder not found")
+
+    vs_file, mod_file, cpt_file, mue_file = (base / name for name in TABLE_FILES[:4])
+    settings = _load_settings(base / "settings.yaml")
+
+    valueset = _read_yaml(vs_file)
+    fna = frozenset(k for k, _ in _codings(_list(valueset, "fna", vs_file), "fna", vs_file))
+    core = frozenset(
+        k for k, _ in _codings(_list(valueset, "core_needle_biopsy", vs_file, required=False),
+                               "core_needle_biopsy", vs_file)
+    )
+    if fna & core:
+        raise ConfigError(str(vs_file), "core_needle_biopsy", "codes may not also be in fna")
+
+    mods = _read_yaml(mod_file)
+    modalities_raw = _mapping(mods.get("modalities"), mod_file, "modalities")
+    modalities = {
+        str(k): _str(_mapping(v, mod_file, f"modalities.{k}").get("display", k), mod_file, f"modalities.{k}.display")
+        for k, v in modalities_raw.items()
+    }
+
+    def modality_table(key: str, required: bool) -> dict[CodeKey, str]:
+        table: dict[CodeKey, str] = {}
+        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file)):
+            modality = _str(item.get("modality"), mod_file, f"{key}[{i}].modality")
+            if modality not in modalities:
+                raise ConfigError(str(mod_file), f"{key}[{i}].modality",
+                                  f"{modality!r} is not one of the modalities ({', '.join(modalities)})")
+            table[k] = modality
+        return table
+
+    method_codes = modality_table("method_codes", True)
+    procedure_codes = modality_table("procedure_codes", False)
+    none_key = (settings.guidance_code_system, "none")
+    if method_codes.get(none_key) != "none":
+        raise ConfigError(str(mod_file), "method_codes",
+                          f"must map the project code {none_key[0]}|none to modality none")
+
+    cpt = _read_yaml(cpt_file)
+    cpt_system = _str(cpt.get("system"), cpt_file, "system")
+    never_emit: dict[str, str] = {}
+    for i, raw in enumerate(_list(cpt, "never_emit", cpt_file)):
+        item = _mapping(raw, cpt_file, f"never_emit[{i}]")
+        never_emit[_str(item.get("code"), cpt_file, f"never_emit[{i}].code")] = _str(
+            item.get("why"), cpt_file, f"never_emit[{i}].why")
+    family: dict[str, FamilyEntry] = {}
+    family_raw = _mapping(cpt.get("family"), cpt_file, "family")
+    for modality in modalities:
+        if modality not in family_raw:
+            raise ConfigError(str(cpt_file), f"family.{modality}", "missing: every modality needs its codes")
+    used: set[str] = set()
+    for modality, raw in family_raw.items():
+        entry = f"family.{modality}"
+        if modality not in modalities:
+            raise ConfigError(str(cpt_file), entry, f"{modality!r} is not a modality of {mod_file.name}")
+        item = _mapping(raw, cpt_file, entry)
+        fam = FamilyEntry(
+            modality=str(modality),
+            primary=_str(item.get("primary"), cpt_file, f"{entry}.primary"),
+            primary_display=_str(item.get("primary_display", item.get("primary")), cpt_file, entry),
+            add_on=_str(item.get("add_on"), cpt_file, f"{entry}.add_on"),
+            add_on_display=_str(item.get("add_on_display", item.get("add_on")), cpt_file, entry),
+        )
+        for code in (fam.primary, fam.add_on):
+            if code in never_emit:
+                raise ConfigError(str(cpt_file), entry, f"{code} may never be emitted: {never_emit[code]}")
+            if code in used:
+                raise ConfigError(str(cpt_file), entry, f"code {code} is used twice in the family")
+            used.add(code)
+            # a CPT FNA code in Procedure.code is evidence of its modality
+            procedure_codes.setdefault((cpt_system, code), fam.modality)
+        family[fam.modality] = fam
+
+    modifiers: dict[str, Modifier] = {}
+    for code, raw in _mapping(cpt.get("modifiers"), cpt_file, "modifiers").items():
+        item = _mapping(raw, cpt_file, f"modifiers.{code}")
+        modifiers[str(code)] = Modifier(
+            str(code), _str(item.get("system"), cpt_file, f"modifiers.{code}.system"),
+            _str(item.get("display", code), cpt_file, f"modifiers.{code}.display"))
+    if settings.distinct_modifier not in modifiers:
+        raise ConfigError(str(base / "settings.yaml"), "coding.distinct_modifier",
+                          f"{settings.distinct_modifier!r} is not in {cpt_file.name} modifiers "
+                          f"({', '.join(modifiers)})")
+
+    mue: dict[str, int] = {}
+    for code, limit in _mapping(_read_yaml(mue_file).get("limits", {}), mue_file, "limits").items():
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(str(mue_file), f"limits.{code}", "must be a whole number of at least 1")
+        mue[str(code)] = limit
+
+    digest = hashlib.sha256()
+    for name in TABLE_FILES:
+        path = base / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return CodeTables(
+        fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
+        procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
+        modifiers=modifiers, mue=mue, settings=settings, version=digest.hexdigest()[:12],
+    )

@@ -1,0 +1,67 @@
+"""One pass of the engine over a set of resources: index -> extract -> code -> build.
+
+Sources (files, a FHIR server, notifications) only differ in how resources arrive; all of them call
+`process` so an online charge is exactly what `dry-run` shows for the same data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from adapter.building.resources import BuildResult, build_outputs
+from adapter.coding.engine import CodingResult, Review, code_procedures
+from adapter.config import CodeTables
+from adapter.extraction.index import ResourceIndex
+from adapter.extraction.procedures import ProcedureFacts, extract
+from adapter.sources.files import EntryProblem, ReadResult, SourcedResource, read_paths
+
+EXIT_OK, EXIT_REVIEW, EXIT_UNREADABLE = 0, 1, 2
+
+
+@dataclass
+class RunReport:
+    index: ResourceIndex
+    facts: list[ProcedureFacts]
+    coding: CodingResult
+    built: BuildResult
+    read: ReadResult = field(default_factory=ReadResult)
+
+    @property
+    def reviews(self) -> list[Review]:
+        return [*self.coding.reviews, *self.built.reviews]
+
+    @property
+    def problems(self) -> list[EntryProblem]:
+        """Parts of the input that are not usable resources, and resources without an id."""
+        extra = [EntryProblem(item.origin, f"{item.resource.get('resourceType')} has no id")
+                 for item in self.index.without_id if item.resource.get("resourceType") != "Procedure"]
+        return [*self.read.problems, *extra]
+
+    @property
+    def exit_code(self) -> int:
+        if self.read.unreadable:
+            return EXIT_UNREADABLE
+        if self.reviews or self.problems:
+            return EXIT_REVIEW
+        return EXIT_OK
+
+
+def process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
+    """Code every FNA Procedure among `resources`; pure apart from reading the given dicts."""
+    index = ResourceIndex.build(resources)
+    procedures = [(ref, index.origins[ref], res) for ref, res in index.of_type("Procedure")]
+    procedures += [(None, item.origin, item.resource) for item in index.without_id
+                   if item.resource.get("resourceType") == "Procedure"]
+    facts = [extract(res, origin, index, tables) for _, origin, res in procedures]
+    coding = code_procedures(facts, tables)
+    built = build_outputs(coding, index, tables)
+    return RunReport(index, facts, coding, built)
+
+
+def process_paths(paths: Iterable[str | os.PathLike[str]], tables: CodeTables) -> RunReport:
+    read = read_paths(paths)
+    report = process(read.resources, tables)
+    report.read = read
+    return report

@@ -1,0 +1,116 @@
+"""Human-facing text: the charges table, the diagnostics list and the `explain` answer to "why this code?".
+
+Nothing here prints patient names: sessions are shown by reference (`Patient/id`) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from adapter.coding.engine import Session
+from adapter.config import CodeTables
+from adapter.extraction.procedures import ProcedureFacts
+from adapter.pipeline import RunReport
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def charges_table(report: RunReport) -> str:
+    rows = []
+    for out in report.built.sessions:
+        key = out.session.key
+        for line in out.session.lines:
+            rows.append((key.date, key.patient, key.performer, line.code, "-".join(line.modifiers) or "",
+                         line.units, ", ".join(r.split("/", 1)[1] for r in line.procedures),
+                         "yes" if out.claim else "no"))
+    if not rows:
+        return "No charges."
+    return text_table(("Date", "Patient", "Performer", "CPT", "Mod", "Units", "Procedures", "Claim"), rows)
+
+
+def diagnostics(report: RunReport) -> list[str]:
+    """One line per thing an analyst should know, most urgent first."""
+    out = [f"error: cannot read {err}" for err in report.read.unreadable]
+    out += [f"error: {p.origin}: {p.reason}" for p in report.problems]
+    out += [f"review: {r.procedure} ({r.origin}): {r.reason}: {r.detail}" for r in report.reviews]
+    out += [f"warning: {w.code}: {w.detail}" for w in report.built.warnings]
+    out += [f"warning: duplicate {ref}: {kept} replaces {old}" for ref, kept, old in report.index.duplicates]
+    out += [f"no charge: {f.ref}: status {f.status}" for f in report.coding.no_charge]
+    out += [f"skipped: {f.ref}: not an FNA biopsy" for f in report.coding.skipped]
+    return out
+
+
+def summary(report: RunReport) -> str:
+    lines = report.coding.lines
+    return (f"{len(report.facts)} Procedures: {len(report.coding.coded_sessions)} sessions coded, "
+            f"{len(lines)} charge lines ({sum(line.units for line in lines)} units), "
+            f"{sum(1 for s in report.built.sessions if s.claim)} claims, "
+            f"{len({r.procedure for r in report.reviews})} need review, "
+            f"{len(report.coding.no_charge)} no charge, {len(report.coding.skipped)} skipped, "
+            f"{len(report.read.unreadable)} unreadable files")
+
+
+def _procedure_line(proc: ProcedureFacts, tables: CodeTables) -> list[str]:
+    out = [f"  {proc.ref}  performed {proc.performed_text}  status {proc.status}  from {proc.origin}"]
+    if proc.modality:
+        out.append(f"    modality: {tables.display_of(proc.modality)}")
+    for ev in proc.evidence:
+        said = f"-> {tables.display_of(ev.modality)}" if ev.modality else "-> not a guidance code in the tables"
+        out.append(f"      evidence {ev.describe()} {said}")
+    if proc.modality_note:
+        out.append(f"      {proc.modality_note}")
+    if proc.lesion_note:
+        out.append(f"    lesions: {proc.lesion_note}")
+    return out
+
+
+def explain_session(session: Session, report: RunReport, tables: CodeTables) -> list[str]:
+    key = session.key
+    state = "HELD for review" if session.held else "coded"
+    out = [f"Session {key.date}  {key.patient}  {key.performer}  {key.encounter or '(no encounter)'}  [{state}]",
+           " Procedures (in counting order):"]
+    for proc in session.procedures:
+        out += _procedure_line(proc, tables)
+    out.append(" Lesions (each counted once, in order):")
+    for n, (lesion, modality, ref) in enumerate(session.lesions, start=1):
+        out.append(f"  {n}. {lesion.label}  from {ref} {lesion.element}  -> {tables.display_of(modality)}")
+    for lesion, ref in session.repeats:
+        out.append(f"  (again) {lesion.label} in {ref} {lesion.element}: the same lesion, not counted twice")
+    if session.held:
+        out.append(" Lines: none while held; see the review list")
+    else:
+        out.append(" Lines:")
+        out += [f"  {line.explanation}" for line in session.lines]
+        claim = next((s.claim for s in report.built.sessions if s.session is session), None)
+        out.append(" Claim: " + ("yes" if claim else "none (no active Coverage, or claims are off)"))
+    return out
+
+
+def explain(report: RunReport, tables: CodeTables, procedure: str | None = None) -> str:
+    """Per session: Procedures, modality evidence, lesions with their source elements, lines with rules."""
+    wanted = None
+    if procedure:
+        wanted = procedure if procedure.startswith("Procedure/") else f"Procedure/{procedure}"
+    out: list[str] = []
+    for session in report.coding.sessions:
+        if wanted and wanted not in {p.ref for p in session.procedures}:
+            continue
+        out += [*explain_session(session, report, tables), ""]
+    for review in report.reviews:
+        if not wanted or review.procedure == wanted:
+            out.append(f"Review {review.procedure}: {review.reason}: {review.detail}")
+    for proc in report.coding.no_charge:
+        if not wanted or proc.ref == wanted:
+            out.append(f"No charge {proc.ref}: status {proc.status} is not billable")
+    for proc in report.coding.skipped:
+        if not wanted or proc.ref == wanted:
+            out.append(f"Skipped {proc.ref}: Procedure.code is not in config/fna-valueset.yaml")
+    if wanted and not out:
+        out.append(f"{wanted} is not in the input")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,139 @@
+"""Read FHIR JSON, NDJSON and folders of them into plain resource dicts, remembering where each came from.
+
+A file that cannot be read is reported with its path and the reason, and the other files are still
+read: one bad input never hides the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapter.errors import InputError
+
+FHIR_SUFFIXES = (".json", ".ndjson", ".jsonl")
+
+
+@dataclass(frozen=True)
+class SourcedResource:
+    """A resource as read, and where it was read from (`file#entry[2]`, `file:4`)."""
+
+    resource: dict[str, Any]
+    origin: str
+
+
+@dataclass(frozen=True)
+class EntryProblem:
+    """A part of a readable file that is not a usable resource (an entry without one, say)."""
+
+    origin: str
+    reason: str
+
+
+@dataclass
+class ReadResult:
+    resources: list[SourcedResource] = field(default_factory=list)
+    problems: list[EntryProblem] = field(default_factory=list)
+    unreadable: list[InputError] = field(default_factory=list)
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files named directly, and FHIR files found below folders (sorted, so runs are repeatable)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for found in sorted(path.rglob("*")):
+                if found.is_file() and found.suffix.lower() in FHIR_SUFFIXES:
+                    yield found
+        else:
+            yield path
+
+
+def flatten(resource: dict[str, Any], origin: str, result: ReadResult) -> None:
+    """Add a resource, or every resource inside a Bundle (of any type, nested Bundles too)."""
+    if resource.get("resourceType") != "Bundle":
+        result.resources.append(SourcedResource(resource, origin))
+        return
+    entries = resource.get("entry") or []
+    if not isinstance(entries, list):
+        result.problems.append(EntryProblem(origin, "Bundle.entry is not a list"))
+        return
+    for i, entry in enumerate(entries):
+        where = f"{origin}#entry[{i}]"
+        if not isinstance(entry, dict):
+            result.problems.append(EntryProblem(where, "entry is not a JSON object"))
+            continue
+        inner = entry.get("resource")
+        if inner is None:
+            method = (entry.get("request") or {}).get("method")
+            if method != "DELETE":  # a history DELETE carries no resource by design
+                result.problems.append(EntryProblem(where, "entry has no resource"))
+            continue
+        if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
+            result.problems.append(EntryProblem(where, "entry resource has no resourceType"))
+            continue
+        flatten(inner, where, result)
+
+
+def _read_json(path: Path, text: str, result: ReadResult) -> None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise InputError(str(path), "not a FHIR resource (no resourceType)")
+    flatten(data, str(path), result)
+
+
+def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
+    bad: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"line {number} is not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+            bad.append(f"line {number} is not a FHIR resource (no resourceType)")
+            continue
+        flatten(data, f"{path}:{number}", result)
+    if bad:
+        # the good lines were kept; the file is still reported as not fully readable
+        raise InputError(str(path), "; ".join(bad))
+
+
+def read_file(path: Path, result: ReadResult) -> None:
+    """Read one file into `result`; raises InputError when it cannot be read (fully)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(str(path), "no such file or folder") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot be read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(str(path), f"not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise InputError(str(path), "file is empty")
+    if path.suffix.lower() in (".ndjson", ".jsonl"):
+        _read_ndjson(path, text, result)
+    else:
+        _read_json(path, text, result)
+
+
+def read_paths(paths: Iterable[str | os.PathLike[str]]) -> ReadResult:
+    """Read every file; unreadable ones are collected in `unreadable`, never raised."""
+    result = ReadResult()
+    for path in iter_files(paths):
+        try:
+            read_file(path, result)
+        except InputError as exc:
+            result.unreadable.append(exc)
+    return result

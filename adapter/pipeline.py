@@ -6,8 +6,10 @@ Sources (files, a FHIR server, notifications) only differ in how resources arriv
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from adapter.building.resources import BuildResult, build_outputs
@@ -48,8 +50,25 @@ class RunReport:
         return EXIT_OK
 
 
+@contextmanager
+def batch_gc() -> Iterator[None]:
+    """Fewer cyclic-GC passes while a batch runs: the engine makes many small acyclic dicts, and the default
+    young-generation threshold (700) spent about a fifth of a 10,000-Procedure run scanning them."""
+    old = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
 def process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
     """Code every FNA Procedure among `resources`; pure apart from reading the given dicts."""
+    with batch_gc():
+        return _process(resources, tables)
+
+
+def _process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
     index = ResourceIndex.build(resources)
     procedures = [(ref, index.origins[ref], res) for ref, res in index.of_type("Procedure")]
     procedures += [(None, item.origin, item.resource) for item in index.without_id
@@ -61,7 +80,8 @@ def process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunRepo
 
 
 def process_paths(paths: Iterable[str | os.PathLike[str]], tables: CodeTables) -> RunReport:
-    read = read_paths(paths)
-    report = process(read.resources, tables)
+    with batch_gc():
+        read = read_paths(paths)
+        report = process(read.resources, tables)
     report.read = read
     return report

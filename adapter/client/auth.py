@@ -305,7 +305,9 @@ class SmartBackendAuth(FhirAuth):
             error = body.get("error") or "no error code"
             description = body.get("error_description")
             detail = f"{error}: {description}" if description else str(error)
-            raise AuthError(f"SMART token endpoint {safe_url(token_url)} answered HTTP {response.status_code}: {detail}")
+            raise AuthError(
+                f"SMART token endpoint {safe_url(token_url)} answered HTTP {response.status_code}: {detail}"
+            )
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
             raise AuthError(f"SMART token endpoint {safe_url(token_url)} returned no access_token")
@@ -351,9 +353,11 @@ def auth_from_settings(settings: Mapping[str, Any] | None) -> FhirAuth:
         raise AuthError(f"auth type must be one of {', '.join(_ALLOWED_KEYS)}, got {kind!r}")
     unknown = sorted(set(settings) - _ALLOWED_KEYS[kind] - {"type"})
     if unknown:
-        hint = " (inline secrets are not accepted; use *_env or *_file)" if {
-            "token", "password", "private_key", "key_password"
-        } & set(unknown) else ""
+        hint = (
+            " (inline secrets are not accepted; use *_env or *_file)"
+            if {"token", "password", "private_key", "key_password"} & set(unknown)
+            else ""
+        )
         raise AuthError(f"auth type {kind}: unknown setting(s) {', '.join(unknown)}{hint}")
 
     if kind == "none":

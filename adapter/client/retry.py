@@ -132,10 +132,7 @@ class RetryPolicy:
             outcome = state.outcome
             if outcome is None:
                 return
-            if outcome.failed:
-                why = type(outcome.exception()).__name__
-            else:
-                why = f"HTTP {outcome.result().status_code}"
+            why = type(outcome.exception()).__name__ if outcome.failed else f"HTTP {outcome.result().status_code}"
             wait = state.next_action.sleep if state.next_action else 0.0
             log.warning(
                 "retrying %s after %s (attempt %d of %d, waiting %.1fs)",

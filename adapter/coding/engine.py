@@ -165,7 +165,8 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
     for proc in facts:
         if proc.disposition is Disposition.SKIPPED:
             result.skipped.append(proc)
-        elif proc.kind is Kind.CORE:
+        elif proc.kind is Kind.CORE:  # not ours to bill, but it can make an FNA of the same lesion unbillable
+            result.skipped.append(proc)
             if proc.status == "completed" and proc.session:
                 cores[proc.session].append(proc)
         elif proc.disposition is Disposition.NO_CHARGE:

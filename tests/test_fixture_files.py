@@ -1,0 +1,358 @@
+"""Checks on the hand-written FHIR fixtures themselves (not on the engine).
+
+For every scenario in fixtures/fhir/scenarios/: input.json is a loadable transaction Bundle whose
+resources validate against the FHIR R4B models (except resources marked invalid on purpose), ids are
+unique across all fixtures, every reference resolves inside its bundle, and expected.json is complete and
+consistent with its input. Every [scenario] named in docs/input-contract.md must have a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures" / "fhir"
+SCENARIOS = FIXTURES / "scenarios"
+NDJSON = FIXTURES / "ndjson"
+INVALID = FIXTURES / "invalid"
+CONTRACT = ROOT / "docs" / "input-contract.md"
+
+SCENARIO_DIRS = sorted(p for p in SCENARIOS.iterdir() if p.is_dir()) if SCENARIOS.is_dir() else []
+NDJSON_DIRS = sorted(p for p in NDJSON.iterdir() if p.is_dir()) if NDJSON.is_dir() else []
+
+EXPECTED_KEYS = ("description", "exit_code", "lines", "claims", "reviews", "no_charge", "skipped", "warnings")
+ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+DIR_RE = re.compile(r"^(\d{2})-([a-z0-9]+(?:-[a-z0-9]+)*)$")
+
+SCT = "http://snomed.info/sct"
+CPT = "http://www.ama-assn.org/go/cpt"
+FNA_CODES = {
+    (SCT, c) for c in ("48635004", "48426002", "387736007", "432337008", "432231006", "442865000", "81068001")
+} | {(CPT, c) for c in ("10021", "10004", "10005", "10006", "10007", "10008", "10009", "10010", "10011", "10012")}
+PRIMARY_OF_ADD_ON = {"10004": "10021", "10006": "10005", "10008": "10007", "10010": "10009", "10012": "10011"}
+PRIMARIES = set(PRIMARY_OF_ADD_ON.values())
+NEVER_EMIT = {"76942", "77002", "77012", "77021", "88172", "88173", "88177"}
+NO_CHARGE_STATUSES = {"not-done", "preparation", "in-progress", "on-hold", "entered-in-error"}
+REVIEW_REASONS = {
+    "status-needs-review",
+    "modality-conflict",
+    "modality-missing",
+    "invalid-resource",
+    "missing-performer",
+    "missing-performed-date",
+    "lesion-modality-conflict",
+    "core-biopsy-same-lesion",
+    "mue-exceeded",
+    "session-held",
+}
+EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
+EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def load_json(path: Path):
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def bundle_resources(scenario_dir: Path) -> list[dict]:
+    return [e["resource"] for e in load_json(scenario_dir / "input.json")["entry"]]
+
+
+def ndjson_resources(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def resources_of(fixture_dir: Path) -> list[dict]:
+    if (fixture_dir / "input.json").exists():
+        return bundle_resources(fixture_dir)
+    return ndjson_resources(fixture_dir / "input.ndjson")
+
+
+def index(resources: list[dict]) -> dict[str, dict]:
+    return {f"{r['resourceType']}/{r['id']}": r for r in resources}
+
+
+def normalise_reference(ref: str) -> str:
+    """Type/id, after removing a server base and a /_history/n suffix (contract section 1)."""
+    ref = re.sub(r"/_history/[^/]+$", "", ref)
+    parts = ref.rstrip("/").split("/")
+    return "/".join(parts[-2:])
+
+
+def references(node) -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                found.append(value)
+            else:
+                found.extend(references(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(references(item))
+    return found
+
+
+def codings(concept: dict | None) -> set[tuple[str, str]]:
+    return {(c.get("system"), c.get("code")) for c in (concept or {}).get("coding", [])}
+
+
+def body_structure_refs(proc: dict) -> set[str]:
+    refs = {
+        normalise_reference(e["valueReference"]["reference"])
+        for e in proc.get("extension", [])
+        if e.get("url") == EXT_TARGET
+    }
+    for site in proc.get("bodySite", []):
+        refs |= {
+            normalise_reference(e["valueReference"]["reference"])
+            for e in site.get("extension", [])
+            if e.get("url") == EXT_BODYSITE
+        }
+    return refs
+
+
+def fixture_id(p: Path) -> str:
+    return p.name
+
+
+# ------------------------------------------------------------------------------------ directory layout
+def test_there_are_enough_scenarios():
+    assert len(SCENARIO_DIRS) >= 30
+
+
+def test_scenario_directory_names_are_numbered_and_kebab_case():
+    numbers = []
+    for d in SCENARIO_DIRS:
+        m = DIR_RE.match(d.name)
+        assert m, f"bad scenario directory name {d.name!r}"
+        numbers.append(int(m.group(1)))
+        assert (d / "input.json").is_file(), d
+        assert (d / "expected.json").is_file(), d
+    assert numbers == list(range(1, len(numbers) + 1)), "scenario numbers must be 01, 02, ... without gaps"
+
+
+def contract_scenario_names() -> set[str]:
+    text = CONTRACT.read_text(encoding="utf-8")
+    names: set[str] = set()
+    # [name] or [a, b]; a bracket right after a word (performed[x]) is FHIR choice notation, not a scenario
+    for group in re.findall(r"(?<![\w\]])\[([a-z0-9-]+(?:\s*,\s*[a-z0-9-]+)*)\](?!\()", text):
+        names.update(n.strip() for n in group.split(","))
+    return names
+
+
+def test_every_contract_scenario_has_a_directory():
+    names = contract_scenario_names()
+    assert len(names) >= 20, f"suspiciously few scenario names parsed from the contract: {sorted(names)}"
+    have = {DIR_RE.match(d.name).group(2) for d in SCENARIO_DIRS if DIR_RE.match(d.name)}
+    missing = sorted(names - have)
+    assert not missing, f"scenarios named in docs/input-contract.md without a directory: {missing}"
+
+
+# ------------------------------------------------------------------------------------- inputs
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS, ids=fixture_id)
+def test_input_is_a_put_transaction_bundle(sdir: Path):
+    bundle = load_json(sdir / "input.json")
+    assert bundle["resourceType"] == "Bundle"
+    assert bundle["type"] == "transaction"
+    assert bundle["entry"], "empty bundle"
+    for entry in bundle["entry"]:
+        assert "fullUrl" not in entry
+        res = entry["resource"]
+        assert entry["request"] == {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}
+
+
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS + NDJSON_DIRS, ids=fixture_id)
+def test_resources_validate_against_r4b(sdir: Path):
+    expected = load_json(sdir / "expected.json")
+    invalid = set(expected.get("invalid_resources", []))
+    resources = resources_of(sdir)
+    for res in resources:
+        key = f"{res['resourceType']}/{res['id']}"
+        model = get_fhir_model_class(res["resourceType"])
+        if key in invalid:
+            with pytest.raises(ValueError):
+                model.model_validate(res)
+        else:
+            model.model_validate(res)
+    assert invalid <= set(index(resources)), "invalid_resources names a resource that is not in the input"
+    if not invalid and (sdir / "input.json").exists():
+        get_fhir_model_class("Bundle").model_validate(load_json(sdir / "input.json"))
+
+
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS + NDJSON_DIRS, ids=fixture_id)
+def test_ids_are_well_formed_and_prefixed(sdir: Path):
+    m = DIR_RE.match(sdir.name)
+    prefix = f"s{m.group(1)}-" if (sdir / "input.json").exists() else sdir.name.split("-")[0] + "-"
+    for res in resources_of(sdir):
+        rid = res.get("id", "")
+        assert ID_RE.match(rid), f"bad id {rid!r}"
+        assert not rid.isdigit(), f"purely numeric id {rid!r}"
+        assert rid.startswith(prefix), f"id {rid!r} lacks the prefix {prefix!r}"
+
+
+def test_ids_are_unique_across_all_fixtures():
+    seen: dict[str, str] = {}
+    for d in SCENARIO_DIRS + NDJSON_DIRS:
+        for res in resources_of(d):
+            rid = res["id"]
+            assert rid not in seen, f"id {rid!r} used in {seen[rid]} and {d.name}"
+            seen[rid] = d.name
+
+
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS + NDJSON_DIRS, ids=fixture_id)
+def test_every_reference_resolves_within_the_fixture(sdir: Path):
+    resources = resources_of(sdir)
+    idx = index(resources)
+    for res in resources:
+        for ref in references(res):
+            assert not ref.startswith("#"), f"contained reference {ref} in {res['id']}"
+            assert normalise_reference(ref) in idx, f"{res['resourceType']}/{res['id']} -> {ref} does not resolve"
+
+
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS, ids=fixture_id)
+def test_coverage_is_active_with_payor_and_beneficiary(sdir: Path):
+    idx = index(bundle_resources(sdir))
+    for cov in (r for r in idx.values() if r["resourceType"] == "Coverage"):
+        assert cov["status"] == "active"
+        assert normalise_reference(cov["beneficiary"]["reference"]).startswith("Patient/")
+        assert all(normalise_reference(p["reference"]).startswith("Organization/") for p in cov["payor"])
+
+
+# --------------------------------------------------------------------------------- expected.json
+@pytest.mark.parametrize("sdir", SCENARIO_DIRS + NDJSON_DIRS, ids=fixture_id)
+def test_expected_is_complete_and_consistent(sdir: Path):
+    expected = load_json(sdir / "expected.json")
+    for key in EXPECTED_KEYS:
+        assert key in expected, f"expected.json lacks {key!r}"
+    assert isinstance(expected["description"], str) and expected["description"].strip()
+    for key in EXPECTED_KEYS[2:]:
+        assert isinstance(expected[key], list), key
+
+    idx = index(resources_of(sdir))
+    procedures = {r["id"]: r for r in idx.values() if r["resourceType"] == "Procedure"}
+
+    # exit code follows the reviews
+    assert expected["exit_code"] == (1 if expected["reviews"] else 0)
+
+    # lines
+    seen_codes: list[str] = []
+    for ln in expected["lines"]:
+        assert set(ln) == {"code", "modifiers", "units", "procedures"}, ln
+        code = ln["code"]
+        assert code in PRIMARIES or code in PRIMARY_OF_ADD_ON, f"not an FNA CPT code: {code}"
+        assert code not in NEVER_EMIT
+        assert isinstance(ln["units"], int) and ln["units"] >= 1
+        assert set(ln["modifiers"]) <= {"59", "XS"}
+        if code in PRIMARIES:
+            assert ln["units"] == 1, "a primary code is never billed with more than one unit"
+        else:
+            assert ln["modifiers"] == [], "add-on codes never carry 59"
+            assert PRIMARY_OF_ADD_ON[code] in seen_codes, f"add-on {code} without its primary before it"
+        seen_codes.append(code)
+        assert ln["procedures"] and ln["procedures"] == sorted(set(ln["procedures"]))
+        for pid in ln["procedures"]:
+            proc = procedures[pid]
+            assert proc["status"] == "completed"
+            assert codings(proc["code"]) & FNA_CODES
+
+    # reviews / no_charge / skipped name existing Procedures, once each
+    review_ids = [r["procedure"] for r in expected["reviews"]]
+    assert review_ids == sorted(review_ids)
+    for rv in expected["reviews"]:
+        assert set(rv) == {"procedure", "reason"}
+        assert rv["reason"] in REVIEW_REASONS, rv
+        assert rv["procedure"] in procedures
+        if rv["reason"] == "status-needs-review":
+            assert procedures[rv["procedure"]]["status"] in {"stopped", "unknown"}
+    assert expected["no_charge"] == sorted(expected["no_charge"])
+    for pid in expected["no_charge"]:
+        assert procedures[pid]["status"] in NO_CHARGE_STATUSES
+    assert expected["skipped"] == sorted(expected["skipped"])
+    for pid in expected["skipped"]:
+        assert not (codings(procedures[pid]["code"]) & FNA_CODES), f"{pid} is an FNA, it cannot be skipped"
+    line_ids = {pid for ln in expected["lines"] for pid in ln["procedures"]}
+    buckets = [set(review_ids), set(expected["no_charge"]), set(expected["skipped"]), line_ids]
+    assert len(review_ids) == len(set(review_ids))
+    for i, a in enumerate(buckets):
+        for b in buckets[i + 1 :]:
+            assert not (a & b), f"a Procedure is in two outcome lists: {sorted(a & b)}"
+
+    # every Procedure has an outcome; the only exception is one whose lesions all belong to a coded
+    # Procedure of the same session (same BodyStructure counted once)
+    accounted = set().union(*buckets)
+    covered_lesions = set().union(*(body_structure_refs(procedures[p]) for p in line_ids)) if line_ids else set()
+    for pid, proc in procedures.items():
+        if pid in accounted:
+            continue
+        lesions = body_structure_refs(proc)
+        assert lesions and lesions <= covered_lesions, f"Procedure {pid} has no outcome in expected.json"
+
+    # warnings
+    for w in expected["warnings"]:
+        assert w["code"] == "no-coverage"
+        assert w["patient"] in idx
+    patients_with_coverage = {
+        normalise_reference(r["beneficiary"]["reference"]) for r in idx.values() if r["resourceType"] == "Coverage"
+    }
+    for w in expected["warnings"]:
+        assert w["patient"] not in patients_with_coverage
+
+    # claims: one per coded session with Coverage, items in line order
+    items = []
+    for claim in expected["claims"]:
+        assert set(claim) == {"patient", "provider", "items"}
+        assert claim["patient"] in patients_with_coverage
+        assert claim["provider"] in idx and claim["provider"].startswith("Practitioner/")
+        assert claim["items"]
+        items.extend(claim["items"])
+    warned = {w["patient"] for w in expected["warnings"]}
+    assert not warned & {claim["patient"] for claim in expected["claims"]}
+    if not warned:
+        assert items == [[ln["code"], ln["modifiers"], ln["units"]] for ln in expected["lines"]]
+
+
+# ------------------------------------------------------------------------------------------- NDJSON
+@pytest.mark.parametrize("ndir", NDJSON_DIRS, ids=fixture_id)
+def test_ndjson_is_one_resource_per_line(ndir: Path):
+    lines = (ndir / "input.ndjson").read_text(encoding="utf-8").splitlines()
+    assert lines
+    for n, line in enumerate(lines, start=1):
+        res = json.loads(line)
+        assert isinstance(res, dict) and "resourceType" in res, f"line {n}"
+        assert "\n" not in line
+
+
+def test_there_is_an_ndjson_fixture():
+    assert NDJSON_DIRS, "fixtures/fhir/ndjson/ must hold at least one scenario"
+
+
+# ------------------------------------------------------------------------------------- invalid files
+def test_invalid_files_are_documented_and_really_broken():
+    readme = (INVALID / "README.md").read_text(encoding="utf-8")
+    files = sorted(p.name for p in INVALID.iterdir() if p.name != "README.md")
+    assert set(files) >= {"not-json.json", "not-fhir.json", "bad-line.ndjson", "empty.json"}
+    for name in files:
+        assert f"`{name}`" in readme, f"{name} is not described in invalid/README.md"
+
+    with pytest.raises(json.JSONDecodeError):
+        load_json(INVALID / "not-json.json")
+
+    not_fhir = load_json(INVALID / "not-fhir.json")
+    assert isinstance(not_fhir, dict) and "resourceType" not in not_fhir
+
+    assert (INVALID / "empty.json").stat().st_size == 0
+
+    lines = (INVALID / "bad-line.ndjson").read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 3
+    for line in lines[:2]:
+        res = json.loads(line)
+        get_fhir_model_class(res["resourceType"]).model_validate(res)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[2])

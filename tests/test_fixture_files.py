@@ -23,7 +23,8 @@ INVALID = FIXTURES / "invalid"
 CONTRACT = ROOT / "docs" / "input-contract.md"
 
 SCENARIO_DIRS = sorted(p for p in SCENARIOS.iterdir() if p.is_dir()) if SCENARIOS.is_dir() else []
-NDJSON_DIRS = sorted(p for p in NDJSON.iterdir() if p.is_dir()) if NDJSON.is_dir() else []
+# fixtures/fhir/ndjson/ is one scenario: *.ndjson files (one resource per line) + expected.json
+NDJSON_DIRS = [NDJSON] if NDJSON.is_dir() else []
 
 EXPECTED_KEYS = ("description", "exit_code", "lines", "claims", "reviews", "no_charge", "skipped", "warnings")
 ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -71,7 +72,7 @@ def ndjson_resources(path: Path) -> list[dict]:
 def resources_of(fixture_dir: Path) -> list[dict]:
     if (fixture_dir / "input.json").exists():
         return bundle_resources(fixture_dir)
-    return ndjson_resources(fixture_dir / "input.ndjson")
+    return [r for f in sorted(fixture_dir.glob("*.ndjson")) for r in ndjson_resources(f)]
 
 
 def index(resources: list[dict]) -> dict[str, dict]:
@@ -188,8 +189,12 @@ def test_resources_validate_against_r4b(sdir: Path):
 
 @pytest.mark.parametrize("sdir", SCENARIO_DIRS + NDJSON_DIRS, ids=fixture_id)
 def test_ids_are_well_formed_and_prefixed(sdir: Path):
-    m = DIR_RE.match(sdir.name)
-    prefix = f"s{m.group(1)}-" if (sdir / "input.json").exists() else sdir.name.split("-")[0] + "-"
+    if (sdir / "input.json").exists():
+        prefix = f"s{DIR_RE.match(sdir.name).group(1)}-"
+    else:  # the NDJSON scenario: prefix from the file name, e.g. n02-us-three-lesions.ndjson -> n02-
+        prefixes = {f.name.split("-")[0] + "-" for f in sdir.glob("*.ndjson")}
+        assert len(prefixes) == 1, prefixes
+        (prefix,) = prefixes
     for res in resources_of(sdir):
         rid = res.get("id", "")
         assert ID_RE.match(rid), f"bad id {rid!r}"
@@ -321,12 +326,14 @@ def test_expected_is_complete_and_consistent(sdir: Path):
 # ------------------------------------------------------------------------------------------- NDJSON
 @pytest.mark.parametrize("ndir", NDJSON_DIRS, ids=fixture_id)
 def test_ndjson_is_one_resource_per_line(ndir: Path):
-    lines = (ndir / "input.ndjson").read_text(encoding="utf-8").splitlines()
-    assert lines
-    for n, line in enumerate(lines, start=1):
-        res = json.loads(line)
-        assert isinstance(res, dict) and "resourceType" in res, f"line {n}"
-        assert "\n" not in line
+    files = sorted(ndir.glob("*.ndjson"))
+    assert files, f"no .ndjson file in {ndir}"
+    for f in files:
+        lines = f.read_text(encoding="utf-8").splitlines()
+        assert lines
+        for n, line in enumerate(lines, start=1):
+            res = json.loads(line)
+            assert isinstance(res, dict) and "resourceType" in res, f"{f.name} line {n}"
 
 
 def test_there_is_an_ndjson_fixture():

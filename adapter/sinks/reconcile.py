@@ -1,0 +1,131 @@
+"""Compare what the engine wants with what the server holds, and plan the fewest writes that make them agree.
+
+Pure: no I/O. Lines are matched on their deterministic identifier. Unchanged lines are not written at all
+(a re-run sends nothing); changed ones are conditional updates; lines no longer wanted become
+`entered-in-error` and Claims no longer wanted `cancelled` (nothing is deleted). Charges that point at a
+Procedure now under review are left exactly as they are until an analyst has looked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.building.resources import SessionOutput, transaction_entry
+from adapter.config import CodeTables
+from adapter.extraction.index import reference_of
+from adapter.pipeline import RunReport
+
+VOID_STATUS = {"ChargeItem": "entered-in-error", "Claim": "cancelled"}
+IGNORED = ("id", "meta", "text")
+
+
+@dataclass
+class SessionPlan:
+    """The writes of one session (or of one patient's stale charges), sent as one transaction."""
+
+    label: str
+    procedures: list[str]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    unchanged: int = 0
+    voids: int = 0
+
+    def bundle(self) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "transaction", "entry": self.entries}
+
+
+@dataclass
+class Plan:
+    sessions: list[SessionPlan] = field(default_factory=list)
+    protected: int = 0
+    """Existing charges left alone because a Procedure they bill is under review."""
+
+    @property
+    def writes(self) -> int:
+        return sum(len(s.entries) for s in self.sessions)
+
+    @property
+    def unchanged(self) -> int:
+        return sum(s.unchanged for s in self.sessions)
+
+
+def _identifier(resource: dict[str, Any], system: str) -> str | None:
+    for ident in resource.get("identifier") or []:
+        if ident.get("system") == system and ident.get("value"):
+            return str(ident["value"])
+    return None
+
+
+def same_content(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Equal but for server-managed elements (id, meta, narrative)."""
+    return {k: v for k, v in existing.items() if k not in IGNORED} == wanted
+
+
+def _billed_procedures(resource: dict[str, Any]) -> set[str]:
+    if resource.get("resourceType") == "ChargeItem":
+        return {r for r in (reference_of(s) for s in resource.get("service") or []) if r}
+    return {r for r in (reference_of(p.get("procedureReference")) for p in resource.get("procedure") or []) if r}
+
+
+def void_entry(existing: dict[str, Any]) -> dict[str, Any]:
+    """PUT the stored resource back with a void status, only if nobody changed it since we read it."""
+    kind = existing["resourceType"]
+    body = {k: v for k, v in existing.items() if k not in ("meta", "text")}
+    body["status"] = VOID_STATUS[kind]
+    request: dict[str, Any] = {"method": "PUT", "url": f"{kind}/{existing['id']}"}
+    version = (existing.get("meta") or {}).get("versionId")
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    return {"fullUrl": f"{kind}/{existing['id']}", "resource": body, "request": request}
+
+
+def plan(report: RunReport, existing: list[dict[str, Any]], tables: CodeTables) -> Plan:
+    """The writes that bring the server from `existing` (our earlier output) to what `report` wants."""
+    settings = tables.settings
+    systems = {"ChargeItem": settings.charge_identifier_system, "Claim": settings.claim_identifier_system}
+    stored: dict[tuple[str, str], dict[str, Any]] = {}
+    for res in existing:
+        ident = _identifier(res, systems.get(res.get("resourceType", ""), ""))
+        if ident:
+            stored[(res["resourceType"], ident)] = res
+
+    result = Plan()
+    wanted: set[tuple[str, str]] = set()
+    session_of: dict[str, SessionPlan] = {}
+    for out in report.built.sessions:
+        sp = _session_plan(out, stored, systems, wanted)
+        result.sessions.append(sp)
+        for ref in sp.procedures:
+            session_of[ref] = sp
+
+    under_review = {r.procedure for r in report.reviews}
+    orphans: dict[str, SessionPlan] = {}
+    for key, res in sorted(stored.items()):
+        if key in wanted or res.get("status") == VOID_STATUS[key[0]]:
+            continue
+        billed = _billed_procedures(res)
+        if billed & under_review:
+            result.protected += 1
+            continue
+        target = next((session_of[r] for r in sorted(billed) if r in session_of), None)
+        if target is None:  # its Procedures are gone from every coded session (e.g. entered-in-error)
+            owner = reference_of(res.get("subject") or res.get("patient")) or "unknown patient"
+            target = orphans.setdefault(owner, SessionPlan(f"stale charges of {owner}", sorted(billed)))
+        target.entries.append(void_entry(res))
+        target.voids += 1
+    result.sessions += [orphans[k] for k in sorted(orphans)]
+    return result
+
+
+def _session_plan(out: SessionOutput, stored: dict[tuple[str, str], dict[str, Any]], systems: dict[str, str],
+                  wanted: set[tuple[str, str]]) -> SessionPlan:
+    sp = SessionPlan(out.session.key.text(), [p.ref for p in out.session.procedures])
+    for resource in out.resources():
+        key = (resource["resourceType"], _identifier(resource, systems[resource["resourceType"]]) or "")
+        wanted.add(key)
+        current = stored.get(key)
+        if current is not None and same_content(current, resource):
+            sp.unchanged += 1
+            continue
+        sp.entries.append(transaction_entry(resource))
+    return sp

@@ -1,0 +1,109 @@
+"""Read FNA Procedures, and everything their coding needs, from a FHIR server in a few batched searches.
+
+A changed Procedure can change the codes of every other Procedure of its session, so the unit of work is
+the patient: all of a patient's FNA (and core biopsy) Procedures are read and coded together, with the
+BodyStructures, Conditions and Coverages they reference, and the charges this adapter wrote before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.client import FhirClient
+from adapter.config import CodeTables
+from adapter.extraction.index import reference_of
+from adapter.extraction.procedures import EXT_BODYSITE, EXT_TARGET
+from adapter.sources.files import SourcedResource
+
+BATCH = 100
+"""References per search: keeps form bodies and server-side OR lists reasonable."""
+PAGE = 500
+
+
+def chunks(items: list[str], size: int = BATCH) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class PatientContext:
+    """Everything needed to code and reconcile a set of patients."""
+
+    resources: list[SourcedResource] = field(default_factory=list)
+    charge_items: list[dict[str, Any]] = field(default_factory=list)
+    claims: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ServerSource:
+    def __init__(self, client: FhirClient, tables: CodeTables) -> None:
+        self.client = client
+        self.tables = tables
+        codes = sorted(tables.fna | tables.core_needle_biopsy)
+        self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
+
+    def _search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        # POST _search keeps patient references out of URLs and access logs (and out of URL length limits)
+        for resource, mode in self.client.search_all_with_mode(resource_type, params, via_post=True):
+            if mode in (None, "match", "include") and resource.get("resourceType") != "OperationOutcome":
+                yield resource
+
+    def count_changed(self, since: str | None) -> int | None:
+        params: dict[str, Any] = {"code": self.code_param, "_summary": "count", "_total": "accurate"}
+        if since:
+            params["_lastUpdated"] = f"ge{since}"
+        page = next(self.client.search("Procedure", params, via_post=True))
+        total = page.get("total")
+        return total if isinstance(total, int) else None
+
+    def changed_pages(self, since: str | None) -> Iterator[list[dict[str, Any]]]:
+        """Pages of FNA/core Procedures changed since `since` (all when None), oldest change first."""
+        params: dict[str, Any] = {"code": self.code_param, "_sort": "_lastUpdated,_id", "_count": str(PAGE)}
+        if since:
+            params["_lastUpdated"] = f"ge{since}"
+        for page in self.client.search("Procedure", params, via_post=True):
+            found = [e["resource"] for e in page.get("entry") or []
+                     if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Procedure"]
+            if found:
+                yield found
+
+    def context(self, patients: Iterable[str]) -> PatientContext:
+        """All FNA Procedures of these patients and what they reference, plus our earlier output."""
+        ctx = PatientContext()
+        wanted = sorted(set(patients))
+        origin = self.client.base_url
+        procedures: list[dict[str, Any]] = []
+        for batch in chunks(wanted):
+            procedures += self._search("Procedure", {"patient": ",".join(batch), "code": self.code_param,
+                                                     "_count": str(PAGE)})
+        structures: set[str] = set()
+        conditions: set[str] = set()
+        for proc in procedures:
+            structures.update(_body_structure_ids(proc))
+            conditions.update(r.split("/", 1)[1] for r in (reference_of(x) for x in proc.get("reasonReference") or [])
+                              if r and r.startswith("Condition/"))
+        fetched = list(procedures)
+        for kind, ids in (("BodyStructure", structures), ("Condition", conditions)):
+            for batch in chunks(sorted(ids)):
+                fetched += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        for batch in chunks(wanted):
+            joined = ",".join(batch)
+            fetched += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
+            ctx.charge_items += self._search("ChargeItem", {
+                "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
+                "_count": str(PAGE)})
+            ctx.claims += self._search("Claim", {
+                "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
+                "_count": str(PAGE)})
+        ctx.resources = [SourcedResource(r, f"{origin}/{r['resourceType']}/{r.get('id')}") for r in fetched]
+        return ctx
+
+
+def _body_structure_ids(proc: dict[str, Any]) -> set[str]:
+    refs = [reference_of(e.get("valueReference")) for e in proc.get("extension") or []
+            if isinstance(e, dict) and e.get("url") == EXT_TARGET]
+    for site in proc.get("bodySite") or []:
+        refs += [reference_of(e.get("valueReference")) for e in (site.get("extension") or [])
+                 if isinstance(e, dict) and e.get("url") == EXT_BODYSITE]
+    return {r.split("/", 1)[1] for r in refs if r and r.startswith("BodyStructure/")}

@@ -1,0 +1,127 @@
+"""One pass against a FHIR server: read changed FNA Procedures, code them with the offline engine unchanged,
+reconcile with what was written before, and write each session in one transaction.
+
+A session the server rejects is reported with the server's reason and its Procedure ids, and the pass goes
+on with the others. Procedures that need review are listed and never charged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.client import FhirClient
+from adapter.coding.engine import Review
+from adapter.config import CodeTables
+from adapter.errors import FhirError
+from adapter.extraction.index import reference_of
+from adapter.pipeline import RunReport, process
+from adapter.sinks.reconcile import Plan, plan
+from adapter.sources.files import SourcedResource
+from adapter.sources.server import ServerSource
+
+log = logging.getLogger("adapter.sync")
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    session: str
+    procedures: tuple[str, ...]
+    reason: str
+
+
+@dataclass
+class SyncSummary:
+    procedures: int = 0
+    patients: int = 0
+    sessions: int = 0
+    lines: int = 0
+    written: int = 0
+    unchanged: int = 0
+    voided: int = 0
+    protected: int = 0
+    reviews: list[Review] = field(default_factory=list)
+    failures: list[WriteFailure] = field(default_factory=list)
+    written_ids: list[str] = field(default_factory=list)
+    """`Type/id/_history/n` of every resource written, from the transaction responses (for the audit log)."""
+
+    def add(self, other: SyncSummary) -> None:
+        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.reviews += other.reviews
+        self.failures += other.failures
+        self.written_ids += other.written_ids
+
+    def text(self) -> str:
+        return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
+                f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
+                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}")
+
+
+class Syncer:
+    """Codes and writes back per patient: all of a patient's FNA Procedures are always coded together."""
+
+    def __init__(self, client: FhirClient, tables: CodeTables, *, dry_run: bool = False) -> None:
+        self.client = client
+        self.tables = tables
+        self.dry_run = dry_run
+        self.source = ServerSource(client, tables)
+        self.last_plan: Plan | None = None
+
+    def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = ()) -> SyncSummary:
+        """Re-code every FNA Procedure of `patients` and bring the server's charges in line.
+
+        `loose` are Procedures without a usable subject: coded alone so they are reported, never charged.
+        """
+        wanted = sorted({p for p in patients if p})
+        ctx = self.source.context(wanted)
+        extra = [SourcedResource(r, f"{self.client.base_url}/Procedure/{r.get('id')}") for r in loose]
+        report = process([*ctx.resources, *extra], self.tables)
+        writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
+        self.last_plan = writes
+        summary = self._summarise(report, writes, len(wanted))
+        if not self.dry_run:
+            self._write(writes, summary)
+        return summary
+
+    def sync(self, since: str | None = None,
+             progress: Callable[[int], None] | None = None) -> SyncSummary:
+        """One pass over the FNA Procedures changed since `since` (all when None)."""
+        self.client.check_server()
+        total = SyncSummary()
+        done: set[str] = set()
+        for page in self.source.changed_pages(since):
+            patients = {reference_of(p.get("subject")) for p in page} - {None}
+            loose = [p for p in page if not (reference_of(p.get("subject")) or "").startswith("Patient/")]
+            todo = {p for p in patients if p and p.startswith("Patient/")} - done
+            if todo or loose:
+                total.add(self.sync_patients(todo, loose))
+            done |= todo
+            if progress:
+                progress(len(page))
+        return total
+
+    def _summarise(self, report: RunReport, writes: Plan, patients: int) -> SyncSummary:
+        return SyncSummary(
+            procedures=sum(1 for f in report.facts if f.kind.value == "fna"), patients=patients,
+            sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
+            unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
+
+    def _write(self, writes: Plan, summary: SyncSummary) -> None:
+        for session in writes.sessions:
+            if not session.entries:
+                continue
+            try:
+                response = self.client.transaction(session.bundle())
+            except FhirError as exc:
+                log.warning("session %s rejected: %s", session.label, exc)
+                summary.failures.append(WriteFailure(session.label, tuple(session.procedures), str(exc)))
+                continue
+            summary.written += len(session.entries) - session.voids
+            summary.voided += session.voids
+            for entry in response.get("entry") or []:
+                location = (entry.get("response") or {}).get("location")
+                if location:
+                    summary.written_ids.append(location)

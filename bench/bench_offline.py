@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import write_ndjson  # noqa: E402
+from generate import write_ndjson
 
-from adapter.cli import output_bundle  # noqa: E402
-from adapter.config import load_tables  # noqa: E402
-from adapter.pipeline import process_paths  # noqa: E402
+from adapter.cli import output_bundle
+from adapter.config import load_tables
+from adapter.pipeline import process_paths
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict
         yield {"resourceType": "Practitioner", "id": prac,
                "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": f"{1000000000 + n}"}]}
         yield {"resourceType": "Organization", "id": org, "name": "Synthetic Payer"}
-        yield {"resourceType": "Coverage", "id": f"{prefix}{n}-cov", "status": "active", "beneficiary": ref("Patient", pat),
-               "payor": [ref("Organization", org)]}
+        yield {"resourceType": "Coverage", "id": f"{prefix}{n}-cov", "status": "active",
+               "beneficiary": ref("Patient", pat), "payor": [ref("Organization", org)]}
         yield {"resourceType": "Encounter", "id": enc, "status": "finished",
                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
                "subject": ref("Patient", pat), "period": {"start": f"{day}T08:00:00Z", "end": f"{day}T17:00:00Z"}}

@@ -50,21 +50,21 @@ _MASK = "***"
 
 
 def secret_from(env: str | None = None, file: str | os.PathLike[str] | None = None, *, what: str = "secret") -> str:
-    """Read a secret from environment variable ``env``, else from ``file`` (trailing newline dropped).
+    """Read a secret from environment variable ``env``, else from ``file`` (final line break dropped).
 
     Raises :class:`AuthError` naming the variable or file -- never the value -- when neither yields one.
     """
-    if env is None and file is None:
-        raise AuthError(f"{what}: no environment variable or file configured")
     if env is not None:
         value = os.environ.get(env, "")
-        if value.strip():
-            return value.strip()
+        if value:
+            return value
         if file is None:
             raise AuthError(f"{what}: environment variable {env} is not set or empty")
-    path = Path(file)  # type: ignore[arg-type]  # file is not None here
+    if file is None:
+        raise AuthError(f"{what}: no environment variable or file configured")
+    path = Path(file)
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise AuthError(f"{what}: cannot read file {path}: {exc.strerror or type(exc).__name__}") from None
     if not value:
@@ -246,10 +246,21 @@ class SmartBackendAuth(FhirAuth):
             headers["kid"] = self.kid
         return jwt.encode(claims, self._key, algorithm=self.alg, headers=headers)
 
-    def _http(self) -> requests.Session:
+    def _http_call(self, method: str, url: str, **kw: Any) -> requests.Response:
         if self._session is None:
             self._session = requests.Session()
-        return self._session
+        session = self._session
+        # verify/cert passed explicitly: requests lets REQUESTS_CA_BUNDLE override session.verify.
+        return session.request(
+            method,
+            url,
+            headers={"Accept": "application/json"},
+            timeout=self.timeout,
+            allow_redirects=False,
+            verify=session.verify,
+            cert=session.cert,
+            **kw,
+        )
 
     def _discover_token_url(self) -> str:
         if self.token_url:
@@ -258,9 +269,7 @@ class SmartBackendAuth(FhirAuth):
             raise AuthError("SMART token endpoint unknown: give token_url or bind the auth to a FhirClient")
         url = f"{self.base_url}/.well-known/smart-configuration"
         try:
-            response = self._http().get(
-                url, headers={"Accept": "application/json"}, timeout=self.timeout, allow_redirects=False
-            )
+            response = self._http_call("GET", url)
         except requests.RequestException as exc:
             raise AuthError(f"SMART discovery at {safe_url(url)} failed: {type(exc).__name__}") from None
         if response.status_code != 200:
@@ -285,13 +294,7 @@ class SmartBackendAuth(FhirAuth):
         }
         self.token_request_count += 1
         try:
-            response = self._http().post(
-                token_url,
-                data=form,
-                headers={"Accept": "application/json"},
-                timeout=self.timeout,
-                allow_redirects=False,
-            )
+            response = self._http_call("POST", token_url, data=form)
         except requests.RequestException as exc:
             raise AuthError(f"SMART token request to {safe_url(token_url)} failed: {type(exc).__name__}") from None
         try:

@@ -234,16 +234,18 @@ class FhirClient:
             seen.add(next_url)
             page = self._call("GET", next_url)
 
-    def search_all(self, resource_type: str, params: SearchParams | None = None, **kw: Any) -> Iterator[dict[str, Any]]:
+    def search_all(
+        self, resource_type: str, params: SearchParams | None = None, *, via_post: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """Yield every entry resource of every page (matches and _include'd resources alike)."""
-        for resource, _mode in self.search_all_with_mode(resource_type, params, **kw):
+        for resource, _mode in self.search_all_with_mode(resource_type, params, via_post=via_post):
             yield resource
 
     def search_all_with_mode(
-        self, resource_type: str, params: SearchParams | None = None, **kw: Any
+        self, resource_type: str, params: SearchParams | None = None, *, via_post: bool = False
     ) -> Iterator[tuple[dict[str, Any], str | None]]:
         """Yield (resource, search.mode) pairs; mode is "match", "include", "outcome" or None."""
-        for page in self.search(resource_type, params, **kw):
+        for page in self.search(resource_type, params, via_post=via_post):
             for entry in page.get("entry") or []:
                 resource = entry.get("resource")
                 if isinstance(resource, dict):
@@ -418,6 +420,9 @@ class FhirClient:
                     auth=self.auth,
                     timeout=self.timeout,
                     allow_redirects=False,
+                    # Passed per request: requests lets REQUESTS_CA_BUNDLE override a session-level verify.
+                    verify=self.session.verify,
+                    cert=self.session.cert,
                 )
                 log.debug("%s %s -> %d (%.3fs)", method, path, response.status_code, time.monotonic() - started)
                 if response.status_code == 401 and not refreshed and self._may_refresh(response):

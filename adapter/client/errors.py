@@ -106,7 +106,7 @@ class FhirTransportError(FhirError):
         self.method, self.url, self.reason, self.attempts = method, safe_url(url), reason, attempts
         self.original = original
         path = urlsplit(self.url).path or "/"
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         super().__init__(f"{method} {path}: {reason}{tries}")
 
 

@@ -7,6 +7,9 @@ import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
 import ca.uhn.fhir.jpa.provider.JpaCapabilityStatementProvider;
 import ca.uhn.fhir.jpa.provider.JpaSystemProvider;
 import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
+import ca.uhn.fhir.jpa.searchparam.registry.SearchParamRegistryImpl;
+import ca.uhn.fhir.jpa.subscription.match.registry.SubscriptionLoader;
+import ca.uhn.fhir.jpa.subscription.match.registry.SubscriptionRegistry;
 import ca.uhn.fhir.rest.api.EncodingEnum;
 import ca.uhn.fhir.rest.server.RestfulServer;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
@@ -84,6 +87,11 @@ public final class TestServerMain {
 
 		server.registerProviders(ctx.getBean(ResourceProviderFactory.class).createProviders());
 		server.registerProvider(ctx.getBean(JpaSystemProvider.class));
+		server.registerProvider(new TestResetProvider(
+				ctx.getBean(IFhirSystemDao.class),
+				ctx.getBean(SubscriptionRegistry.class),
+				ctx.getBean(SubscriptionLoader.class),
+				ctx.getBean(SearchParamRegistryImpl.class)));
 
 		DatabaseBackedPagingProvider paging = ctx.getBean(DatabaseBackedPagingProvider.class);
 		paging.setDefaultPageSize(DEFAULT_PAGE_SIZE);

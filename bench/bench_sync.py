@@ -73,7 +73,7 @@ def main() -> None:
 
     # raw: the same session transactions again, under new identifiers so HAPI really creates every resource
     raw_prefix = "r" + uuid.uuid4().hex[:6]
-    renamed = [re.sub(r'"value": "fna-', f'"value": "{raw_prefix}-', b) for b in _session_bundles(syncer, since)]
+    renamed = [re.sub(r'("value": "|\|)fna-', rf"\1{raw_prefix}-", b) for b in _session_bundles(syncer, since)]
     before = client.request_count
     started = time.perf_counter()
     for text in renamed:

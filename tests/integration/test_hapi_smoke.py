@@ -54,9 +54,7 @@ def _put(session: requests.Session, base: str, resource: dict) -> requests.Respo
     return resp
 
 
-def test_transaction_with_client_ids_and_read_back(
-    hapi_url: str, fhir_session: requests.Session, fhir_ns: str
-) -> None:
+def test_transaction_with_client_ids_and_read_back(hapi_url: str, fhir_session: requests.Session, fhir_ns: str) -> None:
     ns = fhir_ns
     resources = [
         {"resourceType": "Patient", "id": f"{ns}-pat", "name": [{"family": "Smoke", "given": [ns]}]},

@@ -176,7 +176,7 @@ def _load_settings(path: Path) -> Settings:
 
 def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     """Load and cross-check every table in `config_dir` (default: the repository's `config/`)."""
-    base = Path(config_dir) if config_dir else Path(os.environ.get("CHARGE_ADAPTER_CONFIG", DEFAULT_CONFIG_DIR))
+    base = Path(config_dir) if config_dir else Path(os.environ.get("CHARGE_ADAPTER_TABLES", DEFAULT_CONFIG_DIR))
     if not base.is_dir():
         raise ConfigError(str(base), "", "configuration folder not found")
 

@@ -32,6 +32,20 @@ class WriteFailure:
     reason: str
 
 
+@dataclass(frozen=True)
+class ProcedureOutcome:
+    """What happened to one Procedure version in a pass: for the processed table, reviews and the audit."""
+
+    procedure: str
+    version: str
+    patient: str | None
+    outcome: str
+    """`coded`, `no-charge`, `review` or `failed`."""
+    session: str = ""
+    codes: tuple[str, ...] = ()
+    written: tuple[str, ...] = ()
+
+
 @dataclass
 class SyncSummary:
     procedures: int = 0
@@ -46,6 +60,7 @@ class SyncSummary:
     failures: list[WriteFailure] = field(default_factory=list)
     written_ids: list[str] = field(default_factory=list)
     """`Type/id/_history/n` of every resource written, from the transaction responses (for the audit log)."""
+    outcomes: list[ProcedureOutcome] = field(default_factory=list)
 
     def add(self, other: SyncSummary) -> None:
         for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected"):
@@ -53,6 +68,7 @@ class SyncSummary:
         self.reviews += other.reviews
         self.failures += other.failures
         self.written_ids += other.written_ids
+        self.outcomes += other.outcomes
 
     def text(self) -> str:
         return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
@@ -73,17 +89,19 @@ class Syncer:
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = ()) -> SyncSummary:
         """Re-code every FNA Procedure of `patients` and bring the server's charges in line.
 
-        `loose` are Procedures without a usable subject: coded alone so they are reported, never charged.
+        `loose` are resources pushed to us rather than read from the server (an integration engine's Bundle,
+        a Procedure without a usable subject): they replace the server's copy of the same `Type/id`.
         """
         wanted = sorted({p for p in patients if p})
         ctx = self.source.context(wanted)
-        extra = [SourcedResource(r, f"{self.client.base_url}/Procedure/{r.get('id')}") for r in loose]
+        extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
         self.last_plan = writes
         summary = self._summarise(report, writes, len(wanted))
         if not self.dry_run:
             self._write(writes, summary)
+        summary.outcomes = self._outcomes(report, writes)
         return summary
 
     def sync(self, since: str | None = None,
@@ -117,6 +135,7 @@ class Syncer:
                 response = self.client.transaction(session.bundle())
             except FhirError as exc:
                 log.warning("session %s rejected: %s", session.label, exc)
+                session.failure = str(exc)
                 summary.failures.append(WriteFailure(session.label, tuple(session.procedures), str(exc)))
                 continue
             summary.written += len(session.entries) - session.voids
@@ -124,4 +143,29 @@ class Syncer:
             for entry in response.get("entry") or []:
                 location = (entry.get("response") or {}).get("location")
                 if location:
-                    summary.written_ids.append(location)
+                    session.written.append(location)
+            summary.written_ids += session.written
+
+    def _outcomes(self, report: RunReport, writes: Plan) -> list[ProcedureOutcome]:
+        by_label = {s.label: s for s in writes.sessions}
+        reviewed = {r.procedure for r in report.reviews}
+        held = {p.ref for s in report.coding.sessions if s.held for p in s.procedures}
+        coded = {p.ref: s for s in report.coding.coded_sessions for p in s.procedures}
+        out = []
+        for facts in report.facts:
+            if facts.kind.value != "fna":
+                continue
+            version = str((facts.resource.get("meta") or {}).get("versionId", ""))
+            patient = reference_of(facts.resource.get("subject"))
+            if facts.disposition.value == "no-charge":
+                out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))
+            elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
+                out.append(ProcedureOutcome(facts.ref, version, patient, "review"))
+            else:
+                session = coded[facts.ref]
+                sp = by_label.get(session.key.text())
+                codes = tuple(f"{ln.label} x{ln.units}" for ln in session.lines if facts.ref in ln.procedures)
+                failed = sp is not None and sp.failure is not None
+                out.append(ProcedureOutcome(facts.ref, version, patient, "failed" if failed else "coded",
+                                            session.key.text(), codes, tuple(sp.written) if sp else ()))
+        return out

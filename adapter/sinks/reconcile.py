@@ -29,6 +29,9 @@ class SessionPlan:
     entries: list[dict[str, Any]] = field(default_factory=list)
     unchanged: int = 0
     voids: int = 0
+    written: list[str] = field(default_factory=list)
+    """`Type/id/_history/n` of each resource the server wrote, filled in after the transaction."""
+    failure: str | None = None
 
     def bundle(self) -> dict[str, Any]:
         return {"resourceType": "Bundle", "type": "transaction", "entry": self.entries}

@@ -180,7 +180,7 @@ def test_a_session_the_server_rejects_never_stops_the_others(client: FhirClient,
     client.transaction(bad)
     summary = Syncer(client, TABLES).sync_patients(patients_of(good) + patients_of(bad))
     assert [f.procedures for f in summary.failures] == [(f"Procedure/{fhir_ns}-s07-fna-1",)]
-    assert "400" in summary.failures[0].reason or "412" in summary.failures[0].reason
+    assert "HTTP 404" in summary.failures[0].reason and "HAPI-1091" in summary.failures[0].reason
     assert lines_on_server(client, patients_of(good)) == [("10005", "billable", 1, f"{fhir_ns}-s01-fna-1")]
     assert lines_on_server(client, patients_of(bad)) == []
 

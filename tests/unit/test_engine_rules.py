@@ -48,7 +48,8 @@ def procedure(pid: str, modality: str | None = "us", lesions: tuple[str, ...] = 
 
 
 def coverage(patient: str = "p1", cid: str = "c1", order: int | None = None) -> dict[str, Any]:
-    cov = {"resourceType": "Coverage", "id": cid, "status": "active", "beneficiary": {"reference": f"Patient/{patient}"},
+    cov = {"resourceType": "Coverage", "id": cid, "status": "active",
+           "beneficiary": {"reference": f"Patient/{patient}"},
            "payor": [{"reference": "Organization/o1"}]}
     if order is not None:
         cov["order"] = order
@@ -123,7 +124,8 @@ def test_body_site_extension_is_a_lesion_and_approach_is_not() -> None:
     res["extension"].append(approach)
     report = run(res)
     assert lines(report) == [("10005", (), 1, ("f1",)), ("10006", (), 1, ("f1",))]
-    assert [lesion.key for lesion, _, _ in report.coding.sessions[0].lesions] == ["BodyStructure/bs1", "BodyStructure/b9"]
+    keys = [lesion.key for lesion, _, _ in report.coding.sessions[0].lesions]
+    assert keys == ["BodyStructure/bs1", "BodyStructure/b9"]
 
 
 def test_coded_sites_without_body_structures_dedupe_within_but_not_across_procedures() -> None:
@@ -267,6 +269,6 @@ def test_never_emitted_codes_never_appear() -> None:
 
 
 def test_validation_rejects_an_invalid_resource_with_its_name() -> None:
-    with pytest.raises(InvalidOutputError, match="ChargeItem X.*subject"):
+    with pytest.raises(InvalidOutputError, match=r"ChargeItem X.*subject"):
         validate_resource({"resourceType": "ChargeItem", "status": "billable",
                            "code": {"coding": [{"code": "10005"}]}}, "ChargeItem X")

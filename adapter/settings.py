@@ -34,6 +34,8 @@ class PollSettings:
     interval_seconds: float = 30.0
     overlap_seconds: float = 300.0
     """How far each poll reaches back before the cursor: commits become visible out of order."""
+    page_size: int = 500
+    """Procedures per page; the cursor advances after each page."""
 
 
 @dataclass(frozen=True)

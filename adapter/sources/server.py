@@ -37,9 +37,10 @@ class PatientContext:
 
 
 class ServerSource:
-    def __init__(self, client: FhirClient, tables: CodeTables) -> None:
+    def __init__(self, client: FhirClient, tables: CodeTables, page_size: int = PAGE) -> None:
         self.client = client
         self.tables = tables
+        self.page_size = page_size
         codes = sorted(tables.fna | tables.core_needle_biopsy)
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
@@ -59,7 +60,7 @@ class ServerSource:
 
     def changed_pages(self, since: str | None) -> Iterator[list[dict[str, Any]]]:
         """Pages of FNA/core Procedures changed since `since` (all when None), oldest change first."""
-        params: dict[str, Any] = {"code": self.code_param, "_sort": "_lastUpdated,_id", "_count": str(PAGE)}
+        params: dict[str, Any] = {"code": self.code_param, "_sort": "_lastUpdated,_id", "_count": str(self.page_size)}
         if since:
             params["_lastUpdated"] = f"ge{since}"
         for page in self.client.search("Procedure", params, via_post=True):

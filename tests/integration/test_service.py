@@ -1,0 +1,286 @@
+"""Continuous operation against a real HAPI server and a real receiver process (`charge-adapter serve`):
+polling with a durable cursor, Subscription delivery, duplicate notifications, a kill in the middle of a
+backlog, reconciliation after edits, review and replay, and bad requests to the receiver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from adapter.client import FhirClient
+from adapter.config import load_tables
+from adapter.errors import FhirError
+from adapter.pipeline import process
+from adapter.sources.files import SourcedResource
+from adapter.state.store import StateStore
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from generate import generate  # noqa: E402
+
+TABLES = load_tables()
+CHARGE_SYSTEM = TABLES.settings.charge_identifier_system
+TOKEN = "test-receiver-token-not-a-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def client(hapi_url: str) -> Iterator[FhirClient]:
+    with FhirClient(hapi_url) as fhir:
+        yield fhir
+
+
+def server_now(client: FhirClient) -> str:
+    return next(client.search("Procedure", {"_count": "0"}))["meta"]["lastUpdated"]
+
+
+class Adapter:
+    """Runs `charge-adapter` as its own process with a config file and a state file of its own."""
+
+    def __init__(self, tmp: Path, hapi_url: str, port: int | None = None, **extra: Any) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state.sqlite"
+        self.port = port or free_port()
+        config = {"server": {"url": hapi_url}, "state_path": str(self.state),
+                  "poll": {"interval_seconds": 1, "overlap_seconds": 5, "page_size": 25},
+                  "serve": {"port": self.port, "safety_poll_seconds": 0, **extra.get("serve", {})}}
+        self.config = tmp / "adapter.yaml"
+        self.config.write_text(json.dumps(config))
+        self.env = {**os.environ, "CHARGE_ADAPTER_RECEIVER_TOKEN": TOKEN}
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def cmd(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "adapter", "--config", str(self.config), *args],
+                              capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        log = (self.tmp / f"adapter-{len(self.procs)}.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "adapter", "--config", str(self.config), "-v", *args],
+                                stdout=log, stderr=subprocess.STDOUT, text=True, env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def start_cursor_at(self, cursor: str) -> None:
+        StateStore(self.state).set_cursor(cursor)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self) -> None:
+        def up() -> bool:
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_for(up, 60, "the receiver to answer /healthz")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+def adapter(tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
+    runner = Adapter(tmp_path, hapi_url)
+    yield runner
+    runner.stop_all()
+
+
+def namespaced(scenario: str, ns: str) -> dict[str, Any]:
+    folder = next((ROOT / "fixtures/fhir/scenarios").glob(f"{scenario}-*"))
+    return json.loads(re.sub(r"\b([sn]\d\d)-", rf"{ns}-\1-", (folder / "input.json").read_text()))
+
+
+def patients_of(resources: list[dict[str, Any]]) -> list[str]:
+    return [f"Patient/{r['id']}" for r in resources if r["resourceType"] == "Patient"]
+
+
+def resources_of(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"]]
+
+
+def charges(client: FhirClient, patients: list[str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(patients), 100):
+        out += client.search_all("ChargeItem", {"subject": ",".join(patients[start:start + 100]),
+                                                "identifier": f"{CHARGE_SYSTEM}|", "_count": "1000"}, via_post=True)
+    return out
+
+
+def billed(client: FhirClient, patients: list[str]) -> list[tuple[str, float]]:
+    return sorted((c["code"]["text"], c["quantity"]["value"]) for c in charges(client, patients)
+                  if c["status"] == "billable")
+
+
+def expected_identifiers(resources: list[dict[str, Any]]) -> Counter[str]:
+    report = process([SourcedResource(r, "generated") for r in resources], TABLES)
+    return Counter(ci["identifier"][0]["value"] for s in report.built.sessions for ci in s.charge_items)
+
+
+def test_run_polls_from_its_cursor_and_is_idempotent(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    adapter.start_cursor_at(server_now(client))
+    bundle = namespaced("13", fhir_ns)  # three modalities: 10009, 10005-59, 10011-59
+    client.transaction(bundle)
+    patients = patients_of(resources_of(bundle))
+    first = adapter.cmd("run", "--once")
+    assert first.returncode == 0, first.stderr
+    assert billed(client, patients) == [("10005-59", 1), ("10009", 1), ("10011-59", 1)]
+    versions = {c["id"]: c["meta"]["versionId"] for c in charges(client, patients)}
+    again = adapter.cmd("run", "--once")
+    assert again.returncode == 0 and "written 0" in again.stderr, again.stderr
+    assert {c["id"]: c["meta"]["versionId"] for c in charges(client, patients)} == versions
+    status = adapter.cmd("status").stdout
+    assert re.search(r"cursor:\s+20\d\d-", status) and "review:    0 open" in status
+
+
+def test_review_then_fix_then_replay_bills_once(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    adapter.start_cursor_at(server_now(client))
+    bundle = namespaced("31", fhir_ns)  # no guidance evidence: modality-missing
+    client.transaction(bundle)
+    patients = patients_of(resources_of(bundle))
+    assert adapter.cmd("run", "--once").returncode == 1
+    listing = adapter.cmd("review", "list").stdout
+    assert "modality-missing" in listing and f"{fhir_ns}-s31-fna-1" in listing
+    review_id = re.search(r"^(\d+)\s", listing.splitlines()[2]).group(1)  # type: ignore[union-attr]
+    assert "no guidance evidence" in adapter.cmd("review", "show", review_id).stdout
+    assert billed(client, patients) == []
+
+    # the analyst gets the source system fixed: the Procedure now says ultrasound guidance
+    proc = next(r for r in resources_of(bundle) if r["resourceType"] == "Procedure")
+    proc.setdefault("extension", []).append({
+        "url": "http://hl7.org/fhir/StructureDefinition/procedure-method",
+        "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "61593002"}]}})
+    client.update(proc)
+    replay = adapter.cmd("review", "replay", review_id)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert billed(client, patients) == [("10005", 1)]
+    assert adapter.cmd("review", "replay", "--all").returncode == 0  # nothing open, nothing changes
+    assert len(charges(client, patients)) == 1
+    assert "Nothing needs review" in adapter.cmd("review", "list").stdout
+
+
+def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
+        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    resources = list(generate(300, prefix=f"{fhir_ns}k"))
+    patients = patients_of(resources)
+    adapter.start_cursor_at(server_now(client))
+    for start in range(0, len(resources), 400):
+        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources[start:start + 400]]})
+    proc = adapter.start("run")
+    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 20, 120, "the first Procedures coded", 0.1)
+    proc.kill()  # SIGKILL: no clean shutdown
+    proc.wait(30)
+    partial = len(charges(client, patients))
+    expected = expected_identifiers(resources)
+    assert 0 < partial < sum(expected.values()), "the kill should land in the middle of the backlog"
+    resumed = adapter.cmd("run", "--once")
+    assert resumed.returncode == 0, resumed.stderr
+    on_server = Counter(c["identifier"][0]["value"] for c in charges(client, patients))
+    assert on_server == expected  # none missing, none twice
+
+
+@pytest.fixture
+def serving(client: FhirClient, tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
+    runner = Adapter(tmp_path, hapi_url, serve={"subscription_id": f"cas-{uuid.uuid4().hex[:8]}"})
+    runner.start_cursor_at(server_now(client))
+    runner.start("serve")
+    runner.wait_healthy()
+    yield runner
+    runner.stop_all()
+    with contextlib.suppress(FhirError):  # cleanup only
+        client.delete("Subscription", json.loads(runner.config.read_text())["serve"]["subscription_id"])
+
+
+def test_subscription_delivers_to_serve_and_charges_appear(client: FhirClient, serving: Adapter,
+                                                          fhir_ns: str) -> None:
+    subscribed = serving.cmd("subscribe")
+    assert subscribed.returncode == 0, subscribed.stderr
+    assert "is active" in subscribed.stdout
+    bundle = namespaced("11", fhir_ns)  # 10005, 10006, 10007-59
+    client.transaction(bundle)
+    patients = patients_of(resources_of(bundle))
+    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1), ("10007-59", 1)], 90,
+             "ChargeItems written from the notifications")
+    metrics = requests.get(f"{serving.url}/metrics", timeout=5).text
+    assert re.search(r'charge_adapter_received_total\{kind="rest-hook-update"\} [1-9]', metrics), metrics
+
+    # a Procedure edited after it was billed is reconciled through the next notification
+    fluoro = next(r for r in resources_of(bundle) if r["id"] == f"{fhir_ns}-s11-fna-2")
+    fluoro["status"] = "entered-in-error"
+    client.update(fluoro)
+    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1)], 90, "the voided add-on modality")
+
+
+def test_the_same_notification_twice_writes_once(client: FhirClient, serving: Adapter, fhir_ns: str) -> None:
+    bundle = namespaced("01", fhir_ns)
+    client.transaction(bundle)
+    proc = client.read("Procedure", f"{fhir_ns}-s01-fna-1")
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+    url = f"{serving.url}/notify/Procedure/{proc['id']}"
+    for _ in range(2):
+        assert requests.put(url, data=json.dumps(proc), headers=headers, timeout=10).status_code == 200
+    patients = patients_of(resources_of(bundle))
+    wait_for(lambda: billed(client, patients) == [("10005", 1)], 60, "the charge")
+    wait_for(lambda: StateStore(serving.state).queue_depth() == 0, 60, "the queue to drain")
+    [item] = charges(client, patients)
+    assert item["meta"]["versionId"] == "1"
+    written = [a for a in StateStore(serving.state).audit_for(f"Procedure/{proc['id']}") if a["written"]]
+    assert len(written) == 1
+
+
+@pytest.mark.parametrize(("headers", "body", "path", "status"), [
+    ({}, b"{}", "/notify/Procedure/x", 401),
+    ({"Authorization": "Bearer wrong"}, b"{}", "/notify/Procedure/x", 401),
+    ({"Authorization": f"Bearer {TOKEN}"}, b"not json", "/notify/Procedure/x", 400),
+    ({"Authorization": f"Bearer {TOKEN}"}, b'{"resourceType": "Patient", "id": "x"}', "/notify/Procedure/x", 422),
+    ({"Authorization": f"Bearer {TOKEN}"}, b'{"resourceType": "Procedure", "id": "x", "note": [{"text": "'
+     + b"a" * (6 * 1024 * 1024) + b'"}]}', "/notify/Procedure/x", 413),
+])
+def test_bad_requests_get_the_right_4xx_and_change_nothing(serving: Adapter, headers: dict[str, str], body: bytes,
+                                                           path: str, status: int) -> None:
+    before = StateStore(serving.state).queue_counts()
+    answer = requests.put(f"{serving.url}{path}", data=body, timeout=30,
+                          headers={"Content-Type": "application/fhir+json", **headers})
+    assert answer.status_code == status
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert StateStore(serving.state).queue_counts() == before

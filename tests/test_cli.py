@@ -1,0 +1,98 @@
+"""The command line as an analyst meets it: stdout, stderr and exit codes of dry-run and explain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from adapter.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "fixtures/fhir/scenarios"
+INVALID = ROOT / "fixtures/fhir/invalid"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "adapter", *args], capture_output=True, text=True, check=False)
+
+
+def scenario(name: str) -> str:
+    return str(next(SCENARIOS.glob(f"{name}-*")) / "input.json")
+
+
+def test_dry_run_prints_exactly_one_transaction_bundle_and_exits_0() -> None:
+    result = run("dry-run", scenario("11"))
+    assert result.returncode == 0, result.stderr
+    bundle = json.loads(result.stdout)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == ["ChargeItem"] * 3 + ["Claim"]
+    assert "3 charge lines" in result.stderr
+
+
+def test_review_cases_exit_1_listing_procedure_and_reason() -> None:
+    result = run("dry-run", scenario("34"))
+    assert result.returncode == 1
+    assert "review: Procedure/s34-fna-bad" in result.stderr and "invalid-resource" in result.stderr
+    assert "Procedure has no subject" in result.stderr
+    # the good Procedure of the same file is still coded
+    assert [e["resource"]["code"]["coding"][0]["code"] for e in json.loads(result.stdout)["entry"]
+            if e["resource"]["resourceType"] == "ChargeItem"] == ["10009"]
+
+
+def test_unreadable_files_exit_2_naming_each_file_and_the_rest_is_still_coded() -> None:
+    result = run("dry-run", str(INVALID), scenario("01"))
+    assert result.returncode == 2
+    for name in ("not-json.json", "not-fhir.json", "bad-line.ndjson", "empty.json"):
+        assert f"cannot read {INVALID / name}:" in result.stderr, name
+    assert "not valid JSON" in result.stderr and "file is empty" in result.stderr
+    codes = [e["resource"]["code"]["coding"][0]["code"] for e in json.loads(result.stdout)["entry"]
+             if e["resource"]["resourceType"] == "ChargeItem"]
+    assert codes == ["10005"]
+
+
+def test_missing_file_exits_2() -> None:
+    result = run("dry-run", "no/such/file.json")
+    assert result.returncode == 2 and "no/such/file.json: no such file" in result.stderr
+
+
+def test_table_format_for_humans() -> None:
+    result = CliRunner().invoke(cli, ["dry-run", "--format", "table", scenario("13")])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["Date", "Patient", "Performer", "CPT", "Mod", "Units", "Procedures", "Claim"]
+    assert [line.split()[3:5] for line in lines[2:]] == [["10009", "1"], ["10005", "59"], ["10011", "59"]]
+
+
+def test_explain_answers_why_this_code() -> None:
+    result = CliRunner().invoke(cli, ["explain", scenario("11"), "--procedure", "s11-fna-2"])
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "extension[procedure-targetBodyStructure][0]" in text  # where each lesion came from
+    assert "evidence extension[procedure-method][0]" in text  # the modality's evidence
+    assert "10007-59 x1: first lesion under fluoroscopic guidance" in text
+    assert "so modifier 59" in text and "add-on codes never take a modifier" in text
+
+
+def test_explain_of_an_unknown_procedure_says_so() -> None:
+    result = CliRunner().invoke(cli, ["explain", scenario("01"), "--procedure", "nope"])
+    assert "Procedure/nope is not in the input" in result.stdout
+
+
+def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    mue = tmp_path / "config/mue.yaml"
+    mue.write_text(mue.read_text().replace('"10021": 1', '"10021": -1'))
+    result = run("--tables", str(tmp_path / "config"), "dry-run", scenario("01"))
+    assert result.returncode == 3
+    assert "mue.yaml: limits.10021: must be a whole number of at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_same_input_same_bytes() -> None:
+    first, second = run("dry-run", scenario("13")), run("dry-run", scenario("13"))
+    assert first.stdout == second.stdout and first.stdout

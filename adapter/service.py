@@ -75,8 +75,9 @@ class Service:
 
     def record(self, summary: SyncSummary) -> None:
         """Processed versions, review queue (open/refresh/resolve), audit and metrics for one pass."""
-        patient_of = {o.procedure: o.patient for o in summary.outcomes}
-        self.store.mark_processed([(o.procedure, o.version, o.outcome) for o in summary.outcomes if o.version])
+        outcomes = [o for o in summary.outcomes if o.outcome != "deferred"]  # deferred: done on the next pass
+        patient_of = {o.procedure: o.patient for o in outcomes}
+        self.store.mark_processed([(o.procedure, o.version, o.outcome) for o in outcomes if o.version])
         keep: set[tuple[str, str]] = set()
         for review in summary.reviews:
             keep.add((review.procedure, review.reason))
@@ -90,15 +91,16 @@ class Service:
         self.store.audit([
             {"procedure": o.procedure, "version": o.version, "session": o.session, "codes": list(o.codes),
              "table_version": self.tables.version, "written": list(o.written)}
-            for o in summary.outcomes if o.written or o.outcome == "failed"])
-        self.metrics.inc("charge_adapter_coded_total", sum(1 for o in summary.outcomes if o.outcome == "coded"))
+            for o in outcomes if o.written or o.outcome == "failed"])
+        self.metrics.inc("charge_adapter_coded_total", sum(1 for o in outcomes if o.outcome == "coded"))
         self.metrics.inc("charge_adapter_written_total", summary.written + summary.voided)
         self.metrics.inc("charge_adapter_review_total", len({r.procedure for r in summary.reviews}))
         self.metrics.inc("charge_adapter_failed_total", len(summary.failures))
 
-    def sync_patients(self, patients: set[str], loose: list[dict[str, Any]] | None = None) -> SyncSummary:
+    def sync_patients(self, patients: set[str], loose: list[dict[str, Any]] | None = None,
+                      stop: threading.Event | None = None) -> SyncSummary:
         with self.write_lock:
-            summary = self.syncer.sync_patients(patients, loose or [])
+            summary = self.syncer.sync_patients(patients, loose or [], stop.is_set if stop else None)
         self.record(summary)
         return summary
 
@@ -130,7 +132,10 @@ class Service:
                 subjects = {p.get("id"): reference_of(p.get("subject")) or "" for p in fresh}
                 patients = {r for r in subjects.values() if r.startswith("Patient/")}
                 loose = [p for p in fresh if not subjects[p.get("id")].startswith("Patient/")]
-                total.add(self.sync_patients(patients, loose))
+                summary = self.sync_patients(patients, loose, stop)
+                total.add(summary)
+                if summary.deferred:
+                    break  # stopping mid-page: the cursor stays, the next start redoes what is left
             newest = max((p.get("meta") or {}).get("lastUpdated", "") for p in page)
             if newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
                 self.store.set_cursor(newest)
@@ -138,8 +143,19 @@ class Service:
             if progress:
                 progress(len(page))
             if stop is not None and stop.is_set():
-                break
+                return total
+        if since:
+            total.add(self._deleted_since(since))
         return total
+
+    def _deleted_since(self, since: str) -> SyncSummary:
+        """Deleted Procedures: recode the patients they were billed to, so their charges are voided."""
+        deleted = [ref for ref in self.syncer.source.deleted_since(since) if not self.store.seen(ref, "deleted")]
+        patients = {p for ref in deleted for p in self._patients_billed_for(ref)}
+        summary = self.sync_patients(patients) if patients else SyncSummary()
+        self.store.mark_processed([(ref, "deleted", "deleted") for ref in deleted])
+        self.store.resolve_reviews(deleted)  # nothing left for an analyst to fix
+        return summary
 
     def count_backlog(self) -> int | None:
         cursor = self.store.cursor()

@@ -40,7 +40,7 @@ class ProcedureOutcome:
     version: str
     patient: str | None
     outcome: str
-    """`coded`, `no-charge`, `review` or `failed`."""
+    """`coded`, `no-charge`, `review`, `failed`, or `deferred` (not written: the process was stopping)."""
     session: str = ""
     codes: tuple[str, ...] = ()
     written: tuple[str, ...] = ()
@@ -70,6 +70,10 @@ class SyncSummary:
         self.written_ids += other.written_ids
         self.outcomes += other.outcomes
 
+    @property
+    def deferred(self) -> bool:
+        return any(o.outcome == "deferred" for o in self.outcomes)
+
     def text(self) -> str:
         return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
@@ -86,11 +90,14 @@ class Syncer:
         self.source = ServerSource(client, tables)
         self.last_plan: Plan | None = None
 
-    def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = ()) -> SyncSummary:
+    def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
+                      should_stop: Callable[[], bool] | None = None) -> SyncSummary:
         """Re-code every FNA Procedure of `patients` and bring the server's charges in line.
 
         `loose` are resources pushed to us rather than read from the server (an integration engine's Bundle,
         a Procedure without a usable subject): they replace the server's copy of the same `Type/id`.
+        `should_stop` is asked between sessions: a stopping process finishes the session it is writing, and
+        the sessions left are reported `deferred`.
         """
         wanted = sorted({p for p in patients if p})
         ctx = self.source.context(wanted)
@@ -100,7 +107,7 @@ class Syncer:
         self.last_plan = writes
         summary = self._summarise(report, writes, len(wanted))
         if not self.dry_run:
-            self._write(writes, summary)
+            self._write(writes, summary, should_stop)
         summary.outcomes = self._outcomes(report, writes)
         return summary
 
@@ -127,8 +134,11 @@ class Syncer:
             sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
             unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
 
-    def _write(self, writes: Plan, summary: SyncSummary) -> None:
+    def _write(self, writes: Plan, summary: SyncSummary, should_stop: Callable[[], bool] | None = None) -> None:
         for session in writes.sessions:
+            if should_stop is not None and should_stop():
+                session.deferred = True
+                continue
             if not session.entries:
                 continue
             try:
@@ -165,7 +175,11 @@ class Syncer:
                 session = coded[facts.ref]
                 sp = by_label.get(session.key.text())
                 codes = tuple(f"{ln.label} x{ln.units}" for ln in session.lines if facts.ref in ln.procedures)
-                failed = sp is not None and sp.failure is not None
-                out.append(ProcedureOutcome(facts.ref, version, patient, "failed" if failed else "coded",
-                                            session.key.text(), codes, tuple(sp.written) if sp else ()))
+                state = "coded"
+                if sp is not None and sp.failure is not None:
+                    state = "failed"
+                elif sp is not None and sp.deferred:
+                    state = "deferred"
+                out.append(ProcedureOutcome(facts.ref, version, patient, state, session.key.text(), codes,
+                                            tuple(sp.written) if sp else ()))
         return out

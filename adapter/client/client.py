@@ -221,16 +221,25 @@ class FhirClient:
             )
         else:
             page = self._call("GET", resource_type, params=params)
+        yield from self._pages(page, f"search {resource_type}")
+
+    def history(self, resource_type: str, params: SearchParams | None = None) -> Iterator[dict[str, Any]]:
+        """Yield each page of ``GET Type/_history`` (e.g. ``{"_since": ...}``): the only place deletes show."""
+        page = self._call("GET", f"{_check_type(resource_type)}/_history", params=params)
+        yield from self._pages(page, f"history {resource_type}")
+
+    def _pages(self, page: dict[str, Any], what: str) -> Iterator[dict[str, Any]]:
+        """Follow ``next`` links verbatim, refusing off-server links and loops."""
         seen: set[str] = set()
         while True:
             if page.get("resourceType") != "Bundle":
-                raise FhirError(f"search {resource_type}: server returned {page.get('resourceType')!r}, not a Bundle")
+                raise FhirError(f"{what}: server returned {page.get('resourceType')!r}, not a Bundle")
             yield page
             next_url = self._next_link(page)
             if next_url is None:
                 return
             if next_url in seen:
-                raise FhirError(f"search {resource_type}: server repeated a next link; stopping to avoid a loop")
+                raise FhirError(f"{what}: server repeated a next link; stopping to avoid a loop")
             seen.add(next_url)
             page = self._call("GET", next_url)
 

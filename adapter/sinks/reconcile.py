@@ -32,6 +32,8 @@ class SessionPlan:
     written: list[str] = field(default_factory=list)
     """`Type/id/_history/n` of each resource the server wrote, filled in after the transaction."""
     failure: str | None = None
+    deferred: bool = False
+    """Not sent because the process is stopping; its Procedures are done on the next pass."""
 
     def bundle(self) -> dict[str, Any]:
         return {"resourceType": "Bundle", "type": "transaction", "entry": self.entries}

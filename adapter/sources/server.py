@@ -69,6 +69,16 @@ class ServerSource:
             if found:
                 yield found
 
+    def deleted_since(self, since: str) -> list[str]:
+        """Procedures deleted at or after `since`: deletes reach no search, and HAPI sends no notification."""
+        deleted: list[str] = []
+        for page in self.client.history("Procedure", {"_since": since, "_count": str(self.page_size)}):
+            for entry in page.get("entry") or []:
+                request = entry.get("request") or {}
+                if request.get("method") == "DELETE" and str(request.get("url", "")).startswith("Procedure/"):
+                    deleted.append("/".join(str(request["url"]).split("/")[:2]))
+        return sorted(set(deleted))
+
     def context(self, patients: Iterable[str]) -> PatientContext:
         """All FNA Procedures of these patients and what they reference, plus our earlier output."""
         ctx = PatientContext()

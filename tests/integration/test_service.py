@@ -284,3 +284,31 @@ def test_bad_requests_get_the_right_4xx_and_change_nothing(serving: Adapter, hea
     assert answer.status_code == status
     assert answer.json()["resourceType"] == "OperationOutcome"
     assert StateStore(serving.state).queue_counts() == before
+
+
+def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
+        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    resources = list(generate(200, prefix=f"{fhir_ns}t"))
+    patients = patients_of(resources)
+    adapter.start_cursor_at(server_now(client))
+    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]})
+    proc = adapter.start("run")
+    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 10, 120, "the first Procedures coded", 0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0  # a clean stop, well before the backlog is done
+    log = (adapter.tmp / "adapter-0.log").read_text()
+    assert "SIGTERM: stopping after the current work" in log
+    assert adapter.cmd("run", "--once").returncode == 0
+    assert Counter(c["identifier"][0]["value"] for c in charges(client, patients)) == expected_identifiers(resources)
+
+
+def test_a_deleted_procedure_is_seen_in_the_history(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    adapter.start_cursor_at(server_now(client))
+    bundle = namespaced("31", fhir_ns)  # nothing billed, so HAPI lets the Procedure be deleted
+    client.transaction(bundle)
+    assert adapter.cmd("run", "--once").returncode == 1
+    client.delete("Procedure", f"{fhir_ns}-s31-fna-1")
+    assert adapter.cmd("run", "--once").returncode in (0, 1)
+    assert StateStore(adapter.state).seen(f"Procedure/{fhir_ns}-s31-fna-1", "deleted")
+    assert "Nothing needs review" in adapter.cmd("review", "list").stdout

@@ -24,7 +24,7 @@ from adapter.extraction.index import reference_of
 from adapter.metrics import Metrics
 from adapter.settings import AppSettings, ServerSettings
 from adapter.state.store import StateStore, WorkItem
-from adapter.sync import Syncer, SyncSummary
+from adapter.sync import Syncer, SyncSummary, split_by_patient
 
 log = logging.getLogger("adapter.service")
 
@@ -129,9 +129,7 @@ class Service:
         for page in self.syncer.source.changed_pages(since):
             fresh = [p for p in page if not self.store.seen(f"Procedure/{p.get('id')}", _version(p))]
             if fresh:
-                subjects = {p.get("id"): reference_of(p.get("subject")) or "" for p in fresh}
-                patients = {r for r in subjects.values() if r.startswith("Patient/")}
-                loose = [p for p in fresh if not subjects[p.get("id")].startswith("Patient/")]
+                patients, loose = split_by_patient(fresh)
                 summary = self.sync_patients(patients, loose, stop)
                 total.add(summary)
                 if summary.deferred:

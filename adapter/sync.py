@@ -17,6 +17,7 @@ from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
 from adapter.extraction.index import reference_of
+from adapter.extraction.procedures import Disposition, Kind
 from adapter.pipeline import RunReport, process
 from adapter.sinks.reconcile import Plan, plan
 from adapter.sources.files import SourcedResource
@@ -80,6 +81,20 @@ class SyncSummary:
                 f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}")
 
 
+def split_by_patient(procedures: Iterable[dict[str, Any]]) -> tuple[set[str], list[dict[str, Any]]]:
+    """The patients whose Procedures changed, and the Procedures without a Patient subject (coded alone,
+    so they are reported rather than silently dropped)."""
+    patients: set[str] = set()
+    loose: list[dict[str, Any]] = []
+    for proc in procedures:
+        subject = reference_of(proc.get("subject")) or ""
+        if subject.startswith("Patient/"):
+            patients.add(subject)
+        else:
+            loose.append(proc)
+    return patients, loose
+
+
 class Syncer:
     """Codes and writes back per patient: all of a patient's FNA Procedures are always coded together."""
 
@@ -118,9 +133,8 @@ class Syncer:
         total = SyncSummary()
         done: set[str] = set()
         for page in self.source.changed_pages(since):
-            patients = {reference_of(p.get("subject")) for p in page} - {None}
-            loose = [p for p in page if not (reference_of(p.get("subject")) or "").startswith("Patient/")]
-            todo = {p for p in patients if p and p.startswith("Patient/")} - done
+            patients, loose = split_by_patient(page)
+            todo = patients - done
             if todo or loose:
                 total.add(self.sync_patients(todo, loose))
             done |= todo
@@ -130,7 +144,7 @@ class Syncer:
 
     def _summarise(self, report: RunReport, writes: Plan, patients: int) -> SyncSummary:
         return SyncSummary(
-            procedures=sum(1 for f in report.facts if f.kind.value == "fna"), patients=patients,
+            procedures=sum(1 for f in report.facts if f.kind is Kind.FNA), patients=patients,
             sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
             unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
 
@@ -163,11 +177,11 @@ class Syncer:
         coded = {p.ref: s for s in report.coding.coded_sessions for p in s.procedures}
         out = []
         for facts in report.facts:
-            if facts.kind.value != "fna":
+            if facts.kind is not Kind.FNA:
                 continue
             version = str((facts.resource.get("meta") or {}).get("versionId", ""))
             patient = reference_of(facts.resource.get("subject"))
-            if facts.disposition.value == "no-charge":
+            if facts.disposition is Disposition.NO_CHARGE:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))
             elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "review"))

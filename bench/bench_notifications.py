@@ -22,13 +22,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import generate
+from generate import generate, put_all
 
 from adapter.client import FhirClient
 from adapter.state.store import StateStore, WorkItem
@@ -41,13 +40,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def put_all(client: FhirClient, resources: list[dict[str, Any]]) -> None:
-    for start in range(0, len(resources), 400):
-        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources[start:start + 400]]})
 
 
 def charge_count(client: FhirClient, patient: str) -> int:

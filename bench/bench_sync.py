@@ -20,26 +20,16 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import generate
+from generate import generate, put_all
 
 from adapter.client import FhirClient
 from adapter.config import load_tables
 from adapter.pipeline import process
 from adapter.sinks.reconcile import plan
 from adapter.sync import Syncer
-
-LOAD_BATCH = 500
-
-
-def load(client: FhirClient, resources: list[dict[str, Any]]) -> None:
-    for start in range(0, len(resources), LOAD_BATCH):
-        chunk = resources[start:start + LOAD_BATCH]
-        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in chunk]})
 
 
 def main() -> None:
@@ -54,7 +44,7 @@ def main() -> None:
     resources = list(generate(args.procedures, prefix=prefix))
     since = next(client.search("Procedure", {"_count": "0"}))["meta"]["lastUpdated"]
     started = time.perf_counter()
-    load(client, resources)
+    put_all(client, resources, 500)
     print(f"loaded {len(resources)} resources ({args.procedures} Procedures) in {time.perf_counter() - started:.1f} s")
 
     syncer = Syncer(client, tables)

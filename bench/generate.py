@@ -76,6 +76,14 @@ def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict
                    "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "R59.0"}]}]}
 
 
+def put_all(client: Any, resources: list[dict[str, Any]], batch: int = 400) -> None:
+    """Load resources into a FHIR server with client-assigned ids, `batch` per transaction."""
+    for start in range(0, len(resources), batch):
+        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources[start:start + batch]]})
+
+
 def write_ndjson(path: Path, procedures: int, prefix: str = "g", seed: int = 7) -> int:
     count = 0
     with path.open("w", encoding="utf-8") as out:

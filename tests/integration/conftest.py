@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from adapter.client import FhirClient
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAPI_SCRIPT = REPO_ROOT / "scripts" / "hapi"
 FHIR_JSON = "application/fhir+json"
@@ -74,3 +76,10 @@ def fhir_session() -> Iterator[requests.Session]:
         yield session
     finally:
         session.close()
+
+
+@pytest.fixture(scope="module")
+def client(hapi_url: str) -> Iterator[FhirClient]:
+    """The adapter's own FHIR client against the test server."""
+    with FhirClient(hapi_url) as fhir:
+        yield fhir

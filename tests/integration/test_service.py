@@ -10,13 +10,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +28,15 @@ from adapter.pipeline import process
 from adapter.sources.files import SourcedResource
 from adapter.state.store import StateStore
 
+from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
-from generate import generate  # noqa: E402
+from generate import generate, put_all  # noqa: E402
 
 TABLES = load_tables()
 CHARGE_SYSTEM = TABLES.settings.charge_identifier_system
 TOKEN = "test-receiver-token-not-a-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
-@pytest.fixture(scope="module")
-def client(hapi_url: str) -> Iterator[FhirClient]:
-    with FhirClient(hapi_url) as fhir:
-        yield fhir
-
-
-def server_now(client: FhirClient) -> str:
-    return next(client.search("Procedure", {"_count": "0"}))["meta"]["lastUpdated"]
 
 
 class Adapter:
@@ -122,19 +95,6 @@ def adapter(tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
     runner = Adapter(tmp_path, hapi_url)
     yield runner
     runner.stop_all()
-
-
-def namespaced(scenario: str, ns: str) -> dict[str, Any]:
-    folder = next((ROOT / "fixtures/fhir/scenarios").glob(f"{scenario}-*"))
-    return json.loads(re.sub(r"\b([sn]\d\d)-", rf"{ns}-\1-", (folder / "input.json").read_text()))
-
-
-def patients_of(resources: list[dict[str, Any]]) -> list[str]:
-    return [f"Patient/{r['id']}" for r in resources if r["resourceType"] == "Patient"]
-
-
-def resources_of(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle["entry"]]
 
 
 def charges(client: FhirClient, patients: list[str]) -> list[dict[str, Any]]:
@@ -202,10 +162,7 @@ def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charge
     resources = list(generate(300, prefix=f"{fhir_ns}k"))
     patients = patients_of(resources)
     adapter.start_cursor_at(server_now(client))
-    for start in range(0, len(resources), 400):
-        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources[start:start + 400]]})
+    put_all(client, resources)
     proc = adapter.start("run")
     wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 20, 120, "the first Procedures coded", 0.1)
     proc.kill()  # SIGKILL: no clean shutdown
@@ -291,8 +248,7 @@ def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
     resources = list(generate(200, prefix=f"{fhir_ns}t"))
     patients = patients_of(resources)
     adapter.start_cursor_at(server_now(client))
-    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]})
+    put_all(client, resources)
     proc = adapter.start("run")
     wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 10, 120, "the first Procedures coded", 0.1)
     proc.send_signal(signal.SIGTERM)

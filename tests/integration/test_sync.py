@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +18,12 @@ from adapter.client import FhirClient
 from adapter.config import load_tables
 from adapter.sync import Syncer
 
+from .helpers import namespaced, patients_of, server_now
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(p for p in (ROOT / "fixtures/fhir/scenarios").iterdir() if (p / "input.json").exists())
 TABLES = load_tables()
 OURS = {"ChargeItem": TABLES.settings.charge_identifier_system, "Claim": TABLES.settings.claim_identifier_system}
-
-
-@pytest.fixture(scope="module")
-def client(hapi_url: str) -> Iterator[FhirClient]:
-    with FhirClient(hapi_url) as fhir:
-        yield fhir
-
-
-def server_now(client: FhirClient) -> str:
-    """The server's clock (a search Bundle's meta.lastUpdated), never the local one."""
-    page = next(client.search("Procedure", {"_count": "0"}))
-    return page["meta"]["lastUpdated"]
-
-
-def namespaced(folder: Path, ns: str) -> dict[str, Any]:
-    """A scenario with every id prefixed by `ns`, so a test can change it without touching the others."""
-    return json.loads(re.sub(r"\b([sn]\d\d)-", rf"{ns}-\1-", (folder / "input.json").read_text()))
-
-
-def patients_of(bundle: dict[str, Any]) -> list[str]:
-    return [f"Patient/{e['resource']['id']}" for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
 
 
 def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[dict[str, Any]]:
@@ -120,7 +99,7 @@ def entry(bundle: dict[str, Any], rid: str) -> dict[str, Any]:
 
 
 def test_edits_after_billing_are_reconciled_never_deleted(client: FhirClient, fhir_ns: str) -> None:
-    bundle = namespaced(ROOT / "fixtures/fhir/scenarios/11-mixed-us-then-fluoro", fhir_ns)
+    bundle = namespaced("11", fhir_ns)
     client.transaction(bundle)
     patients = patients_of(bundle)
     syncer = Syncer(client, TABLES)
@@ -169,8 +148,8 @@ def test_edits_after_billing_are_reconciled_never_deleted(client: FhirClient, fh
 
 
 def test_a_session_the_server_rejects_never_stops_the_others(client: FhirClient, fhir_ns: str) -> None:
-    good = namespaced(ROOT / "fixtures/fhir/scenarios/01-single-us", fhir_ns)
-    bad = namespaced(ROOT / "fixtures/fhir/scenarios/07-ct-single", fhir_ns)
+    good = namespaced("01", fhir_ns)
+    bad = namespaced("07", fhir_ns)
     # the performer given only by an NPI the server does not know: HAPI cannot resolve the ChargeItem's
     # performer reference and rejects that session's transaction
     proc = entry(bad, f"{fhir_ns}-s07-fna-1")
@@ -186,7 +165,7 @@ def test_a_session_the_server_rejects_never_stops_the_others(client: FhirClient,
 
 
 def test_dry_run_writes_nothing(client: FhirClient, fhir_ns: str) -> None:
-    bundle = namespaced(ROOT / "fixtures/fhir/scenarios/02-us-three-lesions", fhir_ns)
+    bundle = namespaced("02", fhir_ns)
     client.transaction(copy.deepcopy(bundle))
     summary = Syncer(client, TABLES, dry_run=True).sync_patients(patients_of(bundle))
     assert summary.lines == 2 and summary.written == 0

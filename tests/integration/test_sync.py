@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 from adapter.cli import cli
 from adapter.client import FhirClient
 from adapter.config import load_tables
+from adapter.pipeline import process_paths
 from adapter.sync import Syncer
 
 from .helpers import namespaced, patients_of, server_now
@@ -32,37 +35,52 @@ def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[d
 
 
 def strip(resource: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    """Without server-managed elements and without the identifier value (a hash of the namespaced ids)."""
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    out["identifier"] = [{k: v for k, v in i.items() if k != "value"} for i in out.get("identifier", [])]
+    return out
 
 
 def canonical(resources: list[dict[str, Any]]) -> list[str]:
     return sorted(json.dumps(strip(r), sort_keys=True) for r in resources)
 
 
+def identifiers(resources: list[dict[str, Any]]) -> list[str]:
+    return sorted(r["identifier"][0]["value"] for r in resources)
+
+
 @pytest.fixture(scope="module")
-def loaded(client: FhirClient) -> dict[str, Any]:
-    """Every scenario loaded as it is, then one `charge-adapter sync --since <before the load>`."""
+def loaded(client: FhirClient, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every scenario loaded under a fresh namespace (so a long-lived server can run this again), then one
+    `charge-adapter sync --since <before the load>`."""
+    ns = "g" + uuid.uuid4().hex[:6]
     since = server_now(client)
+    inputs = tmp_path_factory.mktemp("scenarios")
     bundles = {}
     for folder in SCENARIOS:
-        bundle = json.loads((folder / "input.json").read_text())
+        bundle = namespaced(folder.name[:2], ns)
         client.transaction(bundle)
         bundles[folder.name] = bundle
+        (inputs / f"{folder.name}.json").write_text(json.dumps(bundle))
     result = CliRunner().invoke(cli, ["sync", "--server", client.base_url, "--since", since])
-    return {"since": since, "bundles": bundles, "result": result}
+    return {"ns": ns, "since": since, "bundles": bundles, "result": result, "inputs": inputs}
 
 
 def test_sync_writes_exactly_the_golden_output_of_every_scenario(client: FhirClient, loaded: dict[str, Any]) -> None:
     assert loaded["result"].exit_code == 1, loaded["result"].output  # scenarios with reviews exist
     assert "failed sessions 0" in loaded["result"].stdout
     for folder in SCENARIOS:
-        golden = [e["resource"] for e in json.loads((folder / "output.json").read_text())["entry"]]
+        text = re.sub(r"\b([sn]\d\d)-", rf"{loaded['ns']}-\1-", (folder / "output.json").read_text())
+        golden = [e["resource"] for e in json.loads(text)["entry"]]
+        offline = process_paths([loaded["inputs"] / f"{folder.name}.json"], TABLES)
+        expected_ids = [r for s in offline.built.sessions for r in s.resources()]
         patients = patients_of(loaded["bundles"][folder.name])
         for kind in ("ChargeItem", "Claim"):
             on_server = [r for r in ours_on_server(client, kind, patients)
                          if r["status"] not in ("entered-in-error", "cancelled")]
             assert canonical(on_server) == canonical([g for g in golden if g["resourceType"] == kind]), (
                 f"{folder.name}: {kind}s on the server differ from output.json")
+            assert identifiers(on_server) == identifiers([r for r in expected_ids if r["resourceType"] == kind])
 
 
 def test_every_written_resource_passes_hapi_validate(client: FhirClient, loaded: dict[str, Any]) -> None:

@@ -186,6 +186,14 @@ def _service(ctx: click.Context) -> Service:
         raise  # unreachable
 
 
+def _lock(ctx: click.Context, service: Service) -> None:
+    try:
+        service.store.lock_instance()
+    except AdapterError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_UNREACHABLE)
+
+
 def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = None) -> None:
     """SIGTERM/SIGINT end the loop cleanly after the current page or batch."""
 
@@ -205,6 +213,7 @@ def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = No
 def run_cmd(ctx: click.Context, once: bool) -> None:
     """Poll the FHIR server for changed FNA Procedures from the durable cursor, code and write them, forever."""
     service = _service(ctx)
+    _lock(ctx, service)
     stop = threading.Event()
     _stop_on_signals(stop)
     interval = service.settings.poll.interval_seconds
@@ -231,6 +240,7 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
 def serve_cmd(ctx: click.Context) -> None:
     """Receive Subscription notifications and engine pushes, queue them durably, and code them."""
     service = _service(ctx)
+    _lock(ctx, service)
     conf = service.settings.serve
     try:
         token = secret(conf.token_env, "receiver bearer token")

@@ -8,6 +8,7 @@ back to `pending` when its worker dies before finishing (its lease expires).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from adapter.errors import AdapterError
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -43,6 +46,10 @@ CREATE TABLE IF NOT EXISTS events (subscription TEXT PRIMARY KEY, last_number IN
 """
 
 QUEUE_KINDS = ("procedure", "delete", "fetch", "poll", "resources")
+
+
+class InstanceLockedError(AdapterError):
+    """Another process already runs the adapter on this state file."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,17 @@ class StateStore:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: state schema {row[0]} is newer than this adapter "
                                    f"({SCHEMA_VERSION}); upgrade the adapter")
+
+    def lock_instance(self) -> None:
+        """Only one `run` or `serve` per state file: two would race on the same charges and cursor."""
+        handle = (self.path.parent / (self.path.name + ".lock")).open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise InstanceLockedError(f"{self.path}: another charge-adapter run/serve is using this state file") \
+                from None
+        self._instance_lock = handle  # held until the process exits
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

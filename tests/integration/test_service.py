@@ -208,6 +208,11 @@ def test_subscription_delivers_to_serve_and_charges_appear(client: FhirClient, s
     wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1)], 90, "the voided add-on modality")
 
 
+def test_a_second_instance_on_the_same_state_file_is_refused(serving: Adapter) -> None:
+    second = serving.cmd("run", "--once")
+    assert second.returncode == 2 and "another charge-adapter run/serve is using" in second.stderr
+
+
 def test_the_same_notification_twice_writes_once(client: FhirClient, serving: Adapter, fhir_ns: str) -> None:
     bundle = namespaced("01", fhir_ns)
     client.transaction(bundle)
@@ -268,3 +273,57 @@ def test_a_deleted_procedure_is_seen_in_the_history(client: FhirClient, adapter:
     assert adapter.cmd("run", "--once").returncode in (0, 1)
     assert StateStore(adapter.state).seen(f"Procedure/{fhir_ns}-s31-fna-1", "deleted")
     assert "Nothing needs review" in adapter.cmd("review", "list").stdout
+
+
+def notify(serving: Adapter, body: dict[str, Any]) -> requests.Response:
+    return requests.post(f"{serving.url}/notify", data=json.dumps(body), timeout=10,
+                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"})
+
+
+def test_an_engine_bundle_push_is_coded(client: FhirClient, serving: Adapter, fhir_ns: str) -> None:
+    bundle = namespaced("02", fhir_ns)  # three ultrasound lesions: 10005 + 10006 x2
+    client.transaction(bundle)  # the engine also fed the FHIR server, which must hold what is billed
+    pushed = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"resource": r} for r in resources_of(bundle)]}
+    assert notify(serving, pushed).status_code == 200
+    wait_for(lambda: billed(client, patients_of(bundle)) == [("10005", 1), ("10006", 2)], 60, "the pushed charges")
+
+
+def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adapter, fhir_ns: str) -> None:
+    """R4 backport notifications (Parameters status): an id-only event is read from the server; an empty
+    event and a gap in event numbers make the receiver poll."""
+    subscription = f"Subscription/topic-{fhir_ns}"
+
+    def backport(kind: str, since: int, events: list[tuple[int, str | None]],
+                 entries: list[dict[str, Any]]) -> dict[str, Any]:
+        params: list[dict[str, Any]] = [
+            {"name": "subscription", "valueReference": {"reference": subscription}},
+            {"name": "topic", "valueCanonical": "http://example.org/topic/fna-procedure"},
+            {"name": "status", "valueCode": "active"}, {"name": "type", "valueCode": kind},
+            {"name": "events-since-subscription-start", "valueString": str(since)}]
+        for number, focus in events:
+            part: list[dict[str, Any]] = [{"name": "event-number", "valueString": str(number)}]
+            if focus:
+                part.append({"name": "focus", "valueReference": {"reference": focus}})
+            params.append({"name": "notification-event", "part": part})
+        return {"resourceType": "Bundle", "type": "history", "entry": [
+            {"fullUrl": "urn:uuid:6e4b1a5c-0c7e-4d59-9d6a-1f2a3b4c5d6e",
+             "resource": {"resourceType": "Parameters", "parameter": params},
+             "request": {"method": "GET", "url": f"{subscription}/$status"}, "response": {"status": "200"}},
+            *entries]}
+
+    assert notify(serving, backport("handshake", 0, [], [])).status_code == 200
+    one = namespaced("07", fhir_ns)  # CT: 10009
+    client.transaction(one)
+    proc = f"Procedure/{fhir_ns}-s07-fna-1"
+    id_only = [{"fullUrl": f"{client.base_url}/{proc}", "request": {"method": "PUT", "url": proc},
+                "response": {"status": "200"}}]
+    assert notify(serving, backport("event-notification", 1, [(1, proc)], id_only)).status_code == 200
+    wait_for(lambda: billed(client, patients_of(one)) == [("10009", 1)], 60, "the id-only event's charge")
+
+    # an empty event (no focus, no entries) only says "something changed": the receiver polls for it
+    two = namespaced("09", fhir_ns)  # MR: 10011
+    client.transaction(two)
+    assert notify(serving, backport("event-notification", 2, [(2, None)], [])).status_code == 200
+    wait_for(lambda: billed(client, patients_of(two)) == [("10011", 1)], 60, "the charge found by polling")
+    assert StateStore(serving.state).last_event_number(subscription) == 2

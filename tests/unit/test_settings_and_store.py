@@ -11,7 +11,7 @@ import pytest
 
 from adapter.errors import ConfigError
 from adapter.settings import load_settings
-from adapter.state.store import StateStore, WorkItem
+from adapter.state.store import InstanceLockedError, StateStore, WorkItem
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -127,3 +127,11 @@ def test_an_acknowledged_item_survives_an_abrupt_exit(tmp_path: Path) -> None:
     proc.start()
     proc.join(30)
     assert [i.payload for i in StateStore(path).take()] == [{"reason": "acknowledged"}]
+
+
+def test_one_running_instance_per_state_file(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "s.sqlite")
+    first.lock_instance()
+    with pytest.raises(InstanceLockedError, match="another charge-adapter run/serve is using"):
+        StateStore(tmp_path / "s.sqlite").lock_instance()
+    StateStore(tmp_path / "other.sqlite").lock_instance()  # a different state file is a different instance

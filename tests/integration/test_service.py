@@ -157,23 +157,7 @@ def test_review_then_fix_then_replay_bills_once(client: FhirClient, adapter: Ada
     assert "Nothing needs review" in adapter.cmd("review", "list").stdout
 
 
-def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
-        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
-    resources = list(generate(300, prefix=f"{fhir_ns}k"))
-    patients = patients_of(resources)
-    adapter.start_cursor_at(server_now(client))
-    put_all(client, resources)
-    proc = adapter.start("run")
-    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 20, 120, "the first Procedures coded", 0.1)
-    proc.kill()  # SIGKILL: no clean shutdown
-    proc.wait(30)
-    partial = len(charges(client, patients))
-    expected = expected_identifiers(resources)
-    assert 0 < partial < sum(expected.values()), "the kill should land in the middle of the backlog"
-    resumed = adapter.cmd("run", "--once")
-    assert resumed.returncode == 0, resumed.stderr
-    on_server = Counter(c["identifier"][0]["value"] for c in charges(client, patients))
-    assert on_server == expected  # none missing, none twice
+
 
 
 @pytest.fixture
@@ -196,7 +180,7 @@ def test_subscription_delivers_to_serve_and_charges_appear(client: FhirClient, s
     bundle = namespaced("11", fhir_ns)  # 10005, 10006, 10007-59
     client.transaction(bundle)
     patients = patients_of(resources_of(bundle))
-    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1), ("10007-59", 1)], 90,
+    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1), ("10007-59", 1)], 180,
              "ChargeItems written from the notifications")
     metrics = requests.get(f"{serving.url}/metrics", timeout=5).text
     assert re.search(r'charge_adapter_received_total\{kind="rest-hook-update"\} [1-9]', metrics), metrics
@@ -205,7 +189,7 @@ def test_subscription_delivers_to_serve_and_charges_appear(client: FhirClient, s
     fluoro = next(r for r in resources_of(bundle) if r["id"] == f"{fhir_ns}-s11-fna-2")
     fluoro["status"] = "entered-in-error"
     client.update(fluoro)
-    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1)], 90, "the voided add-on modality")
+    wait_for(lambda: billed(client, patients) == [("10005", 1), ("10006", 1)], 180, "the voided add-on modality")
 
 
 def test_a_second_instance_on_the_same_state_file_is_refused(serving: Adapter) -> None:
@@ -248,20 +232,7 @@ def test_bad_requests_get_the_right_4xx_and_change_nothing(serving: Adapter, hea
     assert StateStore(serving.state).queue_counts() == before
 
 
-def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
-        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
-    resources = list(generate(200, prefix=f"{fhir_ns}t"))
-    patients = patients_of(resources)
-    adapter.start_cursor_at(server_now(client))
-    put_all(client, resources)
-    proc = adapter.start("run")
-    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 10, 120, "the first Procedures coded", 0.1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0  # a clean stop, well before the backlog is done
-    log = (adapter.tmp / "adapter-0.log").read_text()
-    assert "SIGTERM: stopping after the current work" in log
-    assert adapter.cmd("run", "--once").returncode == 0
-    assert Counter(c["identifier"][0]["value"] for c in charges(client, patients)) == expected_identifiers(resources)
+
 
 
 def test_a_deleted_procedure_is_seen_in_the_history(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
@@ -327,3 +298,41 @@ def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adap
     assert notify(serving, backport("event-notification", 2, [(2, None)], [])).status_code == 200
     wait_for(lambda: billed(client, patients_of(two)) == [("10011", 1)], 60, "the charge found by polling")
     assert StateStore(serving.state).last_event_number(subscription) == 2
+
+
+# bulk tests last: after their hundreds of writes, HAPI took up to a minute to deliver the next rest-hook
+# notification (seen here), so the Subscription tests run before them
+
+def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
+        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    resources = list(generate(300, prefix=f"{fhir_ns}k"))
+    patients = patients_of(resources)
+    adapter.start_cursor_at(server_now(client))
+    put_all(client, resources)
+    proc = adapter.start("run")
+    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 20, 120, "the first Procedures coded", 0.1)
+    proc.kill()  # SIGKILL: no clean shutdown
+    proc.wait(30)
+    partial = len(charges(client, patients))
+    expected = expected_identifiers(resources)
+    assert 0 < partial < sum(expected.values()), "the kill should land in the middle of the backlog"
+    resumed = adapter.cmd("run", "--once")
+    assert resumed.returncode == 0, resumed.stderr
+    on_server = Counter(c["identifier"][0]["value"] for c in charges(client, patients))
+    assert on_server == expected  # none missing, none twice
+
+
+def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
+        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    resources = list(generate(200, prefix=f"{fhir_ns}t"))
+    patients = patients_of(resources)
+    adapter.start_cursor_at(server_now(client))
+    put_all(client, resources)
+    proc = adapter.start("run")
+    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 10, 120, "the first Procedures coded", 0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0  # a clean stop, well before the backlog is done
+    log = (adapter.tmp / "adapter-0.log").read_text()
+    assert "SIGTERM: stopping after the current work" in log
+    assert adapter.cmd("run", "--once").returncode == 0
+    assert Counter(c["identifier"][0]["value"] for c in charges(client, patients)) == expected_identifiers(resources)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,13 +23,12 @@ import yaml
 from adapter import __version__
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
-from adapter.client.auth import auth_from_settings
 from adapter.config import CodeTables, load_tables
 from adapter.errors import AdapterError, ConfigError
 from adapter.pipeline import EXIT_REVIEW, RunReport, process_paths
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
 from adapter.service import Service, make_client
-from adapter.settings import AppSettings, load_settings, secret
+from adapter.settings import AppSettings, ServerSettings, load_settings, secret
 from adapter.sources.receive import ReceiverSettings, bound_addresses, make_app, serve_app, stop_server
 from adapter.sync import Syncer
 
@@ -119,14 +119,18 @@ def explain_cmd(ctx: click.Context, paths: tuple[str, ...], procedure: str | Non
 
 
 def _client(server: str, auth_file: str | None, ca_bundle: str | None, client_cert: str | None) -> FhirClient:
-    settings: dict[str, Any] | None = None
+    """A client from the command-line options; the same construction as the config file's `server:`."""
+    auth: dict[str, Any] = {}
     if auth_file:
-        with open(auth_file, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+        try:
+            loaded = yaml.safe_load(Path(auth_file).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(auth_file, "", f"not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(auth_file, "", "must be a mapping such as {type: bearer, token_env: FHIR_TOKEN}")
-        settings = loaded
-    return FhirClient(server, auth=auth_from_settings(settings), verify=ca_bundle or True, cert=client_cert)
+        auth = loaded
+    return make_client(ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "",
+                                      client_cert=client_cert or ""))
 
 
 def server_options(func: Any) -> Any:
@@ -163,7 +167,7 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
         with click.progressbar(length=total or 0, label="Procedures", file=sys.stderr,
                                hidden=not total) as bar:
             summary = syncer.sync(since, progress=bar.update)
-    except (AdapterError, OSError) as exc:
+    except (AdapterError, OSError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         ctx.exit(EXIT_UNREACHABLE)
     for review in summary.reviews:
@@ -180,7 +184,7 @@ def _service(ctx: click.Context) -> Service:
     settings, tables = _settings(ctx), _tables(ctx)
     try:
         return Service(settings, tables)
-    except (AdapterError, OSError) as exc:
+    except (AdapterError, OSError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         ctx.exit(EXIT_UNREACHABLE)
         raise  # unreachable
@@ -195,7 +199,7 @@ def _lock(ctx: click.Context, service: Service) -> None:
 
 
 def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = None) -> None:
-    """SIGTERM/SIGINT end the loop cleanly after the current page or batch."""
+    """SIGTERM/SIGINT: finish the session being written, then stop cleanly."""
 
     def handler(signum: int, _frame: Any) -> None:
         click.echo(f"{signal.Signals(signum).name}: stopping after the current work", err=True)

@@ -232,6 +232,10 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
             click.echo(f"poll failed, retrying in {interval:.0f} s: {exc}", err=True)
             if once:
                 ctx.exit(EXIT_UNREACHABLE)
+        except Exception:  # unattended: a bug in one poll must not end the service; the next poll retries
+            logging.getLogger("adapter.service").exception("poll failed unexpectedly; retrying in %.0f s", interval)
+            if once:
+                ctx.exit(EXIT_UNREACHABLE)
         if once:
             break
         stop.wait(interval)

@@ -121,6 +121,7 @@ class Syncer:
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
         self.last_plan = writes
         summary = self._summarise(report, writes, len(wanted))
+        summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
         if not self.dry_run:
             self._write(writes, summary, should_stop)
         summary.outcomes = self._outcomes(report, writes)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.building.resources import SessionOutput, transaction_entry
+from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
 from adapter.pipeline import RunReport
@@ -44,6 +45,8 @@ class Plan:
     sessions: list[SessionPlan] = field(default_factory=list)
     protected: int = 0
     """Existing charges left alone because a Procedure they bill is under review."""
+    unvoidable: list[tuple[str, str]] = field(default_factory=list)
+    """(Type/id, why) of stale charges whose voided form fails validation: reported, never sent."""
 
     @property
     def writes(self) -> int:
@@ -77,6 +80,7 @@ def void_entry(existing: dict[str, Any]) -> dict[str, Any]:
     kind = existing["resourceType"]
     body = {k: v for k, v in existing.items() if k not in ("meta", "text")}
     body["status"] = VOID_STATUS[kind]
+    validate_resource(body, f"voided {kind}/{existing['id']}")
     request: dict[str, Any] = {"method": "PUT", "url": f"{kind}/{existing['id']}"}
     version = (existing.get("meta") or {}).get("versionId")
     if version:
@@ -116,7 +120,12 @@ def plan(report: RunReport, existing: list[dict[str, Any]], tables: CodeTables) 
         if target is None:  # its Procedures are gone from every coded session (e.g. entered-in-error)
             owner = reference_of(res.get("subject") or res.get("patient")) or "unknown patient"
             target = orphans.setdefault(owner, SessionPlan(f"stale charges of {owner}", sorted(billed)))
-        target.entries.append(void_entry(res))
+        try:
+            entry = void_entry(res)
+        except InvalidOutputError as exc:
+            result.unvoidable.append((f"{key[0]}/{res.get('id')}", str(exc)))
+            continue
+        target.entries.append(entry)
         target.voids += 1
     result.sessions += [orphans[k] for k in sorted(orphans)]
     return result

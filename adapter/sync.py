@@ -59,8 +59,6 @@ class SyncSummary:
     protected: int = 0
     reviews: list[Review] = field(default_factory=list)
     failures: list[WriteFailure] = field(default_factory=list)
-    written_ids: list[str] = field(default_factory=list)
-    """`Type/id/_history/n` of every resource written, from the transaction responses (for the audit log)."""
     outcomes: list[ProcedureOutcome] = field(default_factory=list)
 
     def add(self, other: SyncSummary) -> None:
@@ -68,7 +66,6 @@ class SyncSummary:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reviews += other.reviews
         self.failures += other.failures
-        self.written_ids += other.written_ids
         self.outcomes += other.outcomes
 
     @property
@@ -103,7 +100,6 @@ class Syncer:
         self.tables = tables
         self.dry_run = dry_run
         self.source = ServerSource(client, tables)
-        self.last_plan: Plan | None = None
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
                       should_stop: Callable[[], bool] | None = None) -> SyncSummary:
@@ -119,7 +115,6 @@ class Syncer:
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
-        self.last_plan = writes
         summary = self._summarise(report, writes, len(wanted))
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
         if not self.dry_run:
@@ -169,7 +164,6 @@ class Syncer:
                 location = (entry.get("response") or {}).get("location")
                 if location:
                     session.written.append(location)
-            summary.written_ids += session.written
 
     def _outcomes(self, report: RunReport, writes: Plan) -> list[ProcedureOutcome]:
         by_label = {s.label: s for s in writes.sessions}

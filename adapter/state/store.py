@@ -204,10 +204,6 @@ class StateStore:
     def queue_counts(self) -> dict[str, int]:
         return dict(self._db().execute("SELECT status, count(*) FROM queue GROUP BY status").fetchall())
 
-    def oldest_pending_age(self) -> float | None:
-        row = self._db().execute("SELECT min(received_at) FROM queue WHERE status IN ('pending','leased')").fetchone()
-        return time.time() - row[0] if row and row[0] else None
-
     # -- topic subscription event numbers ------------------------------------------------------------------
 
     def last_event_number(self, subscription: str) -> int | None:

@@ -303,14 +303,20 @@ def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adap
 # bulk tests last: after their hundreds of writes, HAPI took up to a minute to deliver the next rest-hook
 # notification (seen here), so the Subscription tests run before them
 
-def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
-        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
-    resources = list(generate(300, prefix=f"{fhir_ns}k"))
-    patients = patients_of(resources)
+def run_on_a_backlog(client: FhirClient, adapter: Adapter, prefix: str,
+                     procedures: int) -> tuple[subprocess.Popen[str], list[dict[str, Any]], list[str]]:
+    """Load a generated backlog, start `run` on it, and return once it has coded the first pages."""
+    resources = list(generate(procedures, prefix=prefix))
     adapter.start_cursor_at(server_now(client))
     put_all(client, resources)
     proc = adapter.start("run")
     wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 20, 120, "the first Procedures coded", 0.1)
+    return proc, resources, patients_of(resources)
+
+
+def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
+        client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+    proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}k", 300)
     proc.kill()  # SIGKILL: no clean shutdown
     proc.wait(30)
     partial = len(charges(client, patients))
@@ -324,12 +330,7 @@ def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charge
 
 def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
         client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
-    resources = list(generate(200, prefix=f"{fhir_ns}t"))
-    patients = patients_of(resources)
-    adapter.start_cursor_at(server_now(client))
-    put_all(client, resources)
-    proc = adapter.start("run")
-    wait_for(lambda: StateStore(adapter.state).counts()["processed"] >= 10, 120, "the first Procedures coded", 0.1)
+    proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}t", 300)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0  # a clean stop, well before the backlog is done
     log = (adapter.tmp / "adapter-0.log").read_text()

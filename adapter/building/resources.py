@@ -214,5 +214,7 @@ def transaction_entry(resource: dict[str, Any]) -> dict[str, Any]:
 
 def transaction_bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
     """A transaction of conditional updates on each resource's deterministic identifier."""
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [transaction_entry(r) for r in resources]}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
+    if resources:  # FHIR JSON has no empty arrays
+        bundle["entry"] = [transaction_entry(r) for r in resources]
     return bundle

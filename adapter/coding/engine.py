@@ -189,12 +189,31 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
             _hold(session, own, result)
             continue
         _build_lines(session, tables)
-        for line in session.lines:
-            limit = tables.mue.get(line.code)
-            if limit is not None and line.units > limit:
-                for ref in line.procedures:
-                    own[ref].append(Finding("mue-exceeded", f"{line.code} x{line.units} exceeds its MUE limit of "
-                                                            f"{limit} (config/mue.yaml); never cut silently"))
-        if any(own.values()):
-            _hold(session, own, result)
+    _check_mue(result, tables)
     return result
+
+
+def _check_mue(result: CodingResult, tables: CodeTables) -> None:
+    """MUE limits are per patient, provider and day: units of a code are added up over every session of that
+    day (two encounters on one day are two sessions, but one MUE day). Over the limit -> review, never cut."""
+    per_day: dict[tuple[str, str, str, str], list[tuple[Session, ChargeLine]]] = defaultdict(list)
+    for session in result.coded_sessions:
+        for line in session.lines:
+            if line.code in tables.mue:
+                per_day[(session.key.patient, session.key.performer, session.key.date, line.code)].append(
+                    (session, line))
+    over: dict[int, tuple[Session, dict[str, list[Finding]]]] = {}
+    for (_, _, day, code), members in per_day.items():
+        units = sum(line.units for _, line in members)
+        limit = tables.mue[code]
+        if units <= limit:
+            continue
+        where = "" if len(members) == 1 else f" on {day} over {len(members)} sessions"
+        finding = Finding("mue-exceeded", f"{code} x{units}{where} exceeds its MUE limit of {limit} "
+                                          "(config/mue.yaml); never cut silently")
+        for session, line in members:
+            _, own = over.setdefault(id(session), (session, {p.ref: [] for p in session.procedures}))
+            for ref in line.procedures:
+                own[ref].append(finding)
+    for session, own in over.values():
+        _hold(session, own, result)

@@ -71,7 +71,7 @@ def test_sync_writes_exactly_the_golden_output_of_every_scenario(client: FhirCli
     assert "failed sessions 0" in loaded["result"].stdout
     for folder in SCENARIOS:
         text = re.sub(r"\b([sn]\d\d)-", rf"{loaded['ns']}-\1-", (folder / "output.json").read_text())
-        golden = [e["resource"] for e in json.loads(text)["entry"]]
+        golden = [e["resource"] for e in json.loads(text).get("entry", [])]
         offline = process_paths([loaded["inputs"] / f"{folder.name}.json"], TABLES)
         expected_ids = [r for s in offline.built.sessions for r in s.resources()]
         patients = patients_of(loaded["bundles"][folder.name])

@@ -182,9 +182,10 @@ def test_stopped_and_unknown_need_review_and_hold_the_session(status: str) -> No
 
 
 def test_sessions_split_by_date_performer_and_encounter() -> None:
-    report = run(procedure("f1"), procedure("f2", lesions=("b2",), when="2026-03-05T09:00:00Z"),
-                 procedure("f3", lesions=("b3",), performer="d2"), procedure("f4", lesions=("b4",), encounter="e2"))
-    assert sorted(ln[0] for ln in lines(report)) == ["10005"] * 4
+    # CT: 10009 has no MUE limit in the tables, so two sessions on one day are both billable
+    report = run(procedure("f1", "ct"), procedure("f2", "ct", ("b2",), when="2026-03-05T09:00:00Z"),
+                 procedure("f3", "ct", ("b3",), performer="d2"), procedure("f4", "ct", ("b4",), encounter="e2"))
+    assert sorted(ln[0] for ln in lines(report)) == ["10009"] * 4
     assert len(report.coding.coded_sessions) == 4
 
 
@@ -272,3 +273,13 @@ def test_validation_rejects_an_invalid_resource_with_its_name() -> None:
     with pytest.raises(InvalidOutputError, match=r"ChargeItem X.*subject"):
         validate_resource({"resourceType": "ChargeItem", "status": "billable",
                            "code": {"coding": [{"code": "10005"}]}}, "ChargeItem X")
+
+
+def test_mue_adds_up_units_over_the_sessions_of_one_day() -> None:
+    # two encounters on one day are two sessions, each 10005 x1: 2 units of 10005 that day, MUE 1
+    report = run(procedure("f1", "us", ("a",), encounter="e1"), procedure("f2", "us", ("b",), encounter="e2"))
+    assert reviews(report) == {("f1", "mue-exceeded"), ("f2", "mue-exceeded")}
+    assert "over 2 sessions" in report.reviews[0].detail and lines(report) == []
+    other_day = run(procedure("f1", "us", ("a",), encounter="e1"),
+                    procedure("f2", "us", ("b",), encounter="e2", when="2026-03-05T09:00:00Z"))
+    assert len(lines(other_day)) == 2

@@ -20,7 +20,7 @@ from adapter.client.auth import auth_from_settings
 from adapter.client.errors import FhirGone, FhirNotFound
 from adapter.config import CodeTables
 from adapter.errors import AdapterError
-from adapter.extraction.index import reference_of
+from adapter.extraction.index import reference_of, version_of
 from adapter.metrics import Metrics
 from adapter.settings import AppSettings, ServerSettings
 from adapter.state.store import StateStore, WorkItem
@@ -40,10 +40,6 @@ def make_client(server: ServerSettings) -> FhirClient:
 
 def parse_instant(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _version(resource: dict[str, Any]) -> str:
-    return str((resource.get("meta") or {}).get("versionId", ""))
 
 
 @dataclass
@@ -122,12 +118,10 @@ class Service:
 
     def _poll(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
         cursor = self.store.cursor()
-        since = None
-        if cursor:
-            since = (parse_instant(cursor) - timedelta(seconds=self.settings.poll.overlap_seconds)).isoformat()
+        since = self._since(cursor)
         total = SyncSummary()
         for page in self.syncer.source.changed_pages(since):
-            fresh = [p for p in page if not self.store.seen(f"Procedure/{p.get('id')}", _version(p))]
+            fresh = [p for p in page if not self.store.seen(f"Procedure/{p.get('id')}", version_of(p))]
             if fresh:
                 patients, loose = split_by_patient(fresh)
                 summary = self.sync_patients(patients, loose, stop)
@@ -155,12 +149,14 @@ class Service:
         self.store.resolve_reviews(deleted)  # nothing left for an analyst to fix
         return summary
 
+    def _since(self, cursor: str | None) -> str | None:
+        """Where a poll starts: the cursor minus the overlap window (commits become visible out of order)."""
+        if not cursor:
+            return None
+        return (parse_instant(cursor) - timedelta(seconds=self.settings.poll.overlap_seconds)).isoformat()
+
     def count_backlog(self) -> int | None:
-        cursor = self.store.cursor()
-        since = None
-        if cursor:
-            since = (parse_instant(cursor) - timedelta(seconds=self.settings.poll.overlap_seconds)).isoformat()
-        return self.syncer.source.count_changed(since)
+        return self.syncer.source.count_changed(self._since(self.store.cursor()))
 
     # -- received work ------------------------------------------------------------------------------------
 
@@ -180,7 +176,7 @@ class Service:
             if item.kind == "procedure":
                 resource = payload["resource"]
                 ref = f"Procedure/{resource.get('id')}"
-                if item.source != "engine" and _version(resource) and self.store.seen(ref, _version(resource)):
+                if item.source != "engine" and version_of(resource) and self.store.seen(ref, version_of(resource)):
                     continue  # the same notification again: already coded
                 subject = reference_of(resource.get("subject"))
                 if item.source == "engine" or not subject:

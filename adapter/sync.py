@@ -16,7 +16,7 @@ from adapter.client import FhirClient
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
-from adapter.extraction.index import reference_of
+from adapter.extraction.index import reference_of, version_of
 from adapter.extraction.procedures import Disposition, Kind
 from adapter.pipeline import RunReport, process
 from adapter.sinks.reconcile import Plan, plan
@@ -174,7 +174,7 @@ class Syncer:
         for facts in report.facts:
             if facts.kind is not Kind.FNA:
                 continue
-            version = str((facts.resource.get("meta") or {}).get("versionId", ""))
+            version = version_of(facts.resource)
             patient = reference_of(facts.resource.get("subject"))
             if facts.disposition is Disposition.NO_CHARGE:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))

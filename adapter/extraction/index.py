@@ -12,10 +12,21 @@ from adapter.sources.files import SourcedResource
 _TYPE_ID = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
 
 
+def parse_reference(reference: str) -> tuple[str, str] | None:
+    """(type, id) of a relative, absolute or versioned literal reference; None when it is not one."""
+    match = _TYPE_ID.search(reference.strip())
+    return (match.group(1), match.group(2)) if match else None
+
+
 def normalize_reference(reference: str) -> str:
     """`http://x/fhir/Patient/1/_history/2` -> `Patient/1`; other forms are returned unchanged."""
-    match = _TYPE_ID.search(reference.strip())
-    return f"{match.group(1)}/{match.group(2)}" if match else reference.strip()
+    parsed = parse_reference(reference)
+    return f"{parsed[0]}/{parsed[1]}" if parsed else reference.strip()
+
+
+def version_of(resource: dict[str, Any]) -> str:
+    """`meta.versionId` as text ("" when the resource has none)."""
+    return str((resource.get("meta") or {}).get("versionId", ""))
 
 
 def reference_of(value: Any) -> str | None:

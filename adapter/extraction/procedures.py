@@ -224,6 +224,18 @@ def _body_structure_site(ref: str, index: ResourceIndex) -> tuple[str, dict[str,
     return (f"{ref} ({label})" if label else ref), (_strip_extensions(location) if location else None)
 
 
+def body_structure_references(resource: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+    """(element, reference or None, coded site) of every lesion-bearing BodyStructure extension: the
+    procedure-targetBodyStructure extensions, then bodySite extensions on `Procedure.bodySite` entries."""
+    found: list[tuple[str, str | None, dict[str, Any] | None]] = [
+        (f"extension[procedure-targetBodyStructure][{i}]", reference_of(ext.get("valueReference")), None)
+        for i, ext in enumerate(_extensions(resource, EXT_TARGET))]
+    for j, site in enumerate(s for s in resource.get("bodySite") or [] if isinstance(s, dict)):
+        found += [(f"bodySite[{j}].extension[bodySite]", reference_of(ext.get("valueReference")),
+                   _strip_extensions(site)) for ext in _extensions(site, EXT_BODYSITE)]
+    return found
+
+
 def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex) -> None:
     """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure."""
     seen: set[str] = set()
@@ -243,14 +255,9 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
         label, location = _body_structure_site(ref, index)
         facts.lesions.append(Lesion(ref, element, label, len(facts.lesions), ref, location or site))
 
-    for i, ext in enumerate(_extensions(resource, EXT_TARGET)):
-        add_structure(reference_of(ext.get("valueReference")), f"extension[procedure-targetBodyStructure][{i}]",
-                      None)
+    for element, ref, site in body_structure_references(resource):
+        add_structure(ref, element, site)
     sites = [s for s in resource.get("bodySite") or [] if isinstance(s, dict)]
-    for j, site in enumerate(sites):
-        for ext in _extensions(site, EXT_BODYSITE):
-            add_structure(reference_of(ext.get("valueReference")), f"bodySite[{j}].extension[bodySite]",
-                          _strip_extensions(site))
     if facts.lesions or seen:
         if duplicates:
             facts.lesion_note = f"{duplicates} repeated BodyStructure reference(s) counted once"

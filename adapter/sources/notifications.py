@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.errors import AdapterError
+from adapter.extraction.index import parse_reference
 from adapter.state.store import WorkItem
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
@@ -49,7 +50,6 @@ STATUS_TYPES = frozenset({"handshake", "heartbeat", "event-notification", "query
 EVENT_TYPES = frozenset({"event-notification", "query-event"})
 _INT_VALUE_KEYS = ("valueString", "valueInteger64", "valueInteger", "valueUnsignedInt", "valuePositiveInt",
                    "valueDecimal")
-_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 
 SOURCE_REST_HOOK = "rest-hook"
 SOURCE_ENGINE = "engine"
@@ -234,19 +234,17 @@ def procedure_reference(value: object) -> str | None:
     """`Procedure/{id}` from a relative, absolute or versioned reference/URL; None for anything else."""
     if not isinstance(value, str):
         return None
-    match = _REFERENCE.search(value.split("?", 1)[0].split("#", 1)[0])
-    if match is None or match.group(1) != "Procedure":
-        return None
-    return f"Procedure/{match.group(2)}"
+    parsed = parse_reference(value.split("?", 1)[0].split("#", 1)[0])
+    return f"Procedure/{parsed[1]}" if parsed and parsed[0] == "Procedure" else None
 
 
 def _subscription_key(reference: object) -> str:
     """A stable key for the subscription: `Subscription/{id}` when the reference has that shape."""
     if not isinstance(reference, str) or not reference.strip():
         raise ReceiveError(400, "required", "the notification status has no subscription reference")
-    match = _REFERENCE.search(reference.strip())
-    if match and match.group(1) == "Subscription":
-        return f"Subscription/{match.group(2)}"
+    parsed = parse_reference(reference)
+    if parsed and parsed[0] == "Subscription":
+        return f"Subscription/{parsed[1]}"
     return reference.strip()[:200]
 
 

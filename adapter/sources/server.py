@@ -14,7 +14,7 @@ from typing import Any
 from adapter.client import FhirClient
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
-from adapter.extraction.procedures import EXT_BODYSITE, EXT_TARGET
+from adapter.extraction.procedures import body_structure_references
 from adapter.sources.files import SourcedResource
 
 BATCH = 100
@@ -111,10 +111,7 @@ class ServerSource:
         return ctx
 
 
+
 def _body_structure_ids(proc: dict[str, Any]) -> set[str]:
-    refs = [reference_of(e.get("valueReference")) for e in proc.get("extension") or []
-            if isinstance(e, dict) and e.get("url") == EXT_TARGET]
-    for site in proc.get("bodySite") or []:
-        refs += [reference_of(e.get("valueReference")) for e in (site.get("extension") or [])
-                 if isinstance(e, dict) and e.get("url") == EXT_BODYSITE]
-    return {r.split("/", 1)[1] for r in refs if r and r.startswith("BodyStructure/")}
+    return {ref.split("/", 1)[1] for _, ref, _ in body_structure_references(proc)
+            if ref and ref.startswith("BodyStructure/")}

@@ -89,7 +89,7 @@ def older_copy(resource: dict[str, Any]) -> dict[str, Any]:
         old["status"] = "cancelled"
     else:
         old["language"] = "x-old"
-    old["meta"] = {"versionId": "1", "lastUpdated": "2099-01-01T00:00:00Z"}  # versionId outranks lastUpdated
+    old["meta"] = {"versionId": "2", "lastUpdated": "2099-01-01T00:00:00Z"}  # versionId outranks lastUpdated
     return old
 
 
@@ -136,7 +136,7 @@ def test_repeats_and_older_versions_give_the_same_charges(folder: Path, rng: ran
     out = []
     for entry in entries:
         current = copy.deepcopy(entry)
-        current["resource"]["meta"] = {"versionId": "2"}
+        current["resource"]["meta"] = {"versionId": "3"}  # fixtures reference version 1 at most
         extra = [current] * rng.randint(0, 2)  # identical repeats
         if rng.random() < 0.5:
             extra.append(dict(entry, resource=older_copy(entry["resource"])))
@@ -166,7 +166,7 @@ def test_the_rewriting_really_changes_the_input() -> None:
     assert older_copy(entries[-1]["resource"]) != entries[-1]["resource"]
     # and an older version read last must not win
     newest = copy.deepcopy(entries[-1]["resource"])
-    newest["meta"] = {"versionId": "2"}
+    newest["meta"] = {"versionId": "3"}
     sources = [SourcedResource(newest, "a"), SourcedResource(older_copy(newest), "b")]
     index = ResourceIndex.build(sources)
     assert index.get(f"{newest['resourceType']}/{newest['id']}") is newest

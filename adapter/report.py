@@ -127,9 +127,8 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
         if not wanted or review.procedure == wanted:
             rule = RULE_OF_REASON.get(review.reason, review.reason)
             out.append(f"Review {review.procedure}: {review.reason} (rule {rule}): {review.detail}")
-    unsessioned = {r.procedure for r in report.coding.reviews}
-    for proc in report.facts:
-        if proc.ref in unsessioned and (not wanted or proc.ref == wanted):
+    for proc in report.facts:  # reviewed without a session: the decisions taken before it stopped
+        if proc.session is None and proc.findings and (not wanted or proc.ref == wanted):
             out += _notes(proc, f"  {proc.ref} ")
     for proc in report.coding.merged:
         if not wanted or proc.ref == wanted:

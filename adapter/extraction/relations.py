@@ -81,7 +81,7 @@ def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
         evidence = [replace(e, element=f"{child.ref} (partOf child) {e.element}") for e in child.evidence]
         if child.status == "completed":
             parent.evidence += evidence
-        said = f"; its guidance evidence is {parent.ref}'s" if evidence else ""
+        said = "; its guidance evidence counts for the FNA" if evidence else ""
         if child.kind is Kind.GUIDANCE:
             child.note(Rule.GUIDANCE, f"imaging guidance recorded for {parent.ref} (partOf): evidence of its "
                                       "modality, included in the FNA code and never billed")

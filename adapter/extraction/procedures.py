@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from adapter.config import CodeKey, CodeTables
-from adapter.extraction.index import Entry, Resolved, ResourceIndex, reference_of
+from adapter.extraction.index import Entry, Resolved, ResourceIndex, reference_of, version_rank
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -654,7 +654,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
 def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: CodeTables) -> ProcedureFacts:
     """A Procedure whose newest version is a delete bills nothing; its kind comes from its last content."""
     earlier = [e for e in index.superseded.get(ref, []) if not e.deleted]
-    last = max(earlier, key=lambda e: _version_number(e.resource), default=None)
+    last = max(earlier, key=lambda e: version_rank(e.resource), default=None)
     kind = classify(last.resource, tables) if last else Kind.OTHER
     facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=last.resource if last else entry.resource,
                            entry=entry, status=DELETED)
@@ -662,7 +662,3 @@ def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: 
     facts.note(Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it")
     return facts
 
-
-def _version_number(resource: dict[str, Any]) -> int:
-    version = str((resource.get("meta") or {}).get("versionId", ""))
-    return int(version) if version.isdigit() else -1

@@ -87,14 +87,13 @@ class Entry:
     container: Entry | None = None
     """For a contained resource: the resource that contains it (its `#id` references resolve there)."""
     deleted: bool = False
+    modifier_free: bool = False
+    base: str | None = field(default=None, init=False)
+    """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
 
-    @property
-    def base(self) -> str | None:
-        """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
-        if not self.full_url:
-            return None
-        match = _RESTFUL.match(self.full_url)
-        return match.group("base") if match and match.group("base") else None
+    def __post_init__(self) -> None:
+        match = _RESTFUL.match(self.full_url) if self.full_url else None
+        self.base = match.group("base") if match and match.group("base") else None
 
     @property
     def root(self) -> Entry:
@@ -143,6 +142,8 @@ class ResourceIndex:
     _full_urls: dict[str, str] = field(default_factory=dict, repr=False)
     _contained: dict[str, Entry] = field(default_factory=dict, repr=False)
     _identifiers: dict[tuple[str, str, str], list[str]] | None = field(default=None, repr=False)
+    _plain: dict[str, Resolved] = field(default_factory=dict, repr=False)
+    """Resolutions of plain `Type/id` references outside any RESTful base (the common case), until the next add."""
     _coverages: dict[str, list[tuple[str, dict[str, Any]]]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -158,10 +159,12 @@ class ResourceIndex:
         if not isinstance(rid, str) or not rid:
             self.without_id.append(item)
             if item.full_url:  # still reachable by its fullUrl (its key is then the fullUrl itself)
-                self._keep(Entry(item.full_url, resource, item.origin, item.full_url))
+                self._keep(Entry(item.full_url, resource, item.origin, item.full_url,
+                                 modifier_free=item.modifier_free))
             return
         key = f"{resource['resourceType']}/{rid}"
-        self._keep(Entry(key, resource, item.origin, item.full_url, deleted=item.deleted))
+        self._keep(Entry(key, resource, item.origin, item.full_url, deleted=item.deleted,
+                         modifier_free=item.modifier_free))
 
     def _keep(self, entry: Entry) -> None:
         key = entry.key
@@ -169,6 +172,7 @@ class ResourceIndex:
             self._full_urls[_without_version(entry.full_url)] = key
         old = self.entries.get(key)
         self._identifiers = None
+        self._plain.clear()
         self._coverages = None
         if old is None:
             self._set(entry)
@@ -227,6 +231,15 @@ class ResourceIndex:
         return Resolved("", None, problem="has neither a reference nor an identifier")
 
     def _literal(self, text: str, referrer: Entry | None, kind: str | None) -> Resolved:
+        plain = referrer is None or referrer.root.base is None  # the answer does not depend on the referrer
+        if plain and text in self._plain:
+            return self._plain[text]
+        found = self._resolve_literal(text, referrer)
+        if plain and found.key is not None and not text.startswith("#") and "/_history/" not in text:
+            self._plain[text] = found
+        return found
+
+    def _resolve_literal(self, text: str, referrer: Entry | None) -> Resolved:
         if text.startswith("#"):
             return self._contained_target(text, referrer)
         if "?" in text:
@@ -266,7 +279,7 @@ class ResourceIndex:
         if found is None:
             for res in container.resource.get("contained") or []:
                 if isinstance(res, dict) and res.get("id") == wanted:
-                    found = Entry(key, res, container.origin, None, container)
+                    found = Entry(key, res, container.origin, None, container, modifier_free=container.modifier_free)
                     self._contained[key] = found
                     break
         if found is None:

@@ -323,7 +323,7 @@ def site_signature(concepts: list[Any], qualifiers: list[Any], tables: CodeTable
                 codes.add(key)
     if not codes:
         return None, sides
-    return json.dumps([sorted(codes), sorted(sides)], separators=(",", ":")), sides
+    return ";".join(f"{system}|{code}" for system, code in sorted(codes)) + "@" + ",".join(sorted(sides)), sides
 
 
 def _site_qualifiers(site: dict[str, Any], tables: CodeTables) -> list[Any]:
@@ -378,8 +378,10 @@ def _structure_lesion(target: Resolved, element: str, site: dict[str, Any] | Non
                   (_strip_extensions(location) if location else None) or site, signature, "bilateral" in sides)
 
 
-def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex, tables: CodeTables) -> None:
-    """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure."""
+def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex, tables: CodeTables,
+                 structures: list[Resolved] | None = None) -> None:
+    """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure.
+    The BodyStructures found are appended to `structures`."""
     seen: set[str] = set()
     duplicates = 0
     for element, value, site in body_structure_extensions(resource):
@@ -397,6 +399,8 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
             duplicates += 1
             continue
         seen.add(target.key)
+        if structures is not None:
+            structures.append(target)
         facts.lesions.append(_structure_lesion(target, element, site, len(facts.lesions), facts, index, tables))
     if facts.lesions or seen:
         if duplicates:
@@ -564,6 +568,12 @@ def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str
     return found
 
 
+def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, entry: Entry | None) -> list[str]:
+    if entry is not None and entry.modifier_free:  # its file holds no modifierExtension at all
+        return []
+    return modifier_extensions(resource, path, tables.known_modifier_extensions)
+
+
 def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: ResourceIndex,
                       field_name: str) -> Resolved:
     """Resolve a reference the Procedure makes, and flag a target that belongs to another patient."""
@@ -637,12 +647,12 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     parse_performed(resource, facts, tables)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
         facts.evidence = own_evidence(resource, tables)
-    find_lesions(resource, facts, index, tables)
-    unknown = modifier_extensions(resource, "Procedure", tables.known_modifier_extensions)
-    for lesion in facts.lesions:
-        structure = index.resolve(lesion.body_structure, entry).resource if lesion.body_structure else None
-        if structure is not None:
-            unknown += modifier_extensions(structure, lesion.body_structure or "", tables.known_modifier_extensions)
+    structures: list[Resolved] = []
+    find_lesions(resource, facts, index, tables, structures)
+    unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
+    for target in structures:
+        if target.resource is not None:
+            unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
     if unknown:
         facts.flag("unknown-modifier-extension", f"{'; '.join(unknown)}: not understood, and FHIR forbids "
                                                  "processing a resource as if a modifierExtension were absent")

@@ -29,6 +29,8 @@ class SourcedResource:
     """`Bundle.entry.fullUrl`: what `urn:uuid:` and absolute references inside the Bundle resolve against."""
     deleted: bool = False
     """A history entry that deletes the resource (`resource` then holds only type, id and versionId)."""
+    modifier_free: bool = False
+    """The text it was read from holds no `modifierExtension`: nothing in it needs looking for one."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield path
 
 
-def flatten(resource: dict[str, Any], origin: str, result: ReadResult) -> None:
+def flatten(resource: dict[str, Any], origin: str, result: ReadResult, modifier_free: bool = False) -> None:
     """Add a resource, or every resource inside a Bundle (of any type, nested Bundles too)."""
     if resource.get("resourceType") != "Bundle":
-        result.resources.append(SourcedResource(resource, origin))
+        result.resources.append(SourcedResource(resource, origin, modifier_free=modifier_free))
         return
     entries = resource.get("entry") or []
     if not isinstance(entries, list):
@@ -87,9 +89,9 @@ def flatten(resource: dict[str, Any], origin: str, result: ReadResult) -> None:
             continue
         full_url = entry.get("fullUrl")
         if inner.get("resourceType") == "Bundle" or not isinstance(full_url, str) or not full_url.strip():
-            flatten(inner, where, result)
+            flatten(inner, where, result, modifier_free)
         else:
-            result.resources.append(SourcedResource(inner, where, full_url.strip()))
+            result.resources.append(SourcedResource(inner, where, full_url.strip(), modifier_free=modifier_free))
 
 
 _DELETED_URL = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?$")
@@ -118,7 +120,7 @@ def _read_json(path: Path, text: str, result: ReadResult) -> None:
         raise InputError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
         raise InputError(str(path), "not a FHIR resource (no resourceType)")
-    flatten(data, str(path), result)
+    flatten(data, str(path), result, "modifierExtension" not in text)
 
 
 def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
@@ -134,7 +136,7 @@ def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
             bad.append(f"line {number} is not a FHIR resource (no resourceType)")
             continue
-        flatten(data, f"{path}:{number}", result)
+        flatten(data, f"{path}:{number}", result, "modifierExtension" not in line)
     if bad:
         # the good lines were kept; the file is still reported as not fully readable
         raise InputError(str(path), "; ".join(bad))

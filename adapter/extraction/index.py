@@ -217,6 +217,10 @@ class ResourceIndex:
 
     def resolve(self, value: Any, referrer: Entry | None = None) -> Resolved:
         """Resolve a Reference (dict) or a reference string written inside `referrer`."""
+        if isinstance(value, dict) and isinstance(value.get("reference"), str):  # fast path: seen before
+            hit = self._plain.get(value["reference"])
+            if hit is not None and (referrer is None or referrer.root.base is None):
+                return hit
         if isinstance(value, str):
             return self._literal(value.strip(), referrer, None)
         if not isinstance(value, dict):

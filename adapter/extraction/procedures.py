@@ -631,7 +631,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     if resource.get("subject") is None:
         facts.flag("invalid-resource", "Procedure has no subject")
     elif subject.key is None:
-        facts.flag("unresolved-reference", f"subject {subject.written}: {subject.problem}")
+        facts.flag("unresolved-reference", f"subject {subject.written or '(empty)'}: {subject.problem}")
     elif subject.type != "Patient":
         facts.flag("invalid-resource", f"subject {subject.key} is not a Patient")
     else:

@@ -20,7 +20,7 @@ from adapter.errors import ConfigError
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
 
-TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml")
+TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml", "input.yaml")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 
@@ -76,6 +76,17 @@ class CodeTables:
     settings: Settings = field(default_factory=Settings)
     version: str = ""
     """Short hash of the table files: which rules produced a charge, for the audit trail."""
+    guidance_procedures: dict[CodeKey, str] = field(default_factory=dict)
+    """Procedure.code of a separate imaging-guidance Procedure -> its modality (evidence, never billed)."""
+    rendering_functions: frozenset[CodeKey] = frozenset()
+    non_rendering_functions: frozenset[CodeKey] = frozenset()
+    rendering_actor_types: frozenset[str] = frozenset({"Practitioner", "PractitionerRole"})
+    laterality: dict[CodeKey, str] = field(default_factory=dict)
+    """Laterality qualifier code -> `left`, `right` or `bilateral`."""
+    laterality_extensions: frozenset[str] = frozenset()
+    known_modifier_extensions: frozenset[str] = frozenset()
+    mue_sources: dict[str, str] = field(default_factory=dict)
+    """Where each MUE value comes from (a source, or `site decision: ...`)."""
 
     def display_of(self, modality: str) -> str:
         return self.modalities.get(modality, modality)
@@ -211,6 +222,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
 
     method_codes = modality_table("method_codes", True)
     procedure_codes = modality_table("procedure_codes", False)
+    guidance_procedures = modality_table("guidance_procedures", False)
     none_key = (settings.guidance_code_system, "none")
     if method_codes.get(none_key) != "none":
         raise ConfigError(str(mod_file), "method_codes",
@@ -263,10 +275,23 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
                           f"({', '.join(modifiers)})")
 
     mue: dict[str, int] = {}
-    for code, limit in _mapping(_read_yaml(mue_file).get("limits", {}), mue_file, "limits").items():
+    mue_sources: dict[str, str] = {}
+    for code, raw in _mapping(_read_yaml(mue_file).get("limits", {}), mue_file, "limits").items():
+        entry = f"limits.{code}"
+        limit, source = raw, ""
+        if isinstance(raw, dict):
+            limit = raw.get("units")
+            if raw.get("source") is not None:
+                source = _str(raw.get("source"), mue_file, f"{entry}.source")
+            elif raw.get("site_decision") is not None:
+                source = "site decision: " + _str(raw.get("site_decision"), mue_file, f"{entry}.site_decision")
+            else:
+                raise ConfigError(str(mue_file), entry, "needs a source or a site_decision")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigError(str(mue_file), f"limits.{code}", "must be a whole number of at least 1")
+            raise ConfigError(str(mue_file), entry, "must be a whole number of at least 1")
         mue[str(code)] = limit
+        mue_sources[str(code)] = source
+    reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
     digest = hashlib.sha256()
     for name in TABLE_FILES:
@@ -277,4 +302,31 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, version=digest.hexdigest()[:12],
+        guidance_procedures=guidance_procedures, mue_sources=mue_sources, **reading,
     )
+
+
+def _load_input(path: Path) -> dict[str, Any]:
+    """config/input.yaml: performer functions, actor types, laterality, known modifierExtensions."""
+    data = _read_yaml(path)
+
+    def codes(key: str) -> frozenset[CodeKey]:
+        return frozenset(k for k, _ in _codings(_list(data, key, path, required=False), key, path))
+
+    def strings(key: str) -> frozenset[str]:
+        return frozenset(_str(v, path, f"{key}[{i}]") for i, v in enumerate(_list(data, key, path, required=False)))
+
+    laterality: dict[CodeKey, str] = {}
+    for i, (k, item) in enumerate(_codings(_list(data, "laterality", path, required=False), "laterality", path)):
+        side = _str(item.get("side"), path, f"laterality[{i}].side")
+        if side not in ("left", "right", "bilateral"):
+            raise ConfigError(str(path), f"laterality[{i}].side", "must be left, right or bilateral")
+        laterality[k] = side
+    rendering = codes("rendering_functions")
+    if not rendering:
+        raise ConfigError(str(path), "rendering_functions", "must name at least one function (e.g. v3 PPRF)")
+    actor_types = strings("rendering_actor_types") or frozenset({"Practitioner", "PractitionerRole"})
+    return {"rendering_functions": rendering, "non_rendering_functions": codes("non_rendering_functions"),
+            "rendering_actor_types": actor_types, "laterality": laterality,
+            "laterality_extensions": strings("laterality_extensions"),
+            "known_modifier_extensions": strings("known_modifier_extensions")}

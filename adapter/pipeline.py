@@ -17,6 +17,7 @@ from adapter.coding.engine import CodingResult, Review, code_procedures
 from adapter.config import CodeTables
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts, extract
+from adapter.extraction.relations import link
 from adapter.sources.files import EntryProblem, ReadResult, SourcedResource, read_paths
 
 EXIT_OK, EXIT_REVIEW, EXIT_UNREADABLE = 0, 1, 2
@@ -70,10 +71,11 @@ def process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunRepo
 
 def _process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
     index = ResourceIndex.build(resources)
-    procedures = [(ref, index.origins[ref], res) for ref, res in index.of_type("Procedure")]
-    procedures += [(None, item.origin, item.resource) for item in index.without_id
-                   if item.resource.get("resourceType") == "Procedure"]
-    facts = [extract(res, origin, index, tables) for _, origin, res in procedures]
+    facts = [extract(entry.resource, entry.origin, index, tables, entry)
+             for key, entry in index.entries.items() if key.startswith("Procedure/")]
+    facts += [extract(item.resource, item.origin, index, tables) for item in index.without_id
+              if item.resource.get("resourceType") == "Procedure"]
+    link(facts, tables)
     coding = code_procedures(facts, tables)
     built = build_outputs(coding, index, tables)
     return RunReport(index, facts, coding, built)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from adapter.coding.engine import Session
 from adapter.config import CodeTables
-from adapter.extraction.procedures import ProcedureFacts
+from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
 from adapter.pipeline import RunReport
 
 
@@ -40,9 +40,13 @@ def diagnostics(report: RunReport) -> list[str]:
     out += [f"error: {p.origin}: {p.reason}" for p in report.problems]
     out += [f"review: {r.procedure} ({r.origin}): {r.reason}: {r.detail}" for r in report.reviews]
     out += [f"warning: {w.code}: {w.detail}" for w in report.built.warnings]
+    out += [f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
+            "the copy used was chosen by content, not by recency"
+            for ref, origins in report.index.conflicts.items() if not ref.startswith("Procedure/")]
     out += [f"warning: duplicate {ref}: {kept} replaces {old}" for ref, kept, old in report.index.duplicates]
+    out += [f"{_merged_label(f)}: {f.ref}: billed under {f.merged_into}" for f in report.coding.merged]
     out += [f"no charge: {f.ref}: status {f.status}" for f in report.coding.no_charge]
-    out += [f"skipped: {f.ref}: not an FNA biopsy" for f in report.coding.skipped]
+    out += [f"skipped: {f.ref}: {_skip_reason(f)}" for f in report.coding.skipped]
     return out
 
 
@@ -56,8 +60,25 @@ def summary(report: RunReport) -> str:
             f"{len(report.read.unreadable)} unreadable files")
 
 
+def _merged_label(proc: ProcedureFacts) -> str:
+    return "part of" if any(rule == Rule.PART_OF for rule, _ in proc.notes) else "duplicate"
+
+
+def _skip_reason(proc: ProcedureFacts) -> str:
+    if proc.kind is Kind.CORE:
+        return "core needle biopsy, not an FNA (config/fna-valueset.yaml core_needle_biopsy)"
+    if proc.kind is Kind.GUIDANCE:
+        return "imaging guidance: included in the FNA code, never billed (config/modalities.yaml guidance_procedures)"
+    return "not an FNA biopsy (Procedure.code is not in config/fna-valueset.yaml)"
+
+
+def _notes(proc: ProcedureFacts, indent: str) -> list[str]:
+    return [f"{indent}(rule {rule}) {text}" for rule, text in proc.notes]
+
+
 def _procedure_line(proc: ProcedureFacts, tables: CodeTables) -> list[str]:
     out = [f"  {proc.ref}  performed {proc.performed_text}  status {proc.status}  from {proc.origin}"]
+    out += _notes(proc, "    ")
     if proc.modality:
         out.append(f"    modality: {tables.display_of(proc.modality)}")
     for ev in proc.evidence:
@@ -104,13 +125,23 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
         out += [*explain_session(session, report, tables), ""]
     for review in report.reviews:
         if not wanted or review.procedure == wanted:
-            out.append(f"Review {review.procedure}: {review.reason}: {review.detail}")
+            rule = RULE_OF_REASON.get(review.reason, review.reason)
+            out.append(f"Review {review.procedure}: {review.reason} (rule {rule}): {review.detail}")
+    for proc in report.facts:  # reviewed without a session: the decisions taken before it stopped
+        if proc.session is None and proc.findings and (not wanted or proc.ref == wanted):
+            out += _notes(proc, f"  {proc.ref} ")
+    for proc in report.coding.merged:
+        if not wanted or proc.ref == wanted:
+            out.append(f"{_merged_label(proc).capitalize()} {proc.ref}: billed under {proc.merged_into}")
+            out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
-            out.append(f"No charge {proc.ref}: status {proc.status} is not billable")
+            out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
+            out += _notes(proc, "  ")
     for proc in report.coding.skipped:
         if not wanted or proc.ref == wanted:
-            out.append(f"Skipped {proc.ref}: Procedure.code is not in config/fna-valueset.yaml")
+            out.append(f"Skipped {proc.ref}: {_skip_reason(proc)}")
+            out += _notes(proc, "  ")
     if wanted and not out:
         out.append(f"{wanted} is not in the input")
     return "\n".join(out).rstrip() + "\n"

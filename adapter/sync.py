@@ -176,7 +176,7 @@ class Syncer:
                 continue
             version = version_of(facts.resource)
             patient = reference_of(facts.resource.get("subject"))
-            if facts.disposition is Disposition.NO_CHARGE:
+            if facts.disposition in (Disposition.NO_CHARGE, Disposition.MERGED):  # merged: billed under another
                 out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))
             elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "review"))

@@ -24,6 +24,11 @@ METHODS = [
     (SCT, "258177008", "MRI guidance"),
     ("http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance", "none", "No imaging guidance"),
 ]
+MODALITY = {"61593002": "us", "US": "us", "44491008": "fluoro", "258176004": "ct", "CT": "ct", "258177008": "mr",
+            "none": "none"}
+MAX_LESIONS = 4
+"""Per modality and session: a primary and three add-ons, within config/mue.yaml (realistic sessions never need
+review for MUE)."""
 SITES = [("69748006", "Thyroid structure"), ("76752008", "Breast structure"), ("39607008", "Lung structure"),
          ("10200004", "Liver structure"), ("59441001", "Lymph node structure")]
 
@@ -51,16 +56,22 @@ def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict
         yield {"resourceType": "Encounter", "id": enc, "status": "finished",
                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
                "subject": ref("Patient", pat), "period": {"start": f"{day}T08:00:00Z", "end": f"{day}T17:00:00Z"}}
+        used: dict[str, int] = {}
         for p in range(rng.randint(1, 3)):
             if made >= procedures:
                 break
             made += 1
             pid = f"{prefix}{n}-fna-{p + 1}"
             system, code, display = rng.choice(METHODS)
+            if used.get(MODALITY[code], 0) >= MAX_LESIONS:
+                system, code, display = next(m for m in METHODS if used.get(MODALITY[m[1]], 0) < MAX_LESIONS)
+            room = MAX_LESIONS - used.get(MODALITY[code], 0)
             extensions: list[dict[str, Any]] = [{
                 "url": "http://hl7.org/fhir/StructureDefinition/procedure-method",
                 "valueCodeableConcept": {"coding": [{"system": system, "code": code, "display": display}]}}]
-            for lesion in range(rng.randint(1, 3 if code != "none" else 1)):
+            count = min(rng.randint(1, 3 if code != "none" else 1), room)
+            used[MODALITY[code]] = used.get(MODALITY[code], 0) + count
+            for lesion in range(count):
                 bs = f"{pid}-bs-{lesion + 1}"
                 site = rng.choice(SITES)
                 yield {"resourceType": "BodyStructure", "id": bs, "patient": ref("Patient", pat),

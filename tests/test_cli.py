@@ -86,7 +86,7 @@ def test_explain_of_an_unknown_procedure_says_so() -> None:
 def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "config", tmp_path / "config")
     mue = tmp_path / "config/mue.yaml"
-    mue.write_text(mue.read_text().replace('"10021": 1', '"10021": -1'))
+    mue.write_text(mue.read_text().replace('"10021": {units: 1,', '"10021": {units: -1,'))
     result = run("--tables", str(tmp_path / "config"), "dry-run", scenario("01"))
     assert result.returncode == 3
     assert "mue.yaml: limits.10021: must be a whole number of at least 1" in result.stderr

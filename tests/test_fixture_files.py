@@ -22,7 +22,10 @@ NDJSON = FIXTURES / "ndjson"
 INVALID = FIXTURES / "invalid"
 CONTRACT = ROOT / "docs" / "input-contract.md"
 
+FEEDS = FIXTURES / "feeds"
 SCENARIO_DIRS = sorted(p for p in SCENARIOS.iterdir() if p.is_dir()) if SCENARIOS.is_dir() else []
+FEED_DIRS = sorted(p for p in FEEDS.iterdir() if p.is_dir()) if FEEDS.is_dir() else []
+"""Inputs that cannot be one HAPI transaction (history Bundles, NDJSON repeats, several files): offline only."""
 # fixtures/fhir/ndjson/ is one scenario: *.ndjson files (one resource per line) + expected.json
 NDJSON_DIRS = [NDJSON] if NDJSON.is_dir() else []
 
@@ -50,6 +53,14 @@ REVIEW_REASONS = {
     "core-biopsy-same-lesion",
     "mue-exceeded",
     "session-held",
+    "unresolved-reference",
+    "version-conflict",
+    "ambiguous-performer",
+    "session-ambiguous",
+    "duplicate-conflict",
+    "bilateral-site",
+    "other-patient",
+    "unknown-modifier-extension",
 }
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
 EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
@@ -84,6 +95,33 @@ def normalise_reference(ref: str) -> str:
     ref = re.sub(r"/_history/[^/]+$", "", ref)
     parts = ref.rstrip("/").split("/")
     return "/".join(parts[-2:])
+
+
+def resolves(ref: str, res: dict, idx: dict[str, dict], full_urls: dict[str, str]) -> bool:
+    """An independent check of the FHIR reference forms the fixtures use: Type/id (absolute or versioned),
+    urn:uuid fullUrls, contained #id and conditional Type?identifier=system|value."""
+    if ref.startswith("#"):
+        return any(c.get("id") == ref[1:] for c in res.get("contained", []))
+    if ref.startswith("urn:"):
+        return ref in full_urls
+    if "?identifier=" in ref:
+        kind, ident = ref.split("?identifier=", 1)
+        system, value = ident.split("|", 1)
+        return any(r["resourceType"] == kind and {"system": system, "value": value} in
+                   [{"system": i.get("system"), "value": i.get("value")} for i in r.get("identifier", [])]
+                   for r in idx.values())
+    return normalise_reference(ref) in idx
+
+
+def target_of(ref: str, full_urls: dict[str, str]) -> str:
+    return full_urls.get(ref, normalise_reference(ref))
+
+
+def full_urls_of(sdir: Path) -> dict[str, str]:
+    if not (sdir / "input.json").exists():
+        return {}
+    return {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+            for e in load_json(sdir / "input.json")["entry"] if "fullUrl" in e}
 
 
 def references(node) -> list[str]:
@@ -136,7 +174,10 @@ def test_scenario_directory_names_are_numbered_and_kebab_case():
         numbers.append(int(m.group(1)))
         assert (d / "input.json").is_file(), d
         assert (d / "expected.json").is_file(), d
-    assert numbers == list(range(1, len(numbers) + 1)), "scenario numbers must be 01, 02, ... without gaps"
+    # numbers are unique (ranges are shared out between engineers, so gaps may open between ranges)
+    all_numbers = numbers + [int(DIR_RE.match(d.name).group(1)) for d in FEED_DIRS if DIR_RE.match(d.name)]
+    assert len(all_numbers) == len(set(all_numbers)), "scenario numbers must be unique across scenarios/ and feeds/"
+    assert numbers[:44] == list(range(1, 45))
 
 
 def contract_scenario_names() -> set[str]:
@@ -151,7 +192,7 @@ def contract_scenario_names() -> set[str]:
 def test_every_contract_scenario_has_a_directory():
     names = contract_scenario_names()
     assert len(names) >= 20, f"suspiciously few scenario names parsed from the contract: {sorted(names)}"
-    have = {DIR_RE.match(d.name).group(2) for d in SCENARIO_DIRS if DIR_RE.match(d.name)}
+    have = {DIR_RE.match(d.name).group(2) for d in SCENARIO_DIRS + FEED_DIRS if DIR_RE.match(d.name)}
     missing = sorted(names - have)
     assert not missing, f"scenarios named in docs/input-contract.md without a directory: {missing}"
 
@@ -164,7 +205,7 @@ def test_input_is_a_put_transaction_bundle(sdir: Path):
     assert bundle["type"] == "transaction"
     assert bundle["entry"], "empty bundle"
     for entry in bundle["entry"]:
-        assert "fullUrl" not in entry
+        assert entry.get("fullUrl", "urn:uuid:").startswith("urn:uuid:"), "only urn:uuid fullUrls load into HAPI as is"
         res = entry["resource"]
         assert entry["request"] == {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}
 
@@ -202,8 +243,39 @@ def test_ids_are_well_formed_and_prefixed(sdir: Path):
         assert rid.startswith(prefix), f"id {rid!r} lacks the prefix {prefix!r}"
 
 
+def feed_resources(fdir: Path) -> list[dict]:
+    """Every resource of a feed fixture (every copy and version), DELETE entries left out."""
+    out: list[dict] = []
+    for f in sorted(fdir.iterdir()):
+        if f.suffix == ".ndjson":
+            out += ndjson_resources(f)
+        elif f.suffix == ".json" and f.name != "expected.json":
+            out += [e["resource"] for e in load_json(f).get("entry", []) if "resource" in e]
+    return out
+
+
+@pytest.mark.parametrize("fdir", FEED_DIRS, ids=fixture_id)
+def test_feed_fixture_is_complete(fdir: Path):
+    expected = load_json(fdir / "expected.json")
+    for key in EXPECTED_KEYS:
+        assert key in expected, f"expected.json lacks {key!r}"
+    assert expected["exit_code"] == (1 if expected["reviews"] else 0)
+    prefix = f"s{DIR_RE.match(fdir.name).group(1)}-"
+    resources = feed_resources(fdir)
+    assert resources
+    for res in resources:
+        assert res["id"].startswith(prefix), res["id"]
+        model = get_fhir_model_class(res["resourceType"])
+        model.model_validate(res)
+    assert len(fdir.name) > 3 and fdir.name in (FIXTURES / "README.md").read_text(encoding="utf-8")
+
+
 def test_ids_are_unique_across_all_fixtures():
     seen: dict[str, str] = {}
+    for d in FEED_DIRS:
+        for rid in {r["id"] for r in feed_resources(d)}:
+            assert rid not in seen, f"id {rid!r} used in {seen[rid]} and {d.name}"
+            seen[rid] = d.name
     for d in SCENARIO_DIRS + NDJSON_DIRS:
         for res in resources_of(d):
             rid = res["id"]
@@ -215,18 +287,19 @@ def test_ids_are_unique_across_all_fixtures():
 def test_every_reference_resolves_within_the_fixture(sdir: Path):
     resources = resources_of(sdir)
     idx = index(resources)
+    full_urls = full_urls_of(sdir)
     for res in resources:
         for ref in references(res):
-            assert not ref.startswith("#"), f"contained reference {ref} in {res['id']}"
-            assert normalise_reference(ref) in idx, f"{res['resourceType']}/{res['id']} -> {ref} does not resolve"
+            assert resolves(ref, res, idx, full_urls), f"{res['resourceType']}/{res['id']} -> {ref} does not resolve"
 
 
 @pytest.mark.parametrize("sdir", SCENARIO_DIRS, ids=fixture_id)
 def test_coverage_is_active_with_payor_and_beneficiary(sdir: Path):
     idx = index(bundle_resources(sdir))
+    full_urls = full_urls_of(sdir)
     for cov in (r for r in idx.values() if r["resourceType"] == "Coverage"):
         assert cov["status"] == "active"
-        assert normalise_reference(cov["beneficiary"]["reference"]).startswith("Patient/")
+        assert target_of(cov["beneficiary"]["reference"], full_urls).startswith("Patient/")
         assert all(normalise_reference(p["reference"]).startswith("Organization/") for p in cov["payor"])
 
 
@@ -283,7 +356,13 @@ def test_expected_is_complete_and_consistent(sdir: Path):
     for pid in expected["skipped"]:
         assert not (codings(procedures[pid]["code"]) & FNA_CODES), f"{pid} is an FNA, it cannot be skipped"
     line_ids = {pid for ln in expected["lines"] for pid in ln["procedures"]}
-    buckets = [set(review_ids), set(expected["no_charge"]), set(expected["skipped"]), line_ids]
+    merged = expected.get("merged", [])
+    for m in merged:
+        assert set(m) == {"procedure", "into", "reason"} and m["reason"] in ("duplicate", "part-of"), m
+        assert m["procedure"] in procedures and m["into"] in procedures and m["into"] != m["procedure"]
+        assert codings(procedures[m["procedure"]]["code"]) & FNA_CODES
+    buckets = [set(review_ids), set(expected["no_charge"]), set(expected["skipped"]), line_ids,
+               {m["procedure"] for m in merged}]
     assert len(review_ids) == len(set(review_ids))
     for i, a in enumerate(buckets):
         for b in buckets[i + 1 :]:
@@ -303,8 +382,9 @@ def test_expected_is_complete_and_consistent(sdir: Path):
     for w in expected["warnings"]:
         assert w["code"] == "no-coverage"
         assert w["patient"] in idx
+    full_urls = full_urls_of(sdir)
     patients_with_coverage = {
-        normalise_reference(r["beneficiary"]["reference"]) for r in idx.values() if r["resourceType"] == "Coverage"
+        target_of(r["beneficiary"]["reference"], full_urls) for r in idx.values() if r["resourceType"] == "Coverage"
     }
     for w in expected["warnings"]:
         assert w["patient"] not in patients_with_coverage

@@ -22,6 +22,7 @@ from adapter.pipeline import RunReport, process_paths
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted(p for p in (ROOT / "fixtures/fhir/scenarios").iterdir() if (p / "expected.json").exists())
 NDJSON = ROOT / "fixtures/fhir/ndjson"
+FEEDS = sorted(p for p in (ROOT / "fixtures/fhir/feeds").iterdir() if (p / "expected.json").exists())
 TABLES = load_tables()
 
 
@@ -45,6 +46,9 @@ def observed(report: RunReport) -> dict[str, Any]:
         "no_charge": sorted(short(f.ref) for f in report.coding.no_charge),
         "skipped": sorted(short(f.ref) for f in report.coding.skipped),
         "warnings": [{"code": w.code, "patient": w.subject} for w in report.built.warnings],
+        "merged": sorted(({"procedure": short(f.ref), "into": short(f.merged_into or ""),
+                           "reason": "part-of" if any(rule == "part-of" for rule, _ in f.notes) else "duplicate"}
+                          for f in report.coding.merged), key=lambda m: m["procedure"]),
     }
 
 
@@ -58,6 +62,7 @@ def expected_of(folder: Path) -> dict[str, Any]:
         "no_charge": sorted(data["no_charge"]),
         "skipped": sorted(data["skipped"]),
         "warnings": data["warnings"],
+        "merged": sorted(data.get("merged", []), key=lambda m: m["procedure"]),
     }
 
 
@@ -75,6 +80,26 @@ def test_scenario_output_matches_the_reviewed_golden_file(folder: Path) -> None:
         golden.write_text(result.stdout)
     assert result.stdout == golden.read_text()
     assert result.exit_code == json.loads((folder / "expected.json").read_text())["exit_code"]
+
+
+def feed_files(folder: Path) -> list[Path]:
+    """The input files of a feed fixture (everything but expected.json)."""
+    return sorted(f for f in folder.iterdir() if f.suffix in (".json", ".ndjson") and f.name != "expected.json")
+
+
+@pytest.mark.parametrize("folder", FEEDS, ids=[p.name for p in FEEDS])
+def test_feed_is_coded_as_a_coder_would(folder: Path) -> None:
+    """Inputs that cannot be one HAPI transaction: history Bundles, NDJSON repeats, several files."""
+    report = process_paths(feed_files(folder), TABLES)
+    assert observed(report) == expected_of(folder)
+    assert not report.read.unreadable and not report.read.problems
+
+
+@pytest.mark.parametrize("folder", FEEDS, ids=[p.name for p in FEEDS])
+def test_feed_files_in_any_order_code_the_same(folder: Path) -> None:
+    files = feed_files(folder)
+    forward = output_bundle(process_paths(files, TABLES))
+    assert output_bundle(process_paths(list(reversed(files)), TABLES)) == forward
 
 
 def test_ndjson_input_codes_like_a_bundle() -> None:

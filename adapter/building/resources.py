@@ -14,7 +14,7 @@ from adapter.building.identifiers import claim_identifier, full_url, line_identi
 from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.coding.engine import ChargeLine, CodingResult, Review, Session
 from adapter.config import CodeTables
-from adapter.extraction.index import ResourceIndex, reference_of
+from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts
 
 CLAIM_TYPE = "http://terminology.hl7.org/CodeSystem/claim-type"
@@ -66,8 +66,7 @@ def _reasons(procs: list[ProcedureFacts], index: ResourceIndex) -> list[dict[str
         for concept in proc.resource.get("reasonCode") or []:
             if isinstance(concept, dict) and (concept.get("coding") or concept.get("text")):
                 concepts.append({k: v for k, v in concept.items() if k in ("coding", "text")})
-        for ref in proc.resource.get("reasonReference") or []:
-            target = index.get(reference_of(ref))
+        for _, target in proc.reasons:  # reasonReference, resolved in any reference form
             code = target.get("code") if target else None
             if isinstance(code, dict) and (code.get("coding") or code.get("text")):
                 concepts.append({k: v for k, v in code.items() if k in ("coding", "text")})
@@ -119,8 +118,7 @@ def build_claim(session: Session, index: ResourceIndex, tables: CodeTables,
     for proc in procs:
         seqs: list[int] = []
         entries = [{"diagnosisCodeableConcept": c} for c in _reasons([proc], index) if c.get("coding")]
-        entries += [{"diagnosisReference": {"reference": r}} for r in
-                    (reference_of(x) for x in proc.resource.get("reasonReference") or []) if r]
+        entries += [{"diagnosisReference": {"reference": r}} for r, _ in proc.reasons]
         for entry in entries:
             if entry not in diagnoses:
                 diagnoses.append(entry)

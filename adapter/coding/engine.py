@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from adapter.config import CodeTables
-from adapter.extraction.procedures import Disposition, Finding, Kind, Lesion, ProcedureFacts, SessionKey
+from adapter.extraction.procedures import Disposition, Finding, Kind, Lesion, ProcedureFacts, Rule, SessionKey
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class CodingResult:
     reviews: list[Review] = field(default_factory=list)
     no_charge: list[ProcedureFacts] = field(default_factory=list)
     skipped: list[ProcedureFacts] = field(default_factory=list)
+    merged: list[ProcedureFacts] = field(default_factory=list)
+    """Procedures billed under another one: duplicate deliveries and `partOf` children."""
 
     @property
     def lines(self) -> list[ChargeLine]:
@@ -132,28 +134,37 @@ def _build_lines(session: Session, tables: CodeTables) -> None:
                 f"{_lesion_list([lesion for lesion, _ in extra])}; add-on codes never take a modifier"))
 
 
+def _same_lesion(fna: Lesion, core: Lesion) -> bool:
+    """One BodyStructure; or, when either has none, the same coded site and laterality."""
+    if fna.body_structure and core.body_structure:
+        return fna.body_structure == core.body_structure
+    return fna.site_key is not None and fna.site_key == core.site_key
+
+
 def _core_conflicts(session: Session, cores: list[ProcedureFacts]) -> list[tuple[str, Finding]]:
-    structures = {lesion.body_structure: ref for lesion, _, ref in session.lesions if lesion.body_structure}
     out: list[tuple[str, Finding]] = []
     for core in cores:
         for lesion in core.lesions:
-            if lesion.body_structure in structures:
-                out.append((structures[lesion.body_structure], Finding(
-                    "core-biopsy-same-lesion",
-                    f"{core.ref} (core needle biopsy) sampled the same lesion {lesion.label} in this session: "
-                    "FNA and core biopsy of one lesion are billable together only when the FNA sample was "
-                    "inadequate")))
+            for fna_lesion, _, ref in session.lesions:
+                if _same_lesion(fna_lesion, lesion):
+                    how = "BodyStructure" if lesion.body_structure and fna_lesion.body_structure else \
+                        "coded site and laterality"
+                    out.append((ref, Finding(
+                        "core-biopsy-same-lesion",
+                        f"{core.ref} (core needle biopsy) sampled the same lesion {lesion.label} on this day (same "
+                        f"{how}): FNA and core biopsy of one lesion are billable together only when the FNA "
+                        "sample was inadequate")))
     return out
 
 
-def _hold(session: Session, own: dict[str, list[Finding]], result: CodingResult) -> None:
+def _hold(session: Session, own: dict[str, list[Finding]], result: CodingResult, because: str = "") -> None:
     session.held = True
     session.lines.clear()
     held_refs = [p.ref for p in session.procedures if own.get(p.ref)]
+    why = because or (f"{', '.join(held_refs)} needs review: its lesions decide this Procedure's primary/add-on "
+                      "codes")
     for proc in session.procedures:
-        findings = own.get(proc.ref) or [Finding(
-            "session-held", f"held with its session because {', '.join(held_refs)} needs review: its "
-                            "lesions decide this Procedure's primary/add-on codes")]
+        findings = own.get(proc.ref) or [Finding("session-held", f"held with its session because {why}")]
         result.reviews.extend(Review(proc.ref, proc.origin, f.reason, f.detail) for f in findings)
 
 
@@ -161,21 +172,24 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
     """Codes every session of `facts`. Pure: same facts and tables, same result."""
     result = CodingResult()
     by_session: dict[SessionKey, list[ProcedureFacts]] = defaultdict(list)
-    cores: dict[SessionKey, list[ProcedureFacts]] = defaultdict(list)
+    cores: dict[tuple[str, str], list[ProcedureFacts]] = defaultdict(list)
     for proc in facts:
-        if proc.disposition is Disposition.SKIPPED:
+        if proc.disposition is Disposition.SKIPPED or proc.kind is Kind.GUIDANCE:
             result.skipped.append(proc)
         elif proc.kind is Kind.CORE:  # not ours to bill, but it can make an FNA of the same lesion unbillable
             result.skipped.append(proc)
-            if proc.status == "completed" and proc.session:
-                cores[proc.session].append(proc)
+            if proc.status == "completed" and proc.patient and proc.service_date:
+                cores[(proc.patient, proc.service_date)].append(proc)
         elif proc.disposition is Disposition.NO_CHARGE:
             result.no_charge.append(proc)
+        elif proc.disposition is Disposition.MERGED:
+            result.merged.append(proc)
         elif proc.session is None:
             result.reviews.extend(Review(proc.ref, proc.origin, f.reason, f.detail) for f in proc.findings)
         else:
             by_session[proc.session].append(proc)
 
+    forced = _join_sessions(by_session)
     for key in sorted(by_session):
         session = Session(key, sorted(by_session[key], key=ProcedureFacts.sort_key))
         result.sessions.append(session)
@@ -183,14 +197,43 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
         for refs, finding in _count_lesions(session):
             for ref in refs:
                 own[ref].append(finding)
-        for ref, finding in _core_conflicts(session, cores.get(key, [])):
+        for ref, finding in _core_conflicts(session, cores.get((key.patient, key.date), [])):
             own[ref].append(finding)
-        if any(own.values()):
-            _hold(session, own, result)
+        if any(own.values()) or key in forced:
+            _hold(session, own, result, forced.get(key, "") if not any(own.values()) else "")
             continue
         _build_lines(session, tables)
     _check_mue(result, tables)
     return result
+
+
+def _join_sessions(by_session: dict[SessionKey, list[ProcedureFacts]]) -> dict[SessionKey, str]:
+    """A Procedure without an encounter joins the session of the same patient, provider and date when exactly
+    one such session has an encounter. With several, it needs review and every candidate session waits for
+    it (its lesion could change their codes). Returns the sessions to hold, with why."""
+    with_encounter: dict[tuple[str, str, str], list[SessionKey]] = defaultdict(list)
+    for key in by_session:
+        if key.encounter:
+            with_encounter[(key.date, key.patient, key.performer)].append(key)
+    forced: dict[SessionKey, str] = {}
+    for key in sorted(k for k in by_session if not k.encounter):
+        targets = sorted(with_encounter.get((key.date, key.patient, key.performer), []))
+        if len(targets) == 1:
+            target = targets[0]
+            for proc in by_session[key]:
+                proc.note(Rule.SESSION, f"no encounter: joins the one session of the same patient, provider and date "
+                                        f"({target.encounter})")
+                proc.session = target
+            by_session[target].extend(by_session.pop(key))
+        elif targets:
+            names = ", ".join(t.encounter for t in targets)
+            for proc in by_session[key]:
+                proc.flag("session-ambiguous", f"no encounter, and {len(targets)} sessions of the same patient, "
+                                               f"provider and date ({names}) could be its own")
+            waiting = ", ".join(p.ref for p in by_session[key])
+            for target in targets:
+                forced[target] = f"{waiting} (no encounter) may belong to this session and needs review"
+    return forced
 
 
 def _check_mue(result: CodingResult, tables: CodeTables) -> None:

@@ -1,15 +1,28 @@
-"""An index of the input's resources by `Type/id`, so extraction can follow references without I/O."""
+"""The input's resources, and references resolved the way FHIR defines them, without I/O.
+
+A resource is known by its canonical key `Type/id`. A reference may name it in any form FHIR allows and
+still lead to the same key: relative `Type/id`, an absolute URL on a server base, `urn:uuid:`/`urn:oid:`
+and other absolute `fullUrl`s of a Bundle (FHIR R4 Bundle, "Resolving references in Bundles"), a
+contained `#id`, a versioned `.../_history/n`, a conditional `Type?identifier=system|value`, or a
+logical reference by identifier. When the input holds several copies of one resource, the newest version
+wins (highest numeric `meta.versionId`, then latest `meta.lastUpdated`), whatever order they were read in.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from adapter.sources.files import SourcedResource
 
 _TYPE_ID = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
+_RESTFUL = re.compile(r"^(?:(?P<base>.*)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
+                      r"(?:/_history/(?P<version>[^/]+))?/?$")
+_CONDITIONAL = re.compile(r"^(?:.*/)?(?P<type>[A-Z][A-Za-z]+)\?identifier=(?P<value>[^&]+)$")
 
 
 def parse_reference(reference: str) -> tuple[str, str] | None:
@@ -30,7 +43,10 @@ def version_of(resource: dict[str, Any]) -> str:
 
 
 def reference_of(value: Any) -> str | None:
-    """The normalised target of a FHIR Reference dict (literal, or logical by identifier), if any."""
+    """The target of a FHIR Reference dict without any context (literal, or logical by identifier).
+
+    For server data, where every reference is `Type/id`. Input files go through `ResourceIndex.resolve`,
+    which also understands `urn:uuid:`, contained and conditional references."""
     if not isinstance(value, dict):
         return None
     literal = value.get("reference")
@@ -43,15 +59,91 @@ def reference_of(value: Any) -> str | None:
     return None
 
 
+def _instant(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return float("-inf")
+    return float("-inf")
+
+
+def version_rank(resource: dict[str, Any]) -> tuple[int, float]:
+    """Orders copies of one resource: numeric `meta.versionId` first, then `meta.lastUpdated`."""
+    meta = resource.get("meta") or {}
+    version = str(meta.get("versionId", "")) if isinstance(meta, dict) else ""
+    return (int(version) if version.isdigit() else -1,
+            _instant(meta.get("lastUpdated")) if isinstance(meta, dict) else float("-inf"))
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One resource of the input with what its references resolve against."""
+
+    key: str
+    resource: dict[str, Any]
+    origin: str
+    full_url: str | None = None
+    container: Entry | None = None
+    """For a contained resource: the resource that contains it (its `#id` references resolve there)."""
+    deleted: bool = False
+    modifier_free: bool = False
+    base: str | None = field(default=None, init=False)
+    """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
+
+    def __post_init__(self) -> None:
+        match = _RESTFUL.match(self.full_url) if self.full_url else None
+        self.base = match.group("base") if match and match.group("base") else None
+
+    @property
+    def root(self) -> Entry:
+        return self.container.root if self.container else self
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a reference points at: `key` is the canonical identity (None when it has none),
+    `entry` the target when the input holds it, `problem` why it could not be resolved."""
+
+    written: str
+    key: str | None
+    entry: Entry | None = None
+    problem: str = ""
+
+    @property
+    def resource(self) -> dict[str, Any] | None:
+        return self.entry.resource if self.entry and not self.entry.deleted else None
+
+    @property
+    def type(self) -> str | None:
+        if self.entry is not None:
+            return str(self.entry.resource.get("resourceType"))
+        if self.key and "/" in self.key:
+            return self.key.split("/", 1)[0].split("?", 1)[0]
+        if self.key and "?" in self.key:
+            return self.key.split("?", 1)[0] or None
+        return None
+
+
 @dataclass
 class ResourceIndex:
-    """Resources by reference, in input order; a later copy of the same `Type/id` replaces the earlier."""
+    """The newest copy of every resource by key, and the means to resolve references between them."""
 
+    entries: dict[str, Entry] = field(default_factory=dict)
     by_ref: dict[str, dict[str, Any]] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     duplicates: list[tuple[str, str, str]] = field(default_factory=list)
-    """(reference, origin kept, origin replaced) for each repeated resource."""
+    """(reference, origin kept, origin not used) for each repeated copy of a resource."""
+    superseded: dict[str, list[Entry]] = field(default_factory=dict)
+    """Older versions, kept for version-specific references."""
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    """Keys with copies that differ but carry no version to tell which is newer: their origins."""
     without_id: list[SourcedResource] = field(default_factory=list)
+    _full_urls: dict[str, str] = field(default_factory=dict, repr=False)
+    _contained: dict[str, Entry] = field(default_factory=dict, repr=False)
+    _identifiers: dict[tuple[str, str, str], list[str]] | None = field(default=None, repr=False)
+    _plain: dict[str, Resolved] = field(default_factory=dict, repr=False)
+    """Resolutions of plain `Type/id` references outside any RESTful base (the common case), until the next add."""
     _coverages: dict[str, list[tuple[str, dict[str, Any]]]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -62,33 +154,185 @@ class ResourceIndex:
         return index
 
     def add(self, item: SourcedResource) -> None:
-        rid = item.resource.get("id")
+        resource = item.resource
+        rid = resource.get("id")
         if not isinstance(rid, str) or not rid:
             self.without_id.append(item)
+            if item.full_url:  # still reachable by its fullUrl (its key is then the fullUrl itself)
+                self._keep(Entry(item.full_url, resource, item.origin, item.full_url,
+                                 modifier_free=item.modifier_free))
             return
-        ref = f"{item.resource['resourceType']}/{rid}"
-        if ref in self.by_ref:
-            self.duplicates.append((ref, item.origin, self.origins[ref]))
-        self.by_ref[ref] = item.resource
-        self.origins[ref] = item.origin
-        self._coverages = None
+        key = f"{resource['resourceType']}/{rid}"
+        self._keep(Entry(key, resource, item.origin, item.full_url, deleted=item.deleted,
+                         modifier_free=item.modifier_free))
 
+    def _keep(self, entry: Entry) -> None:
+        key = entry.key
+        if entry.full_url:
+            self._full_urls[_without_version(entry.full_url)] = key
+        old = self.entries.get(key)
+        self._identifiers = None
+        self._plain.clear()
+        self._coverages = None
+        if old is None:
+            self._set(entry)
+            return
+        new_rank, old_rank = version_rank(entry.resource), version_rank(old.resource)
+        if new_rank == old_rank and old.deleted == entry.deleted and old.resource == entry.resource:
+            self.duplicates.append((key, old.origin, entry.origin))
+            return
+        if new_rank == old_rank:
+            if old.deleted != entry.deleted:
+                newer = entry.deleted  # at equal rank a delete wins: never bill what may be gone
+            else:  # two different copies, nothing says which is newer: deterministic, and reported
+                self.conflicts.setdefault(key, [old.origin]).append(entry.origin)
+                newer = _canonical(entry.resource) > _canonical(old.resource)
+        else:
+            newer = new_rank > old_rank
+        kept, dropped = (entry, old) if newer else (old, entry)
+        self.duplicates.append((key, kept.origin, dropped.origin))
+        self.superseded.setdefault(key, []).append(dropped)
+        if newer:
+            self._set(entry)
+
+    def _set(self, entry: Entry) -> None:
+        self.entries[entry.key] = entry
+        self.origins[entry.key] = entry.origin
+        if entry.deleted:
+            self.by_ref.pop(entry.key, None)
+        else:
+            self.by_ref[entry.key] = entry.resource
+
+    # ------------------------------------------------------------------------------------------ lookups
     def get(self, reference: str | None) -> dict[str, Any] | None:
+        """The current resource of a canonical key (`Type/id`)."""
         return self.by_ref.get(reference) if reference else None
+
+    def entry(self, key: str) -> Entry | None:
+        return self.entries.get(key)
 
     def of_type(self, resource_type: str) -> list[tuple[str, dict[str, Any]]]:
         prefix = resource_type + "/"
         return [(ref, res) for ref, res in self.by_ref.items() if ref.startswith(prefix)]
 
+    def resolve(self, value: Any, referrer: Entry | None = None) -> Resolved:
+        """Resolve a Reference (dict) or a reference string written inside `referrer`."""
+        if isinstance(value, dict) and isinstance(value.get("reference"), str):  # fast path: seen before
+            hit = self._plain.get(value["reference"])
+            if hit is not None and (referrer is None or referrer.root.base is None):
+                return hit
+        if isinstance(value, str):
+            return self._literal(value.strip(), referrer, None)
+        if not isinstance(value, dict):
+            return Resolved("", None, problem="is not a Reference")
+        literal = value.get("reference")
+        kind = value.get("type") if isinstance(value.get("type"), str) else None
+        if isinstance(literal, str) and literal.strip():
+            return self._literal(literal.strip(), referrer, kind)
+        identifier = value.get("identifier")
+        if isinstance(identifier, dict) and identifier.get("value"):
+            return self._by_identifier(kind, str(identifier.get("system", "")), str(identifier["value"]))
+        return Resolved("", None, problem="has neither a reference nor an identifier")
+
+    def _literal(self, text: str, referrer: Entry | None, kind: str | None) -> Resolved:
+        plain = referrer is None or referrer.root.base is None  # the answer does not depend on the referrer
+        if plain and text in self._plain:
+            return self._plain[text]
+        found = self._resolve_literal(text, referrer)
+        if plain and found.key is not None and not text.startswith("#") and "/_history/" not in text:
+            self._plain[text] = found
+        return found
+
+    def _resolve_literal(self, text: str, referrer: Entry | None) -> Resolved:
+        if text.startswith("#"):
+            return self._contained_target(text, referrer)
+        if "?" in text:
+            match = _CONDITIONAL.match(text)
+            if not match or "|" not in match.group("value"):
+                return Resolved(text, None, problem=f"conditional reference {text} cannot be resolved: only "
+                                                    "Type?identifier=system|value is understood")
+            system, value = match.group("value").split("|", 1)
+            return self._by_identifier(match.group("type"), system, value)
+        match = _RESTFUL.match(text)
+        if match is None:  # urn:uuid:, urn:oid: or another absolute URI: only a fullUrl can match it
+            key = self._full_urls.get(text)
+            if key is None:
+                return Resolved(text, None, problem=f"{text} matches no Bundle entry fullUrl in the input")
+            return Resolved(text, key, self.entries.get(key))
+        key = f"{match.group('type')}/{match.group('id')}"
+        base = match.group("base")
+        if base and "://" in base:
+            key = self._full_urls.get(_without_version(text), key)
+        elif referrer is not None and referrer.root.base:
+            key = self._full_urls.get(f"{referrer.root.base}/{key}", key)
+        entry = self.entries.get(key)
+        version = match.group("version")
+        if version and entry is not None and version_of(entry.resource) not in ("", version):
+            entry = next((e for e in self.superseded.get(key, []) if version_of(e.resource) == version), entry)
+        return Resolved(text, key, entry)
+
+    def _contained_target(self, text: str, referrer: Entry | None) -> Resolved:
+        if referrer is None:
+            return Resolved(text, None, problem=f"contained reference {text} outside a resource")
+        container = referrer.root
+        wanted = text[1:]
+        if not wanted:  # "#" is the containing resource itself
+            return Resolved(text, container.key, container)
+        key = f"{container.key}#{wanted}"
+        found = self._contained.get(key)
+        if found is None:
+            for res in container.resource.get("contained") or []:
+                if isinstance(res, dict) and res.get("id") == wanted:
+                    found = Entry(key, res, container.origin, None, container, modifier_free=container.modifier_free)
+                    self._contained[key] = found
+                    break
+        if found is None:
+            return Resolved(text, None, problem=f"{text} names no contained resource of {container.key}")
+        return Resolved(text, key, found)
+
+    def _by_identifier(self, kind: str | None, system: str, value: str) -> Resolved:
+        written = f"{kind or ''}?identifier={system}|{value}"
+        if self._identifiers is None:
+            self._identifiers = {}
+            for key, entry in self.entries.items():
+                if entry.deleted:
+                    continue
+                for ident in entry.resource.get("identifier") or []:
+                    if isinstance(ident, dict) and ident.get("value"):
+                        triple = (str(entry.resource.get("resourceType")), str(ident.get("system", "")),
+                                  str(ident["value"]))
+                        self._identifiers.setdefault(triple, []).append(key)
+        if kind:
+            found = self._identifiers.get((kind, system, value), [])
+        else:
+            found = sorted({k for (_, s, v), keys in self._identifiers.items() if (s, v) == (system, value)
+                            for k in keys})
+        if len(found) == 1:
+            return Resolved(written, found[0], self.entries[found[0]])
+        if len(found) > 1:
+            return Resolved(written, None, problem=f"{written} matches {len(found)} resources: "
+                                                   f"{', '.join(sorted(found))}")
+        # not in the input: the logical reference itself is the identity (a server may still resolve it)
+        return Resolved(written, written if kind else None,
+                        problem=f"no resource with identifier {system}|{value} in the input")
+
     def active_coverages(self, patient: str) -> list[tuple[str, dict[str, Any]]]:
-        """The patient's active Coverages, in claim order (`order`, then id)."""
+        """The patient's active Coverages (beneficiary in any reference form), in claim order."""
         if self._coverages is None:
             grouped: dict[str, list[tuple[str, dict[str, Any]]]] = {}
             for ref, cov in self.of_type("Coverage"):
-                beneficiary = reference_of(cov.get("beneficiary"))
+                beneficiary = self.resolve(cov.get("beneficiary"), self.entries[ref]).key
                 if cov.get("status") == "active" and beneficiary:
                     grouped.setdefault(beneficiary, []).append((ref, cov))
             for found in grouped.values():
                 found.sort(key=lambda rc: (rc[1].get("order", 1 << 30), rc[0]))
             self._coverages = grouped
         return self._coverages.get(patient, [])
+
+
+def _without_version(url: str) -> str:
+    return url.split("/_history/", 1)[0]
+
+
+def _canonical(resource: dict[str, Any]) -> str:
+    return json.dumps(resource, sort_keys=True, separators=(",", ":"))

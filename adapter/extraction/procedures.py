@@ -1,20 +1,21 @@
-"""From one Procedure dict to the facts the coding rules need: kind, status, session, modality, lesions.
+"""From one Procedure dict to the facts the coding rules need: kind, status, who bills, date of service,
+modality evidence, lesions.
 
 Pure: reads the Procedure and the resource index, never the network or the disk. Every fact remembers
-which element it came from, so `explain` can answer "why this code?".
+which element it came from and which rule of docs/input-contract.md decided it, so `explain` can answer
+"why this code?".
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 
-from adapter.config import CodeTables
-from adapter.extraction.index import ResourceIndex, reference_of
+from adapter.config import CodeKey, CodeTables
+from adapter.extraction.index import Entry, Resolved, ResourceIndex, reference_of, version_rank
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -23,12 +24,14 @@ EXT_APPROACH = "http://hl7.org/fhir/StructureDefinition/procedure-approachBodySt
 
 NO_CHARGE_STATUSES = {"not-done", "preparation", "in-progress", "on-hold", "entered-in-error"}
 REVIEW_STATUSES = {"stopped", "unknown"}
-_DAY_PRECISION = re.compile(r"^\d{4}-\d{2}-\d{2}")
+DELETED = "deleted"
+"""Status shown for a Procedure whose newest version in the input is a delete."""
 
 
 class Kind(StrEnum):
     FNA = "fna"
     CORE = "core-needle-biopsy"
+    GUIDANCE = "imaging-guidance"
     OTHER = "other"
 
 
@@ -37,6 +40,43 @@ class Disposition(StrEnum):
     NO_CHARGE = "no-charge"
     REVIEW = "review"
     SKIPPED = "skipped"
+    MERGED = "merged"
+    """Billed under another Procedure: a duplicate delivery, or a child (`partOf`) of an FNA."""
+
+
+class Rule(StrEnum):
+    """The rules of docs/input-contract.md that `explain` names behind each decision."""
+
+    REFERENCES = "references"
+    VERSIONS = "versions"
+    RENDERING = "rendering-provider"
+    DATE = "date-of-service"
+    SESSION = "session"
+    DUPLICATE = "duplicate-delivery"
+    PART_OF = "part-of"
+    GUIDANCE = "guidance-procedure"
+    REPEATED_SITE = "repeated-site"
+    BILATERAL = "bilateral-site"
+    CORE = "core-biopsy"
+    OTHER_PATIENT = "other-patient"
+    MODIFIER_EXTENSION = "modifier-extension"
+    MODALITY = "modality"
+    LESIONS = "lesions"
+    STATUS = "status"
+    MUE = "mue"
+
+
+RULE_OF_REASON = {
+    "unresolved-reference": Rule.REFERENCES, "version-conflict": Rule.VERSIONS,
+    "missing-performer": Rule.RENDERING, "ambiguous-performer": Rule.RENDERING,
+    "invalid-resource": Rule.REFERENCES, "missing-performed-date": Rule.DATE,
+    "session-ambiguous": Rule.SESSION, "duplicate-conflict": Rule.DUPLICATE,
+    "bilateral-site": Rule.BILATERAL, "core-biopsy-same-lesion": Rule.CORE,
+    "other-patient": Rule.OTHER_PATIENT, "unknown-modifier-extension": Rule.MODIFIER_EXTENSION,
+    "modality-conflict": Rule.MODALITY, "modality-missing": Rule.MODALITY,
+    "lesion-modality-conflict": Rule.MODALITY, "status-needs-review": Rule.STATUS,
+    "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +85,10 @@ class Finding:
 
     reason: str
     detail: str
+
+    @property
+    def rule(self) -> str:
+        return str(RULE_OF_REASON.get(self.reason, self.reason))
 
 
 @dataclass(frozen=True)
@@ -69,6 +113,9 @@ class Lesion:
     position: int
     body_structure: str | None = None
     site: dict[str, Any] | None = None
+    site_key: str | None = None
+    """Coded site and laterality (no text): how lesions without a shared BodyStructure are compared."""
+    bilateral: bool = False
 
 
 @dataclass(frozen=True, order=True)
@@ -96,11 +143,28 @@ class ProcedureFacts:
     session: SessionKey | None = None
     performed: datetime | None = None
     performed_text: str | None = None
+    service_date: str | None = None
     modality: str | None = None
     modality_note: str = ""
     evidence: list[Evidence] = field(default_factory=list)
     lesions: list[Lesion] = field(default_factory=list)
     lesion_note: str = ""
+    entry: Entry | None = None
+    patient: str | None = None
+    encounter: str = ""
+    rendering: str | None = None
+    """The rendering practitioner (`Practitioner/x`, or a logical `Practitioner?identifier=...`)."""
+    rendering_role: str | None = None
+    """The PractitionerRole the rendering practitioner was named through, if any."""
+    on_behalf_of: str | None = None
+    """`performer.onBehalfOf` of the chosen performer (an Organization), if given."""
+    reasons: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    """`reasonReference` targets: canonical key and the resource when the input holds it."""
+    identifiers: tuple[tuple[str, str], ...] = ()
+    part_of: list[Resolved] = field(default_factory=list)
+    merged_into: str | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """(rule, sentence): every decision taken for this Procedure, for `explain`."""
 
     @property
     def id(self) -> str:
@@ -109,6 +173,9 @@ class ProcedureFacts:
     def flag(self, reason: str, detail: str) -> None:
         self.findings.append(Finding(reason, detail))
         self.disposition = Disposition.REVIEW
+
+    def note(self, rule: Rule, text: str) -> None:
+        self.notes.append((str(rule), text))
 
     def sort_key(self) -> tuple[datetime, str]:
         return (self.performed or datetime.max.replace(tzinfo=UTC), self.ref)
@@ -120,21 +187,29 @@ def _codings(concept: Any) -> list[dict[str, Any]]:
     return [c for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
 
 
+def _keys(concept: Any) -> set[CodeKey]:
+    return {(c.get("system", ""), c["code"]) for c in _codings(concept)}
+
+
 def _extensions(element: dict[str, Any], url: str) -> list[dict[str, Any]]:
     return [e for e in element.get("extension") or [] if isinstance(e, dict) and e.get("url") == url]
 
 
 def classify(resource: dict[str, Any], tables: CodeTables) -> Kind:
-    keys = {(c.get("system", ""), c["code"]) for c in _codings(resource.get("code"))}
+    keys = _keys(resource.get("code"))
     if keys & tables.fna:
         return Kind.FNA
     if keys & tables.core_needle_biopsy:
         return Kind.CORE
+    if any(k in tables.guidance_procedures for k in keys):
+        return Kind.GUIDANCE
     return Kind.OTHER
 
 
+# ------------------------------------------------------------------------------------ date of service
 def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables) -> None:
-    """Sets `performed` (aware, for ordering) and the session date in the configured zone."""
+    """Sets `performed` (an instant, for ordering) and the date of service: the local calendar date of the
+    time as written; `session.time_zone` only for times written in UTC and for dates without a time."""
     text: Any = resource.get("performedDateTime")
     element = "performedDateTime"
     if text is None and isinstance(resource.get("performedPeriod"), dict):
@@ -148,36 +223,56 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
             facts.flag("missing-performed-date", "no performedDateTime or performedPeriod.start: the date of "
                                                  "service decides the session")
         return
-    if not isinstance(text, str) or not _DAY_PRECISION.match(text):
+    if not isinstance(text, str) or len(text) < 10 or text[4:5] != "-" or text[7:8] != "-":
         facts.flag("invalid-resource", f"{element} {text!r} is not precise to the day")
         return
     zone = tables.settings.zone
     try:
         if len(text) == 10:
             moment = datetime.combine(date.fromisoformat(text), time(0), tzinfo=zone)
+            day = text
+            how = f"{element} {text} is a date: the date of service itself"
         else:
             moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
+            offset = moment.utcoffset()
+            if offset is None:  # not valid FHIR (a time needs an offset); read as local time
                 moment = moment.replace(tzinfo=zone)
+                day = text[:10]
+                how = f"{element} {text} has no UTC offset: its own calendar date"
+            elif offset == timedelta(0):
+                day = moment.astimezone(zone).date().isoformat()
+                how = f"{element} {text} is written in UTC: its date in session.time_zone {zone.key} is {day}"
+            else:
+                day = text[:10]
+                how = f"{element} {text}: the local date as written (its own UTC offset)"
     except ValueError:
         facts.flag("invalid-resource", f"{element} {text!r} is not a valid FHIR dateTime")
         return
     facts.performed = moment.astimezone(UTC)
     facts.performed_text = text
+    facts.service_date = day
+    facts.note(Rule.DATE, how)
 
 
-def find_modality(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables) -> None:
-    """Collects guidance evidence from procedure-method extensions and Procedure.code; decides or flags."""
+# ------------------------------------------------------------------------------------------ modality
+def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "") -> list[Evidence]:
+    """Guidance evidence a Procedure gives about itself: procedure-method extensions and Procedure.code."""
+    found: list[Evidence] = []
     for i, ext in enumerate(_extensions(resource, EXT_METHOD)):
         for coding in _codings(ext.get("valueCodeableConcept")):
             key = (coding.get("system", ""), coding["code"])
-            facts.evidence.append(Evidence(f"extension[procedure-method][{i}]", key[0], key[1],
-                                           coding.get("display"), tables.method_codes.get(key)))
+            found.append(Evidence(f"{prefix}extension[procedure-method][{i}]", key[0], key[1],
+                                  coding.get("display"), tables.method_codes.get(key)))
     for coding in _codings(resource.get("code")):
         key = (coding.get("system", ""), coding["code"])
-        if key in tables.procedure_codes:
-            facts.evidence.append(Evidence("Procedure.code", key[0], key[1], coding.get("display"),
-                                           tables.procedure_codes[key]))
+        modality = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
+        if modality or key in tables.procedure_codes:
+            found.append(Evidence(f"{prefix}Procedure.code", key[0], key[1], coding.get("display"), modality))
+    return found
+
+
+def decide_modality(facts: ProcedureFacts, tables: CodeTables) -> None:
+    """All evidence (own, children's and siblings') agrees -> that modality; disagrees or none -> review."""
     found = sorted({e.modality for e in facts.evidence if e.modality})
     if len(found) == 1:
         facts.modality = found[0]
@@ -195,6 +290,7 @@ def find_modality(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeT
     facts.flag("modality-missing", f"no guidance evidence in procedure-method or Procedure.code{hint}")
 
 
+# ------------------------------------------------------------------------------------------- lesions
 def _concept_label(concept: Any) -> str:
     if not isinstance(concept, dict):
         return ""
@@ -211,90 +307,318 @@ def _strip_extensions(concept: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in concept.items() if k in ("coding", "text")}
 
 
-def _body_structure_site(ref: str, index: ResourceIndex) -> tuple[str, dict[str, Any] | None]:
-    """A label and the coded location of a BodyStructure, when the input holds it."""
-    found = index.get(ref)
-    if not found:
-        return ref, None
-    location = found.get("location") if isinstance(found.get("location"), dict) else None
-    parts = [found.get("description") or _concept_label(found.get("morphology")),
-             _concept_label(location),
-             ", ".join(_concept_label(q) for q in found.get("locationQualifier") or [])]
-    label = " / ".join(p for p in parts if p)
-    return (f"{ref} ({label})" if label else ref), (_strip_extensions(location) if location else None)
+def _plain_text(value: Any) -> str:
+    return " ".join(str(value).split()).casefold() if value else ""
 
 
-def body_structure_references(resource: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any] | None]]:
-    """(element, reference or None, coded site) of every lesion-bearing BodyStructure extension: the
+def site_signature(concepts: list[Any], qualifiers: list[Any], tables: CodeTables) -> tuple[str | None, set[str]]:
+    """(coded site and laterality as one comparable key, the sides) of a site; key None when uncoded."""
+    codes: set[CodeKey] = set()
+    sides: set[str] = set()
+    for concept in [*concepts, *qualifiers]:
+        for key in _keys(concept):
+            if key in tables.laterality:
+                sides.add(tables.laterality[key])
+            elif concept in concepts:
+                codes.add(key)
+    if not codes:
+        return None, sides
+    return ";".join(f"{system}|{code}" for system, code in sorted(codes)) + "@" + ",".join(sorted(sides)), sides
+
+
+def _site_qualifiers(site: dict[str, Any], tables: CodeTables) -> list[Any]:
+    """Laterality written as an extension on a bodySite (mCODE and the like), as concepts."""
+    out: list[Any] = []
+    for ext in site.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") in tables.laterality_extensions:
+            if isinstance(ext.get("valueCodeableConcept"), dict):
+                out.append(ext["valueCodeableConcept"])
+            elif isinstance(ext.get("valueCoding"), dict):
+                out.append({"coding": [ext["valueCoding"]]})
+    return out
+
+
+def body_structure_extensions(resource: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any] | None]]:
+    """(element, Reference value, coded site) of every lesion-bearing BodyStructure extension: the
     procedure-targetBodyStructure extensions, then bodySite extensions on `Procedure.bodySite` entries."""
-    found: list[tuple[str, str | None, dict[str, Any] | None]] = [
-        (f"extension[procedure-targetBodyStructure][{i}]", reference_of(ext.get("valueReference")), None)
+    found: list[tuple[str, Any, dict[str, Any] | None]] = [
+        (f"extension[procedure-targetBodyStructure][{i}]", ext.get("valueReference"), None)
         for i, ext in enumerate(_extensions(resource, EXT_TARGET))]
     for j, site in enumerate(s for s in resource.get("bodySite") or [] if isinstance(s, dict)):
-        found += [(f"bodySite[{j}].extension[bodySite]", reference_of(ext.get("valueReference")),
-                   _strip_extensions(site)) for ext in _extensions(site, EXT_BODYSITE)]
+        found += [(f"bodySite[{j}].extension[bodySite]", ext.get("valueReference"), _strip_extensions(site))
+                  for ext in _extensions(site, EXT_BODYSITE)]
     return found
 
 
-def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex) -> None:
-    """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure."""
+def body_structure_references(resource: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+    """As `body_structure_extensions`, with each reference as `Type/id` (server data: no Bundle context)."""
+    return [(element, reference_of(value), site) for element, value, site in body_structure_extensions(resource)]
+
+
+def _structure_lesion(target: Resolved, element: str, site: dict[str, Any] | None, position: int,
+                      facts: ProcedureFacts, index: ResourceIndex, tables: CodeTables) -> Lesion:
+    key = target.key or ""
+    found = target.resource
+    if not found:
+        signature, sides = site_signature([site] if site else [], _site_qualifiers(site or {}, tables), tables)
+        return Lesion(key, element, key, position, key, site, signature, "bilateral" in sides)
+    location = found.get("location") if isinstance(found.get("location"), dict) else None
+    qualifiers = [q for q in found.get("locationQualifier") or [] if isinstance(q, dict)]
+    parts = [found.get("description") or _concept_label(found.get("morphology")), _concept_label(location),
+             ", ".join(_concept_label(q) for q in qualifiers)]
+    label = " / ".join(p for p in parts if p)
+    signature, sides = site_signature([location] if location else [], qualifiers, tables)
+    if signature is None and site:
+        signature, sides = site_signature([site], [], tables)
+    owner = index.resolve(found.get("patient"), target.entry).key if found.get("patient") else None
+    if owner and facts.patient and owner != facts.patient:
+        facts.flag("other-patient", f"{element} {key} belongs to {owner}, not to the Procedure's subject "
+                                    f"{facts.patient}: wrong-patient data is never billed")
+    return Lesion(key, element, f"{key} ({label})" if label else key, position, key,
+                  (_strip_extensions(location) if location else None) or site, signature, "bilateral" in sides)
+
+
+def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex, tables: CodeTables,
+                 structures: list[Resolved] | None = None) -> None:
+    """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure.
+    The BodyStructures found are appended to `structures`."""
     seen: set[str] = set()
     duplicates = 0
-
-    def add_structure(ref: str | None, element: str, site: dict[str, Any] | None) -> None:
-        nonlocal duplicates
-        if ref is None:
+    for element, value, site in body_structure_extensions(resource):
+        if value is None:
             facts.flag("invalid-resource", f"{element} has no valueReference to a BodyStructure")
-            return
-        if ref.startswith("#"):
-            ref = f"{facts.ref}{ref}"  # contained BodyStructure: local to this Procedure
-        if ref in seen:
+            continue
+        target = index.resolve(value, facts.entry)
+        if target.key is None:
+            facts.flag("unresolved-reference", f"{element} {target.written}: {target.problem}")
+            continue
+        if target.type not in (None, "BodyStructure"):
+            facts.flag("invalid-resource", f"{element} {target.key} is not a BodyStructure")
+            continue
+        if target.key in seen:
             duplicates += 1
-            return
-        seen.add(ref)
-        label, location = _body_structure_site(ref, index)
-        facts.lesions.append(Lesion(ref, element, label, len(facts.lesions), ref, location or site))
-
-    for element, ref, site in body_structure_references(resource):
-        add_structure(ref, element, site)
-    sites = [s for s in resource.get("bodySite") or [] if isinstance(s, dict)]
+            continue
+        seen.add(target.key)
+        if structures is not None:
+            structures.append(target)
+        facts.lesions.append(_structure_lesion(target, element, site, len(facts.lesions), facts, index, tables))
     if facts.lesions or seen:
         if duplicates:
             facts.lesion_note = f"{duplicates} repeated BodyStructure reference(s) counted once"
+        _check_bilateral(facts)
         return
-    for j, site in enumerate(sites):
+    groups: dict[str | None, list[str]] = {}
+    for j, site in enumerate(s for s in resource.get("bodySite") or [] if isinstance(s, dict)):
         plain = _strip_extensions(site)
         if not plain:
             continue
-        codes = sorted((c.get("system", ""), c["code"]) for c in _codings(plain))
-        key = f"{facts.ref}#site:" + json.dumps([codes, plain.get("text", "")], separators=(",", ":"))
-        if key in seen:
-            duplicates += 1
+        signature, sides = site_signature([plain], _site_qualifiers(site, tables), tables)
+        text = _plain_text(plain.get("text"))
+        texts = groups.get(signature) if signature else None
+        if texts is not None and (not text or text in texts or texts == [""]):
+            duplicates += 1  # the same coded site and laterality again (text differing only in case/spacing)
             continue
-        seen.add(key)
+        if signature is None:
+            if text in groups.setdefault(None, []):
+                duplicates += 1
+                continue
+            groups[None].append(text)
+        else:
+            groups.setdefault(signature, []).append(text)
+        key = f"{facts.ref}#site:" + json.dumps([signature, text], separators=(",", ":"))
         facts.lesions.append(Lesion(key, f"bodySite[{j}]", _concept_label(plain) or key, len(facts.lesions),
-                                    None, plain))
+                                    None, plain, signature, "bilateral" in sides))
     if facts.lesions:
         if duplicates:
-            facts.lesion_note = f"{duplicates} identical bodySite entr{'y' if duplicates == 1 else 'ies'} counted once"
+            facts.lesion_note = f"{duplicates} repeated bodySite entr{'y' if duplicates == 1 else 'ies'} counted once"
+            facts.note(Rule.REPEATED_SITE, f"{facts.lesion_note}: the same coded site and laterality, text "
+                                           "differing at most in case or spacing, is one lesion")
+        _check_bilateral(facts)
         return
     facts.lesions.append(Lesion(f"{facts.ref}#procedure", "Procedure", "site not recorded", 0))
     facts.lesion_note = "no BodyStructure and no bodySite: counted as one lesion"
 
 
-def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, tables: CodeTables) -> ProcedureFacts:
+def _check_bilateral(facts: ProcedureFacts) -> None:
+    for lesion in facts.lesions:
+        if lesion.bilateral:
+            facts.flag("bilateral-site", f"{lesion.element} {lesion.label} is qualified as bilateral: one site "
+                                         "cannot tell how many lesions were sampled")
+
+
+# ------------------------------------------------------------------------------------- who bills
+def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str | None, str | None, str]:
+    """(practitioner key, PractitionerRole key, problem) of a resolved Practitioner or PractitionerRole."""
+    if target.type == "Practitioner":
+        return target.key, None, ""
+    role = target.resource
+    if role is None:
+        return None, target.key, (f"{element} {target.key} is a PractitionerRole that is not in the input (nor "
+                                  "on the server): its practitioner is the rendering provider")
+    practitioner = index.resolve(role.get("practitioner"), target.entry)
+    if practitioner.key is None or practitioner.type != "Practitioner":
+        return None, target.key, f"{element} {target.key} names no resolvable practitioner"
+    return practitioner.key, target.key, ""
+
+
+def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex,
+                     tables: CodeTables) -> None:
+    """The rendering provider: the performer whose function is a rendering function (PPRF), else the only
+    eligible person; never a Device, Patient, RelatedPerson or Organization. No performer at all -> the
+    encounter's only primary-performer participant."""
+    performers = [p for p in resource.get("performer") or [] if isinstance(p, dict)]
+    if not performers:
+        _from_encounter(facts, index, tables)
+        return
+    primary: list[tuple[str, str | None, int]] = []
+    other: list[tuple[str, str | None, int]] = []
+    passed: list[str] = []
+    for i, perf in enumerate(performers):
+        element = f"performer[{i}]"
+        target = index.resolve(perf.get("actor"), facts.entry)
+        kind = target.type
+        if target.key is None and kind is None:
+            facts.flag("unresolved-reference", f"{element}.actor {target.written or '(empty)'}: {target.problem}")
+            continue
+        if kind not in tables.rendering_actor_types:
+            passed.append(f"{element}.actor {target.key} is a {kind}, never the rendering provider")
+            continue
+        person, role, problem = _person(target, f"{element}.actor", index)
+        if person is None:
+            facts.flag("unresolved-reference", problem)
+            continue
+        function = _keys(perf.get("function"))
+        if function & tables.rendering_functions:
+            primary.append((person, role, i))
+        elif function & tables.non_rendering_functions:
+            passed.append(f"{element} ({person}) has function {_concept_label(perf.get('function'))}: "
+                          "never the rendering provider")
+        else:
+            other.append((person, role, i))
+    pick = primary or other
+    persons = sorted({p for p, _, _ in pick})
+    if len(persons) > 1:
+        said = ", ".join(f"performer[{i}] {p}" for p, _, i in pick)
+        facts.flag("ambiguous-performer", f"{len(persons)} different people could be the rendering provider "
+                                          f"({said}) and no single one has a primary-performer function")
+        return
+    if not persons:
+        if not facts.findings:
+            facts.flag("missing-performer", "no eligible performer: " + ("; ".join(passed) or "no performer.actor"))
+        return
+    person, _, i = pick[0]
+    role = next((r for _, r, _ in pick if r), None)
+    facts.rendering, facts.rendering_role = person, role
+    behalf = performers[i].get("onBehalfOf")
+    facts.on_behalf_of = index.resolve(behalf, facts.entry).key if behalf else None
+    via = f" through {role}" if role else ""
+    why = "its function is a primary performer" if primary else "the only eligible performer"
+    facts.note(Rule.RENDERING, f"{person}{via} (performer[{i}]): {why}"
+                               + (f"; passed over: {'; '.join(passed)}" if passed else ""))
+
+
+def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTables) -> None:
+    if not facts.encounter:
+        facts.flag("missing-performer", "no performer.actor and no encounter: professional charges need the "
+                                        "performing provider")
+        return
+    encounter = index.entry(facts.encounter)
+    if encounter is None or encounter.deleted:
+        facts.flag("missing-performer", f"no performer, and {facts.encounter} is not in the input to name its "
+                                        "primary performer")
+        return
+    found: list[tuple[str, str | None, int]] = []
+    for i, part in enumerate(p for p in encounter.resource.get("participant") or [] if isinstance(p, dict)):
+        if not any(_keys(t) & tables.rendering_functions for t in part.get("type") or []):
+            continue
+        element = f"{facts.encounter} participant[{i}].individual"
+        target = index.resolve(part.get("individual"), encounter)
+        if target.type not in tables.rendering_actor_types:
+            continue
+        person, role, problem = _person(target, element, index)
+        if person is None:
+            facts.flag("unresolved-reference", problem)
+            return
+        found.append((person, role, i))
+    persons = sorted({p for p, _, _ in found})
+    if len(persons) != 1:
+        facts.flag("missing-performer", f"no performer, and {facts.encounter} has "
+                                        f"{'no' if not persons else len(persons)} primary-performer participants "
+                                        "(exactly one is needed)")
+        return
+    facts.rendering, facts.rendering_role, i = found[0]
+    facts.note(Rule.RENDERING, f"no performer: {facts.rendering} is the only primary performer of "
+                               f"{facts.encounter} (participant[{i}])")
+
+
+# ---------------------------------------------------------------------------------------- safety
+def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str]:
+    """`element: url` of every modifierExtension below `node` that is not in `known`."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "modifierExtension" and isinstance(value, list):
+                found += [f"{path}.modifierExtension {e.get('url') if isinstance(e, dict) else e!r}"
+                          for e in value if not (isinstance(e, dict) and e.get("url") in known)]
+            elif isinstance(value, dict | list):
+                found += modifier_extensions(value, f"{path}.{key}", known)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += modifier_extensions(item, f"{path}[{i}]", known)
+    return found
+
+
+def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, entry: Entry | None) -> list[str]:
+    if entry is not None and entry.modifier_free:  # its file holds no modifierExtension at all
+        return []
+    return modifier_extensions(resource, path, tables.known_modifier_extensions)
+
+
+def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: ResourceIndex,
+                      field_name: str) -> Resolved:
+    """Resolve a reference the Procedure makes, and flag a target that belongs to another patient."""
+    target = index.resolve(value, facts.entry)
+    if target.key is None:
+        facts.flag("unresolved-reference", f"{element} {target.written or '(empty)'}: {target.problem}")
+        return target
+    found = target.resource
+    if found is not None and facts.patient and found.get(field_name):
+        owner = index.resolve(found.get(field_name), target.entry).key
+        if owner and owner != facts.patient:
+            facts.flag("other-patient", f"{element} {target.key} belongs to {owner}, not to the Procedure's "
+                                        f"subject {facts.patient}: wrong-patient data is never billed")
+    return target
+
+
+# ---------------------------------------------------------------------------------------- extract
+def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, tables: CodeTables,
+            entry: Entry | None = None) -> ProcedureFacts:
     """All facts of one Procedure; an FNA that cannot be coded ends with disposition REVIEW and findings."""
     resource = item_resource
     rid = resource.get("id")
     ref = f"Procedure/{rid}" if isinstance(rid, str) and rid else f"Procedure at {origin}"
-    facts = ProcedureFacts(ref=ref, origin=origin, kind=classify(resource, tables), resource=resource)
+    if entry is not None and entry.deleted:
+        return _deleted(ref, origin, entry, index, tables)
+    facts = ProcedureFacts(ref=ref, origin=origin, kind=classify(resource, tables), resource=resource, entry=entry)
     if facts.kind is Kind.OTHER:
         facts.disposition = Disposition.SKIPPED
         return facts
     if not (isinstance(rid, str) and rid):
         facts.flag("invalid-resource", "Procedure has no id, so a charge could not point at it")
+    if ref in index.superseded:
+        kept = index.entries[ref]
+        facts.note(Rule.VERSIONS, f"{len(index.superseded[ref]) + 1} copies in the input; version "
+                                  f"{(resource.get('meta') or {}).get('versionId', '(none)')} from {kept.origin} is "
+                                  "the newest (highest meta.versionId, then meta.lastUpdated)")
+    if ref in index.conflicts:
+        facts.flag("version-conflict", f"{len(index.conflicts[ref])} different copies with the same version "
+                                       f"({', '.join(index.conflicts[ref])}): which one is current is unknown")
     status = resource.get("status")
     facts.status = status if isinstance(status, str) else None
+    facts.identifiers = tuple(sorted({(str(i.get("system", "")), str(i["value"]))
+                                      for i in resource.get("identifier") or []
+                                      if isinstance(i, dict) and i.get("value")}))
+    facts.part_of = [index.resolve(p, entry) for p in resource.get("partOf") or []]
     if facts.status in NO_CHARGE_STATUSES:
         facts.disposition = Disposition.NO_CHARGE
         return facts
@@ -303,21 +627,48 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     elif facts.status != "completed":
         facts.flag("invalid-resource", f"status {status!r} is not an R4 Procedure status")
 
-    patient = reference_of(resource.get("subject"))
-    if not patient:
+    subject = index.resolve(resource.get("subject"), entry)
+    if resource.get("subject") is None:
         facts.flag("invalid-resource", "Procedure has no subject")
-    elif not patient.startswith("Patient/"):
-        facts.flag("invalid-resource", f"subject {patient} is not a Patient")
-    performers = [p for p in resource.get("performer") or [] if isinstance(p, dict)]
-    performer = reference_of(performers[0].get("actor")) if performers else None
-    if not performer:
-        facts.flag("missing-performer", "no performer.actor: professional charges need the performing provider")
-    encounter = reference_of(resource.get("encounter")) or ""
+    elif subject.key is None:
+        facts.flag("unresolved-reference", f"subject {subject.written or '(empty)'}: {subject.problem}")
+    elif subject.type != "Patient":
+        facts.flag("invalid-resource", f"subject {subject.key} is not a Patient")
+    else:
+        facts.patient = subject.key
+    if resource.get("encounter") is not None:
+        encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
+        facts.encounter = encounter.key or ""
+    for i, value in enumerate(resource.get("reasonReference") or []):
+        target = _check_subject_of(value, f"reasonReference[{i}]", facts, index, "subject")
+        if target.key:
+            facts.reasons.append((target.key, target.resource))
+    choose_rendering(resource, facts, index, tables)
     parse_performed(resource, facts, tables)
-    if facts.kind is Kind.FNA:
-        find_modality(resource, facts, tables)
-    find_lesions(resource, facts, index)
-    if patient and performer and facts.performed:
-        day = facts.performed.astimezone(tables.settings.zone).date().isoformat()
-        facts.session = SessionKey(day, patient, performer, encounter)
+    if facts.kind in (Kind.FNA, Kind.GUIDANCE):
+        facts.evidence = own_evidence(resource, tables)
+    structures: list[Resolved] = []
+    find_lesions(resource, facts, index, tables, structures)
+    unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
+    for target in structures:
+        if target.resource is not None:
+            unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
+    if unknown:
+        facts.flag("unknown-modifier-extension", f"{'; '.join(unknown)}: not understood, and FHIR forbids "
+                                                 "processing a resource as if a modifierExtension were absent")
+    if facts.patient and facts.rendering and facts.service_date:
+        facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
     return facts
+
+
+def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: CodeTables) -> ProcedureFacts:
+    """A Procedure whose newest version is a delete bills nothing; its kind comes from its last content."""
+    earlier = [e for e in index.superseded.get(ref, []) if not e.deleted]
+    last = max(earlier, key=lambda e: version_rank(e.resource), default=None)
+    kind = classify(last.resource, tables) if last else Kind.OTHER
+    facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=last.resource if last else entry.resource,
+                           entry=entry, status=DELETED)
+    facts.disposition = Disposition.NO_CHARGE if kind is not Kind.OTHER else Disposition.SKIPPED
+    facts.note(Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it")
+    return facts
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,12 @@ class SourcedResource:
 
     resource: dict[str, Any]
     origin: str
+    full_url: str | None = None
+    """`Bundle.entry.fullUrl`: what `urn:uuid:` and absolute references inside the Bundle resolve against."""
+    deleted: bool = False
+    """A history entry that deletes the resource (`resource` then holds only type, id and versionId)."""
+    modifier_free: bool = False
+    """The text it was read from holds no `modifierExtension`: nothing in it needs looking for one."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield path
 
 
-def flatten(resource: dict[str, Any], origin: str, result: ReadResult) -> None:
+def flatten(resource: dict[str, Any], origin: str, result: ReadResult, modifier_free: bool = False) -> None:
     """Add a resource, or every resource inside a Bundle (of any type, nested Bundles too)."""
     if resource.get("resourceType") != "Bundle":
-        result.resources.append(SourcedResource(resource, origin))
+        result.resources.append(SourcedResource(resource, origin, modifier_free=modifier_free))
         return
     entries = resource.get("entry") or []
     if not isinstance(entries, list):
@@ -69,14 +76,41 @@ def flatten(resource: dict[str, Any], origin: str, result: ReadResult) -> None:
             continue
         inner = entry.get("resource")
         if inner is None:
-            method = (entry.get("request") or {}).get("method")
-            if method != "DELETE":  # a history DELETE carries no resource by design
+            request = entry.get("request") or {}
+            if request.get("method") != "DELETE":
                 result.problems.append(EntryProblem(where, "entry has no resource"))
+            else:  # a history DELETE carries no resource by design, but it is the newest version
+                tombstone = _tombstone(request, entry.get("response") or {})
+                if tombstone:
+                    result.resources.append(SourcedResource(tombstone, where, deleted=True))
             continue
         if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
             result.problems.append(EntryProblem(where, "entry resource has no resourceType"))
             continue
-        flatten(inner, where, result)
+        full_url = entry.get("fullUrl")
+        if inner.get("resourceType") == "Bundle" or not isinstance(full_url, str) or not full_url.strip():
+            flatten(inner, where, result, modifier_free)
+        else:
+            result.resources.append(SourcedResource(inner, where, full_url.strip(), modifier_free=modifier_free))
+
+
+_DELETED_URL = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?$")
+_ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
+
+
+def _tombstone(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any] | None:
+    """Type, id and version of a history DELETE entry (`request.url`, `response.etag`/`lastModified`)."""
+    match = _DELETED_URL.match(str(request.get("url", "")).split("?", 1)[0].strip())
+    if not match:
+        return None
+    meta: dict[str, Any] = {}
+    etag = _ETAG.match(str(response.get("etag", "")).strip())
+    version = match.group(3) or (etag.group(1) if etag else None)
+    if version:
+        meta["versionId"] = version
+    if isinstance(response.get("lastModified"), str):
+        meta["lastUpdated"] = response["lastModified"]
+    return {"resourceType": match.group(1), "id": match.group(2), "meta": meta}
 
 
 def _read_json(path: Path, text: str, result: ReadResult) -> None:
@@ -86,7 +120,7 @@ def _read_json(path: Path, text: str, result: ReadResult) -> None:
         raise InputError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
         raise InputError(str(path), "not a FHIR resource (no resourceType)")
-    flatten(data, str(path), result)
+    flatten(data, str(path), result, "modifierExtension" not in text)
 
 
 def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
@@ -102,7 +136,7 @@ def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
             bad.append(f"line {number} is not a FHIR resource (no resourceType)")
             continue
-        flatten(data, f"{path}:{number}", result)
+        flatten(data, f"{path}:{number}", result, "modifierExtension" not in line)
     if bad:
         # the good lines were kept; the file is still reported as not fully readable
         raise InputError(str(path), "; ".join(bad))

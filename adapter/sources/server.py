@@ -14,7 +14,7 @@ from typing import Any
 from adapter.client import FhirClient
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
-from adapter.extraction.procedures import body_structure_references
+from adapter.extraction.procedures import body_structure_extensions
 from adapter.sources.files import SourcedResource
 
 BATCH = 100
@@ -41,7 +41,8 @@ class ServerSource:
         self.client = client
         self.tables = tables
         self.page_size = page_size
-        codes = sorted(tables.fna | tables.core_needle_biopsy)
+        # FNAs, core biopsies (same-lesion rule) and separate imaging-guidance Procedures (modality evidence)
+        codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures))
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
     def _search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -88,16 +89,21 @@ class ServerSource:
         for batch in chunks(wanted):
             procedures += self._search("Procedure", {"patient": ",".join(batch), "code": self.code_param,
                                                      "_count": str(PAGE)})
-        structures: set[str] = set()
-        conditions: set[str] = set()
-        for proc in procedures:
-            structures.update(_body_structure_ids(proc))
-            conditions.update(r.split("/", 1)[1] for r in (reference_of(x) for x in proc.get("reasonReference") or [])
-                              if r and r.startswith("Condition/"))
         fetched = list(procedures)
-        for kind, ids in (("BodyStructure", structures), ("Condition", conditions)):
-            for batch in chunks(sorted(ids)):
-                fetched += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        parents = _ids((r for proc in procedures for r in proc.get("partOf") or []), "Procedure")
+        parents -= {str(proc.get("id")) for proc in procedures}
+        fetched += self._by_id("Procedure", parents)  # a parent that is not an FNA: its child is billed alone
+        structures = _ids((v for proc in procedures for _, v, _ in body_structure_extensions(proc)), "BodyStructure")
+        conditions = _ids((r for proc in procedures for r in proc.get("reasonReference") or []), "Condition")
+        encounters = _ids((proc.get("encounter") for proc in procedures), "Encounter")
+        fetched += self._by_id("BodyStructure", structures) + self._by_id("Condition", conditions)
+        found_encounters = self._by_id("Encounter", encounters)
+        fetched += found_encounters
+        roles = _ids((perf.get("actor") for proc in procedures for perf in proc.get("performer") or []
+                      if isinstance(perf, dict)), "PractitionerRole")
+        roles |= _ids((part.get("individual") for enc in found_encounters for part in enc.get("participant") or []
+                       if isinstance(part, dict)), "PractitionerRole")
+        fetched += self._by_id("PractitionerRole", roles)  # its practitioner is the rendering provider
         for batch in chunks(wanted):
             joined = ",".join(batch)
             fetched += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
@@ -110,8 +116,18 @@ class ServerSource:
         ctx.resources = [SourcedResource(r, f"{origin}/{r['resourceType']}/{r.get('id')}") for r in fetched]
         return ctx
 
+    def _by_id(self, kind: str, ids: set[str]) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for batch in chunks(sorted(ids)):
+            found += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        return found
 
 
-def _body_structure_ids(proc: dict[str, Any]) -> set[str]:
-    return {ref.split("/", 1)[1] for _, ref, _ in body_structure_references(proc)
-            if ref and ref.startswith("BodyStructure/")}
+def _ids(references: Iterable[Any], kind: str) -> set[str]:
+    """Ids of the `kind/id` references among `references` (server data: references are relative)."""
+    out: set[str] = set()
+    for value in references:
+        ref = reference_of(value)
+        if ref and ref.startswith(kind + "/") and "?" not in ref:
+            out.add(ref.split("/", 1)[1])
+    return out

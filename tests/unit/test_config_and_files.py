@@ -30,8 +30,10 @@ def replace(path: Path, old: str, new: str) -> None:
     ("cpt-fna.yaml", 'primary: "10005"', 'primary: "76942"', r"cpt-fna.yaml: family.ultrasound: 76942 may never"),
     ("cpt-fna.yaml", 'add_on: "10012"', 'add_on: "10010"', r"cpt-fna.yaml: family.mr: code 10010 is used twice"),
     ("modalities.yaml", "modality: fluoroscopy, display: \"Fluoroscopy\"", "modality: xray",
-     r"modalities.yaml: method_codes\[4\].modality: 'xray' is not one of"),
-    ("mue.yaml", '"10004": 3', '"10004": 0', r"mue.yaml: limits.10004: must be a whole number"),
+     r"modalities.yaml: method_codes\[6\].modality: 'xray' is not one of"),
+    ("mue.yaml", '"10004": {units: 3,', '"10004": {units: 0,', r"mue.yaml: limits.10004: must be a whole number"),
+    ("mue.yaml", 'source: "AAPC', 'note: "AAPC', r"mue.yaml: limits.10021: needs a source or a site_decision"),
+    ("input.yaml", 'code: "24028007", side: right', 'code: "24028007", side: up', r"input.yaml: laterality\[1\].side"),
     ("settings.yaml", "when_missing: review", "when_missing: guess", r"settings.yaml: guidance.when_missing"),
     ("settings.yaml", 'distinct_modifier: "59"', 'distinct_modifier: "XU"', r"coding.distinct_modifier: 'XU'"),
     ("settings.yaml", 'time_zone: "UTC"', 'time_zone: "Mars/Olympus"', r"session.time_zone: unknown time zone"),
@@ -52,7 +54,7 @@ def test_missing_config_file_is_named(config_copy: Path) -> None:
 
 def test_table_version_changes_with_the_tables(config_copy: Path) -> None:
     before = load_tables(config_copy).version
-    replace(config_copy / "mue.yaml", '"10004": 3', '"10004": 4')
+    replace(config_copy / "mue.yaml", '"10004": {units: 3,', '"10004": {units: 4,')
     assert load_tables(config_copy).version != before
 
 
@@ -81,6 +83,7 @@ def test_bundle_entries_without_resources_are_problems_not_failures(tmp_path: Pa
                       "entry": [{"resource": {"resourceType": "Patient", "id": "p2"}}]}}]}
     (tmp_path / "b.json").write_text(json.dumps(bundle))
     result = read_paths([tmp_path / "b.json"])
-    assert [r.resource["id"] for r in result.resources] == ["p1", "p2"]
+    assert [r.resource["id"] for r in result.resources] == ["p1", "p9", "p2"]
+    assert [r.deleted for r in result.resources] == [False, True, False]  # a history DELETE: the newest version
     assert [(p.origin.split("#")[1], p.reason) for p in result.problems] == [
         ("entry[1]", "entry has no resource"), ("entry[2]", "entry resource has no resourceType")]

@@ -182,9 +182,10 @@ def test_stopped_and_unknown_need_review_and_hold_the_session(status: str) -> No
 
 
 def test_sessions_split_by_date_performer_and_encounter() -> None:
-    # CT: 10009 has no MUE limit in the tables, so two sessions on one day are both billable
+    # without MUE limits (10009 is 1 a day), so that two sessions on one day are both billable
     report = run(procedure("f1", "ct"), procedure("f2", "ct", ("b2",), when="2026-03-05T09:00:00Z"),
-                 procedure("f3", "ct", ("b3",), performer="d2"), procedure("f4", "ct", ("b4",), encounter="e2"))
+                 procedure("f3", "ct", ("b3",), performer="d2"), procedure("f4", "ct", ("b4",), encounter="e2"),
+                 tables=dataclasses.replace(TABLES, mue={}))
     assert sorted(ln[0] for ln in lines(report)) == ["10009"] * 4
     assert len(report.coding.coded_sessions) == 4
 

@@ -1,0 +1,227 @@
+"""Unit tests of the real-feed rules (docs/input-contract.md section 9), one at a time, on resources built here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from adapter.config import load_tables
+from adapter.extraction.index import ResourceIndex
+from adapter.pipeline import RunReport, process
+from adapter.report import diagnostics, explain
+from adapter.sources.files import SourcedResource
+
+from .test_engine_rules import SCT, coverage, lines, procedure, reviews
+
+TABLES = load_tables()
+V3P = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def run_entries(*items: tuple[dict[str, Any], str | None], tables: Any = TABLES) -> RunReport:
+    """Resources with an optional fullUrl each, as one Bundle's entries."""
+    return process([SourcedResource(r, f"test#{i}", url) for i, (r, url) in enumerate(items)], tables)
+
+
+def run(*resources: dict[str, Any], tables: Any = TABLES) -> RunReport:
+    return run_entries(*((r, None) for r in resources), tables=tables)
+
+
+def function(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": V3P, "code": code}]}
+
+
+# -------------------------------------------------------------------------------------------- references
+def test_urn_uuid_references_resolve_through_full_urls() -> None:
+    proc = procedure("f1", subject={"reference": "urn:uuid:p"}, performer=None,
+                     extension=[{"url": "http://hl7.org/fhir/StructureDefinition/procedure-method",
+                                 "valueCodeableConcept": {"coding": [{"system": SCT, "code": "61593002"}]}}])
+    proc["subject"] = {"reference": "urn:uuid:p"}
+    proc["performer"] = [{"actor": {"reference": "urn:uuid:d"}}]
+    report = run_entries((proc, None), ({"resourceType": "Patient", "id": "p1"}, "urn:uuid:p"),
+                         ({"resourceType": "Practitioner", "id": "d1"}, "urn:uuid:d"))
+    assert lines(report) == [("10005", (), 1, ("f1",))]
+    assert report.coding.sessions[0].key.patient == "Patient/p1"
+    assert report.coding.sessions[0].key.performer == "Practitioner/d1"
+
+
+def test_an_unresolvable_urn_uuid_is_reviewed_with_the_reference_in_the_reason() -> None:
+    proc = procedure("f1")
+    proc["subject"] = {"reference": "urn:uuid:nowhere"}
+    report = run(proc, procedure("f2", patient="p2"))
+    assert ("f1", "unresolved-reference") in reviews(report)
+    assert "urn:uuid:nowhere" in next(r.detail for r in report.reviews if r.procedure == "Procedure/f1")
+    assert lines(report) == [("10005", (), 1, ("f2",))]
+
+
+def test_conditional_and_logical_references_resolve_by_identifier() -> None:
+    npi = {"system": "http://hl7.org/fhir/sid/us-npi", "value": "123"}
+    doctor = {"resourceType": "Practitioner", "id": "d9", "identifier": [npi]}
+    by_search = procedure("f1", performer=None)
+    by_search["performer"] = [{"actor": {"reference": "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|123"}}]
+    by_identifier = procedure("f2", lesions=("bs2",), when="2026-03-04T10:00:00Z", performer=None)
+    by_identifier["performer"] = [{"actor": {"type": "Practitioner", "identifier": npi}}]
+    report = run(by_search, by_identifier, doctor)
+    assert lines(report) == [("10005", (), 1, ("f1",)), ("10006", (), 1, ("f2",))]
+    assert report.coding.sessions[0].key.performer == "Practitioner/d9"
+
+
+def test_relative_references_resolve_against_a_restful_full_url_base() -> None:
+    index = ResourceIndex.build([
+        SourcedResource({"resourceType": "Patient", "id": "p1"}, "a", "https://a.example/fhir/Patient/p1"),
+        SourcedResource({"resourceType": "Procedure", "id": "x"}, "a", "https://a.example/fhir/Procedure/x")])
+    referrer = index.entry("Procedure/x")
+    for form in ("Patient/p1", "https://a.example/fhir/Patient/p1", "https://a.example/fhir/Patient/p1/_history/4"):
+        assert index.resolve({"reference": form}, referrer).key == "Patient/p1"
+    missing = index.resolve({"reference": "#nope"}, referrer)
+    assert missing.key is None and "#nope" in missing.problem
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def test_highest_version_then_latest_update_wins_in_any_order() -> None:
+    v1 = procedure("f1", status="preparation", meta={"versionId": "1", "lastUpdated": "2026-03-05T00:00:00Z"})
+    v2 = procedure("f1", meta={"versionId": "2", "lastUpdated": "2026-03-04T00:00:00Z"})
+    for order in ((v1, v2), (v2, v1)):
+        assert lines(run(*order)) == [("10005", (), 1, ("f1",))]
+    early = procedure("f1", meta={"lastUpdated": "2026-03-04T10:00:00Z"})
+    late = procedure("f1", status="not-done", meta={"lastUpdated": "2026-03-04T12:00:00+01:00"})  # 11:00Z
+    for order in ((early, late), (late, early)):
+        assert [f.ref for f in run(*order).coding.no_charge] == ["Procedure/f1"]
+
+
+def test_different_copies_with_nothing_to_order_them_are_reviewed() -> None:
+    report = run(procedure("f1"), procedure("f1", lesions=("bs1", "bs2")))
+    assert reviews(report) == {("f1", "version-conflict")}
+
+
+def test_a_deleted_newest_version_bills_nothing() -> None:
+    tombstone = {"resourceType": "Procedure", "id": "f1", "meta": {"versionId": "2"}}
+    report = process([SourcedResource(procedure("f1", meta={"versionId": "1"}), "a"),
+                      SourcedResource(tombstone, "b", deleted=True)], TABLES)
+    assert [(f.ref, f.status) for f in report.coding.no_charge] == [("Procedure/f1", "deleted")]
+    assert not lines(report)
+
+
+# ------------------------------------------------------------------------------------- rendering provider
+def test_primary_performer_function_decides_not_list_order() -> None:
+    proc = procedure("f1", performer=None)
+    proc["performer"] = [{"function": function("SPRF"), "actor": {"reference": "Practitioner/resident"}},
+                         {"actor": {"reference": "Device/probe"}},
+                         {"function": function("PPRF"), "actor": {"reference": "Practitioner/attending"},
+                          "onBehalfOf": {"reference": "Organization/hospital"}}]
+    report = run(proc)
+    facts = report.facts[0]
+    assert (facts.rendering, facts.on_behalf_of) == ("Practitioner/attending", "Organization/hospital")
+    assert "primary performer" in explain(report, TABLES)
+
+
+@pytest.mark.parametrize(("actors", "reason"), [
+    (["Device/x", "Organization/o"], "missing-performer"), (["Patient/p1"], "missing-performer"),
+    (["RelatedPerson/r"], "missing-performer"), (["Practitioner/a", "Practitioner/b"], "ambiguous-performer"),
+    (["PractitionerRole/not-here"], "unresolved-reference")])
+def test_who_cannot_bill_is_reviewed(actors: list[str], reason: str) -> None:
+    proc = procedure("f1", performer=None)
+    proc["performer"] = [{"actor": {"reference": a}} for a in actors]
+    report = run(proc, procedure("f2", patient="p2"))
+    assert ("f1", reason) in reviews(report)
+    assert lines(report) == [("10005", (), 1, ("f2",))]
+
+
+def test_practitioner_role_is_its_practitioner_and_is_kept() -> None:
+    role = {"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "Practitioner/d1"},
+            "organization": {"reference": "Organization/clinic"}}
+    via_role = procedure("f1", performer=None)
+    via_role["performer"] = [{"actor": {"reference": "PractitionerRole/r1"}}]
+    report = run(via_role, procedure("f2", lesions=("b2",), when="2026-03-04T10:00:00Z"), role)
+    assert lines(report) == [("10005", (), 1, ("f1",)), ("10006", (), 1, ("f2",))]
+    assert (report.facts[0].rendering, report.facts[0].rendering_role) == ("Practitioner/d1", "PractitionerRole/r1")
+
+
+def test_encounter_primary_performer_when_the_procedure_names_none() -> None:
+    enc = {"resourceType": "Encounter", "id": "e1", "status": "finished", "subject": {"reference": "Patient/p1"},
+           "participant": [{"type": [function("PPRF")], "individual": {"reference": "Practitioner/d7"}}]}
+    report = run(procedure("f1", performer=None), enc)
+    assert report.coding.sessions[0].key.performer == "Practitioner/d7"
+    without = run(procedure("f1", performer=None))
+    assert reviews(without) == {("f1", "missing-performer")}
+
+
+# ------------------------------------------------------------------------------------- dates and sessions
+@pytest.mark.parametrize(("written", "zone", "day"), [
+    ("2026-03-04T23:30:00-05:00", "UTC", "2026-03-04"), ("2026-03-04T23:30:00+00:00", "America/New_York",
+                                                         "2026-03-04"),
+    ("2026-03-05T02:30:00Z", "America/New_York", "2026-03-04"), ("2026-03-05T02:30:00Z", "UTC", "2026-03-05"),
+    ("2026-03-04", "Asia/Tokyo", "2026-03-04")])
+def test_date_of_service_is_the_local_date_as_written(written: str, zone: str, day: str) -> None:
+    tables = dataclasses.replace(TABLES, settings=dataclasses.replace(TABLES.settings, time_zone=zone))
+    report = run(procedure("f1", when=written), tables=tables)
+    assert report.coding.sessions[0].key.date == day
+    assert "(rule date-of-service)" in explain(report, tables)
+
+
+def test_a_procedure_without_encounter_joins_the_one_matching_session() -> None:
+    report = run(procedure("f1"), procedure("f2", lesions=("b2",), encounter=None, when="2026-03-04T11:00:00Z"))
+    assert lines(report) == [("10005", (), 1, ("f1",)), ("10006", (), 1, ("f2",))]
+    assert report.facts[1].session and report.facts[1].session.encounter == "Encounter/e1"
+    assert "(rule session) no encounter: joins" in explain(report, TABLES)
+
+
+# ------------------------------------------------------------------------------------------------- units
+def test_duplicate_deliveries_are_billed_once_and_reported() -> None:
+    ident = [{"system": "urn:acc", "value": "A1"}]
+    report = run(procedure("f1", identifier=ident), procedure("f2", identifier=ident))
+    assert lines(report) == [("10005", (), 1, ("f1",))]
+    assert [f.merged_into for f in report.coding.merged] == ["Procedure/f1"]
+    assert any(d.startswith("duplicate: Procedure/f2: billed under Procedure/f1") for d in diagnostics(report))
+    assert "(rule duplicate-delivery)" in explain(report, TABLES, "f2")
+    disagree = run(procedure("f1", identifier=ident), procedure("f2", "ct", identifier=ident))
+    assert reviews(disagree) >= {("f1", "duplicate-conflict"), ("f2", "duplicate-conflict")}
+
+
+def test_children_add_no_lesion_and_guidance_children_are_evidence() -> None:
+    child = procedure("c1", None, ("bs9",), partOf=[{"reference": "Procedure/f1"}], performer=None)
+    guide = procedure("g1", None, (), code=("http://www.ama-assn.org/go/cpt", "77012"),
+                      partOf=[{"reference": "Procedure/f1"}])
+    report = run(procedure("f1", None), child, guide)
+    assert lines(report) == [("10009", (), 1, ("f1",))]
+    assert [f.ref for f in report.coding.merged] == ["Procedure/c1"]
+    assert [f.ref for f in report.coding.skipped] == ["Procedure/g1"]
+    orphan = run(procedure("c1", partOf=[{"reference": "Procedure/missing"}]))
+    assert reviews(orphan) == {("c1", "unresolved-reference")}
+
+
+def test_sibling_guidance_must_be_tied_to_one_fna() -> None:
+    guide = procedure("g1", None, (), code=("http://www.ama-assn.org/go/cpt", "76942"))
+    one = run(procedure("f1", None), guide)
+    assert lines(one) == [("10005", (), 1, ("f1",))]
+    two = run(procedure("f1", None), procedure("f2", None, ("b2",)), guide)
+    assert reviews(two) >= {("f1", "modality-missing"), ("f2", "modality-missing")}
+
+
+def test_bilateral_site_is_reviewed() -> None:
+    site = {"coding": [{"system": SCT, "code": "76752008"}, {"system": SCT, "code": "51440002"}]}
+    assert reviews(run(procedure("f1", lesions=(), bodySite=[site]))) == {("f1", "bilateral-site")}
+
+
+# ------------------------------------------------------------------------------------------------ safety
+def test_wrong_patient_structures_and_unknown_modifier_extensions_are_reviewed() -> None:
+    other = {"resourceType": "BodyStructure", "id": "bs1", "patient": {"reference": "Patient/p2"}}
+    assert reviews(run(procedure("f1"), other)) == {("f1", "other-patient")}
+    flagged = procedure("f1", modifierExtension=[{"url": "urn:x:unknown", "valueBoolean": True}])
+    report = run(flagged, procedure("f2", patient="p2"))
+    assert ("f1", "unknown-modifier-extension") in reviews(report)
+    assert "urn:x:unknown" in report.reviews[0].detail and lines(report) == [("10005", (), 1, ("f2",))]
+    known = dataclasses.replace(TABLES, known_modifier_extensions=frozenset({"urn:x:unknown"}))
+    assert not reviews(run(flagged, tables=known))
+
+
+def test_another_patients_coverage_is_never_used() -> None:
+    report = run(procedure("f1"), coverage(patient="p2"))
+    assert [s.claim for s in report.built.sessions] == [None]
+
+
+def test_every_review_names_its_rule_in_explain() -> None:
+    report = run(procedure("f1", status="stopped"), procedure("f2", None, patient="p2"))
+    text = explain(report, TABLES)
+    assert "status-needs-review (rule status)" in text and "modality-missing (rule modality)" in text

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -106,6 +106,13 @@ class FhirClient:
     client certificate path or (cert, key) pair. ``request_count`` counts HTTP requests sent to the
     FHIR server, retries included (token requests are counted by the auth object). Thread-safe for
     concurrent requests.
+
+    ``trust_env`` (off by default) lets ``requests`` take CA bundles (``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``), proxies (``HTTPS_PROXY``...) and ``.netrc`` credentials from the environment:
+    off, a variable nobody reviewed cannot make the client trust another server or send the bearer
+    token through a proxy. ``on_reachability`` is called after every logical request with
+    ``(True, "")`` when the server gave a usable answer and ``(False, reason)`` when it did not
+    (no connection, timeout, 5xx or 429 after the retries): health checks build on it.
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class FhirClient:
         cert: str | tuple[str, str] | None = None,
         retry: RetryPolicy | None = None,
         user_agent: str = "fhir-charge-adapter/0.1",
+        trust_env: bool = False,
+        on_reachability: Callable[[bool, str], None] | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -149,7 +158,9 @@ class FhirClient:
         session.headers.update({"Accept": FHIR_JSON, "User-Agent": user_agent})
         session.verify = verify
         session.cert = cert
+        session.trust_env = trust_env
         self.session = session
+        self.on_reachability = on_reachability
         # Auth is passed per request, not as session.auth, so token calls through this session stay bare.
         if isinstance(self.auth, FhirAuth):
             self.auth.bind(self.base_url, session, timeout)
@@ -429,7 +440,8 @@ class FhirClient:
                     auth=self.auth,
                     timeout=self.timeout,
                     allow_redirects=False,
-                    # Passed per request: requests lets REQUESTS_CA_BUNDLE override a session-level verify.
+                    # Passed per request as well: with trust_env on, requests lets REQUESTS_CA_BUNDLE
+                    # override a session-level verify.
                     verify=self.session.verify,
                     cert=self.session.cert,
                 )
@@ -442,9 +454,23 @@ class FhirClient:
                 return response
 
         try:
-            return self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {path}")
+            response = self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {path}")
         except requests.RequestException as exc:
-            raise FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc) from None
+            error = FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc)
+            self._report(False, error.reason)
+            raise error from None
+        if response.status_code >= 500 or response.status_code == 429:
+            self._report(False, f"HTTP {response.status_code}")
+        else:
+            self._report(True, "")
+        return response
+
+    def _report(self, reachable: bool, reason: str) -> None:
+        if self.on_reachability is not None:
+            try:
+                self.on_reachability(reachable, reason)
+            except Exception:  # an observer must never break a request
+                log.warning("reachability observer failed", exc_info=True)
 
     @staticmethod
     def _json_or_none(response: requests.Response) -> Any:

@@ -26,7 +26,7 @@ from adapter.config import load_tables
 from adapter.errors import FhirError
 from adapter.pipeline import process
 from adapter.sources.files import SourcedResource
-from adapter.state.store import StateStore
+from adapter.state.sqlite import SqliteState as StateStore
 
 from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
 
@@ -210,7 +210,7 @@ def test_the_same_notification_twice_writes_once(client: FhirClient, serving: Ad
     wait_for(lambda: StateStore(serving.state).queue_depth() == 0, 60, "the queue to drain")
     [item] = charges(client, patients)
     assert item["meta"]["versionId"] == "1"
-    written = [a for a in StateStore(serving.state).audit_for(f"Procedure/{proc['id']}") if a["written"]]
+    written = [a for a in StateStore(serving.state).audit_for(f"Procedure/{proc['id']}") if a.written]
     assert len(written) == 1
 
 

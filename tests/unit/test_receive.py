@@ -7,7 +7,6 @@ import hmac
 import io
 import json
 import logging
-import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 import requests
 
+from adapter.errors import StateUnavailable
 from adapter.metrics import Metrics
 from adapter.sources.receive import (
     ReceiverSettings,
@@ -26,7 +26,8 @@ from adapter.sources.receive import (
     serve_app,
     stop_server,
 )
-from adapter.state.store import StateStore, WorkItem
+from adapter.state.base import WorkItem
+from adapter.state.sqlite import SqliteState as StateStore
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -121,7 +122,7 @@ def app(store: StateStore, metrics: Metrics, wakeups: list[int]) -> WSGIApplicat
 
 
 def queued(store: StateStore) -> list[tuple[str, dict[str, Any], str]]:
-    return [(i.kind, i.payload, i.source) for i in store.take()]
+    return [(i.kind, i.payload, i.source) for i in store.lease(100)]
 
 
 def assert_refused(response: Response, store: StateStore, status: int, code: str) -> None:
@@ -129,7 +130,7 @@ def assert_refused(response: Response, store: StateStore, status: int, code: str
     assert response.headers["content-type"].startswith("application/fhir+json")
     assert response.json()["issue"][0]["code"] == code
     assert response.json()["issue"][0]["severity"] in ("error", "fatal")
-    assert store.take() == []
+    assert store.lease(100) == []
 
 
 # -- accepted ---------------------------------------------------------------------------------------------
@@ -192,16 +193,16 @@ def test_topic_notifications_keep_event_numbers_and_detect_gaps(app: WSGIApplica
     assert queued(store) == [("fetch", {"reference": "Procedure/b"}, "topic"),
                              ("poll", {"reason": "event gap on Subscription/s1: expected event 2, got 3"}, "topic")]
     beat = call(app, "POST", "/notify", status_bundle("heartbeat", "3"), headers=AUTH)
-    assert beat.status == 200 and store.take() == []
+    assert beat.status == 200 and store.lease(100) == []
     assert call(app, "POST", "/notify", status_bundle("heartbeat", "5"), headers=AUTH).status == 200
-    assert [i.kind for i in store.take()] == ["poll"]
+    assert [i.kind for i in store.lease(100)] == ["poll"]
     assert store.last_event_number("Subscription/s1") == 5
 
 
 def test_anonymous_receiver(store: StateStore, metrics: Metrics) -> None:
     app = make_app(store, ReceiverSettings(allow_anonymous=True), metrics)
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure()).status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_hmac_signature(store: StateStore, metrics: Metrics) -> None:
@@ -214,7 +215,7 @@ def test_hmac_signature(store: StateStore, metrics: Metrics) -> None:
                 headers={**AUTH, "X-Signature": good.upper().replace("SHA256", "sha256")}).status == 200
     empty = "sha256=" + hmac.new(secret, b"", hashlib.sha256).hexdigest()
     assert call(app, "DELETE", "/notify/Procedure/fna-1", headers={**AUTH, "X-Signature": empty}).status == 200
-    assert [i.kind for i in store.take()] == ["procedure", "procedure", "delete"]
+    assert [i.kind for i in store.lease(100)] == ["procedure", "procedure", "delete"]
     for signature in (None, "sha256=" + "0" * 64, good[7:], "sha1=" + good[7:], "sha256=" + good[7:] + "00",
                       "sha256=\u00e9"):
         headers = {**AUTH, **({"X-Signature": signature} if signature is not None else {})}
@@ -293,7 +294,7 @@ def test_body_without_content_length_within_the_limit(app: WSGIApplication, stor
     body = json.dumps(procedure()).encode()
     response = call(app, "PUT", "/notify/Procedure/fna-1", body, headers=AUTH, length=False)
     assert response.status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 @pytest.mark.parametrize(("length", "status", "code"), [("abc", 400, "invalid"), ("-1", 400, "invalid"),
@@ -324,8 +325,8 @@ def test_wrong_method_or_path(app: WSGIApplication, store: StateStore, method: s
 
 def test_enqueue_failure_is_503_and_nobody_is_woken(app: WSGIApplication, store: StateStore, wakeups: list[int],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(items: list[WorkItem]) -> list[int]:
-        raise sqlite3.OperationalError("disk I/O error")
+    def broken(items: list[WorkItem], **_: object) -> list[int]:
+        raise StateUnavailable("state.sqlite", "disk full: free space on the filesystem that holds the state")
 
     monkeypatch.setattr(store, "enqueue", broken)
     response = call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH)
@@ -334,7 +335,7 @@ def test_enqueue_failure_is_503_and_nobody_is_woken(app: WSGIApplication, store:
     assert response.headers["retry-after"] == "5"
     assert wakeups == []
     monkeypatch.undo()
-    assert store.take() == []
+    assert store.lease(100) == []
 
 
 def test_on_enqueued_failure_still_acknowledges(store: StateStore, metrics: Metrics) -> None:
@@ -343,7 +344,7 @@ def test_on_enqueued_failure_still_acknowledges(store: StateStore, metrics: Metr
 
     app = make_app(store, ReceiverSettings(token=TOKEN), metrics, on_enqueued=explode)
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_nothing_sensitive_is_logged(app: WSGIApplication, store: StateStore,
@@ -363,7 +364,7 @@ def test_custom_base_path(store: StateStore, metrics: Metrics) -> None:
     app = make_app(store, ReceiverSettings(token=TOKEN, base_path="hooks/fhir/"), metrics)
     assert call(app, "PUT", "/hooks/fhir/Procedure/fna-1", procedure(), headers=AUTH).status == 200
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 404
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_settings_validation() -> None:
@@ -389,7 +390,7 @@ def test_healthz(app: WSGIApplication, store: StateStore, monkeypatch: pytest.Mo
     assert call(app, "GET", "/healthz").json()["queue_depth"] == 1
 
     def down() -> int:
-        raise sqlite3.OperationalError("database is locked")
+        raise StateUnavailable("state.sqlite", "database is locked by another connection (waited 5 s)")
 
     monkeypatch.setattr(store, "queue_depth", down)
     response = call(app, "GET", "/healthz")

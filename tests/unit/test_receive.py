@@ -7,7 +7,9 @@ import hmac
 import io
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,12 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 import requests
 
-from adapter.errors import StateUnavailable
+from adapter.errors import ListenError, StateUnavailable
+from adapter.health import Health
 from adapter.metrics import Metrics
 from adapter.sources.receive import (
     ReceiverSettings,
+    ServerLimits,
     bound_addresses,
     make_app,
     serve_app,
@@ -494,3 +498,89 @@ def test_waitress_server_end_to_end(store: StateStore, metrics: Metrics) -> None
         stop_server(server)
         thread.join(10)
     assert not thread.is_alive()
+
+
+# -- slow clients -------------------------------------------------------------------------------------------
+
+
+def _trickle(port: int, data: bytes, every: float, limit: float) -> float:
+    """Send `data` one byte every `every` seconds; seconds until the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        return _trickle_on(sock, data, every, limit)
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off(store: StateStore, metrics: Metrics) -> None:
+    """waitress alone only closes idle connections; one byte every 0.2 s is never idle."""
+    limits = ServerLimits(threads=2, header_timeout=1.0, body_timeout=1.0, idle_timeout=60)
+    server = serve_app(make_app(store, ReceiverSettings(token=TOKEN), metrics), "127.0.0.1", 0, limits=limits,
+                       metrics=metrics)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        [(_, port)] = bound_addresses(server)
+        headers = b"PUT /notify/Procedure/fna-1 HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: a\r\n" * 50
+        assert _trickle(port, headers, 0.2, 10) < 4  # headers: cut after 1 s (+ up to 1 s of housekeeping)
+        body_slowly = (b"PUT /notify/Procedure/fna-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", b"{" * 500)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(body_slowly[0])
+            assert _trickle_on(sock, body_slowly[1], 0.2, 10) < 4
+        assert metrics.value("charge_adapter_rejected_total", status="timeout") == 2
+        ok = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert ok.status_code == 200
+    finally:
+        stop_server(server)
+        thread.join(10)
+
+
+def _trickle_on(sock: Any, data: bytes, every: float, limit: float) -> float:
+    started = time.monotonic()
+    sock.settimeout(every)
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+            if sock.recv(1024) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+        if time.monotonic() - started > limit:
+            break
+    return float("inf")
+
+
+def test_port_in_use_is_a_listen_error(store: StateStore, metrics: Metrics) -> None:
+    first = serve_app(make_app(store, None, metrics), "127.0.0.1", 0)
+    try:
+        [(_, port)] = bound_addresses(first)
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve_app(make_app(store, None, metrics), "127.0.0.1", port)
+    finally:
+        stop_server(first, timeout=0.2)  # never started: nothing to wait for
+
+
+def test_the_health_only_app_of_run(store: StateStore, metrics: Metrics) -> None:
+    health = Health()
+    app = make_app(store, None, metrics, health=health)
+    assert call(app, "GET", "/healthz").json()["status"] == "ok"
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 404
+    health.state_failed("disk full: free space on the filesystem that holds the state")
+    answer = call(app, "GET", "/healthz")
+    assert answer.status == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["reasons"][0].endswith("disk full: free space on the filesystem that holds the state")
+
+
+def test_an_unwritable_state_is_503_and_reported_to_health(store: StateStore, metrics: Metrics,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    health = Health()
+    app = make_app(store, ReceiverSettings(token=TOKEN), metrics, health=health)
+
+    def locked(items: list[WorkItem], **_: object) -> list[int]:
+        raise StateUnavailable("s.sqlite", "database is locked by another connection (waited 5 s)")
+
+    monkeypatch.setattr(store, "enqueue", locked)
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 503
+    assert not health.check().ok
+    monkeypatch.undo()
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 200
+    assert health.check().ok

@@ -5,7 +5,8 @@ typed errors (:mod:`adapter.client.errors`), retries only where repeating is har
 (:mod:`adapter.client.retry`), credentials from :mod:`adapter.client.auth`.
 
 Logging goes to the ``adapter.client`` logger: method, path and status at DEBUG, retries at
-WARNING. Query strings, bodies (PHI) and credentials are never logged.
+WARNING (patient ids in paths as `adapter.redact` allows). Query strings, bodies (PHI) and credentials are
+never logged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from adapter.client.errors import (
 )
 from adapter.client.retry import IDEMPOTENT_METHODS, RetryPolicy, is_idempotent_transaction
 from adapter.errors import ConfigError
+from adapter.redact import scrub
 
 __all__ = ["FHIR_JSON", "FhirClient", "SearchParams"]
 
@@ -454,7 +456,7 @@ class FhirClient:
                 return response
 
         try:
-            response = self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {path}")
+            response = self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {scrub(path)}")
         except requests.RequestException as exc:
             error = FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc)
             self._report(False, error.reason)

@@ -62,6 +62,7 @@ from adapter.errors import ListenError, ReceiveError, StateError
 from adapter.health import Health
 from adapter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from adapter.metrics import Metrics
+from adapter.redact import scrub
 from adapter.sources.notifications import (
     Received,
     decode_resource,
@@ -169,7 +170,7 @@ class Receiver:
         except ReceiveError as exc:
             return self._reject(start_response, method, path, exc)
         except Exception:
-            log.exception("%s %s -> 500 (internal error)", method, path)
+            log.exception("%s %s -> 500 (internal error)", method, scrub(path))
             return self._reject(start_response, method, path,
                                 ReceiveError(500, "exception", "internal error; see the adapter log"), logged=True)
 
@@ -219,7 +220,7 @@ class Receiver:
                 self._enqueue(received.items)
         self._count(received)
         count = len(received.items)
-        log.info("%s %s -> 200 %s, %d item(s) queued", method, path, received.kind, count)
+        log.info("%s %s -> 200 %s, %d item(s) queued", method, scrub(path), received.kind, count)
         outcome = operation_outcome("information", "informational", f"{received.kind}: queued {count} item(s)")
         return _send(start_response, 200, _json(outcome), FHIR_JSON)
 
@@ -347,7 +348,7 @@ class Receiver:
         if path not in ("/healthz", "/metrics"):
             self.metrics.inc("charge_adapter_rejected_total", status=exc.status)
         if not logged:
-            log.info("%s %s -> %d %s: %s", method, path, exc.status, exc.code, exc.message)
+            log.info("%s %s -> %d %s: %s", method, scrub(path), exc.status, exc.code, exc.message)
         outcome = operation_outcome("error" if exc.status < 500 else "fatal", exc.code, exc.message)
         return _send(start_response, exc.status, _json(outcome), FHIR_JSON, headers)
 

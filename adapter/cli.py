@@ -266,11 +266,12 @@ def _limits(settings: AppSettings) -> ServerLimits:
 
 
 def _worker_loop(service: Service, stop: threading.Event, wake: threading.Event) -> Loop:
-    return Loop("worker", lambda: 0.0 if service.work_once(stop) else 1.0, wake)
+    return Loop("worker", lambda: 0.0 if service.work_once(stop) else 1.0, wake,
+                service.settings.worker.retry_max_seconds)
 
 
 def _monitor_loop(service: Service) -> Loop:
-    return Loop("monitor", service.monitor)
+    return Loop("monitor", service.monitor, max_backoff=30.0)
 
 
 @cli.command("run")
@@ -299,7 +300,8 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
     conf = service.settings.serve
     server = serve_app(make_app(service.state, None, service.metrics, health=service.health), conf.host, conf.port,
                        limits=_limits(service.settings), metrics=service.metrics)
-    loops = [Loop("poll", poll, stop), _worker_loop(service, stop, wake), _monitor_loop(service)]
+    backoff = max(interval, service.settings.worker.retry_max_seconds)
+    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
     _serve_until_stopped(service, loops, server, "")
     status = service.status()
     ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
@@ -343,7 +345,8 @@ def serve_cmd(ctx: click.Context) -> None:
     server = serve_app(app, conf.host, conf.port, limits=_limits(settings), metrics=service.metrics)
     loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
-        loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop))
+        loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop,
+                          max(conf.safety_poll_seconds, settings.worker.retry_max_seconds)))
     _serve_until_stopped(service, loops, server, receiver.base_path)
 
 

@@ -105,6 +105,9 @@ class Loop:
     name: str
     turn: Callable[[], float]
     wake: threading.Event | None = None
+    max_backoff: float | None = None
+    """The longest wait after failed turns (default: the runner's); keep it near the loop's own rhythm, so a
+    loop resumes soon after an outage ends."""
 
 
 class Runner:
@@ -178,7 +181,7 @@ class Runner:
                     if isinstance(exc, StateUnavailable):
                         self.health.state_failed(exc.reason)
                     self._log.failed(f"loop {loop.name}", exc, "turn failed")
-                    delay = backoff(failures, self.backoff_initial, self.backoff_max)
+                    delay = backoff(failures, self.backoff_initial, loop.max_backoff or self.backoff_max)
                 finally:
                     status.turn_started = None
                     status.turns += 1

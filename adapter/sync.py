@@ -108,9 +108,11 @@ class SyncSummary:
 
     def text(self) -> str:
         retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
+        verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
         return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
-                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}")
+                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
+                f"{verified}")
 
 
 def outcome_unknown(exc: FhirError) -> bool:

@@ -5,7 +5,7 @@ typed errors (:mod:`adapter.client.errors`), retries only where repeating is har
 (:mod:`adapter.client.retry`), credentials from :mod:`adapter.client.auth`.
 
 Logging goes to the ``adapter.client`` logger: method, path and status at DEBUG, retries at
-WARNING (patient ids in paths as `adapter.redact` allows). Query strings, bodies (PHI) and credentials are
+INFO (patient ids in paths as `adapter.redact` allows). Query strings, bodies (PHI) and credentials are
 never logged.
 """
 
@@ -112,9 +112,9 @@ class FhirClient:
     ``trust_env`` (off by default) lets ``requests`` take CA bundles (``REQUESTS_CA_BUNDLE``,
     ``CURL_CA_BUNDLE``), proxies (``HTTPS_PROXY``...) and ``.netrc`` credentials from the environment:
     off, a variable nobody reviewed cannot make the client trust another server or send the bearer
-    token through a proxy. ``on_reachability`` is called after every logical request with
-    ``(True, "")`` when the server gave a usable answer and ``(False, reason)`` when it did not
-    (no connection, timeout, 5xx or 429 after the retries): health checks build on it.
+    token through a proxy. ``on_reachability`` is called after every attempt with ``(True, reason)``
+    when the server gave a usable answer and ``(False, reason)`` when it did not (no connection,
+    timeout, 5xx, 429, credentials refused): health checks build on it.
     """
 
     def __init__(
@@ -433,39 +433,42 @@ class FhirClient:
                 attempts += 1
                 self._count()
                 started = time.monotonic()
-                response = self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    data=data,
-                    headers=all_headers,
-                    auth=self.auth,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                    # Passed per request as well: with trust_env on, requests lets REQUESTS_CA_BUNDLE
-                    # override a session-level verify.
-                    verify=self.session.verify,
-                    cert=self.session.cert,
-                )
-                log.debug("%s %s -> %d (%.3fs)", method, path, response.status_code, time.monotonic() - started)
+                try:
+                    response = self._request_once(method, url, params, data, all_headers)
+                except requests.RequestException as exc:
+                    self._report(False, _describe_transport(exc))  # at once: health need not wait for retries
+                    raise
+                self._report(response.status_code < 500 and response.status_code not in (401, 403, 429),
+                             f"HTTP {response.status_code}")
+                log.debug("%s %s -> %d (%.3fs)", method, scrub(path), response.status_code, time.monotonic() - started)
                 if response.status_code == 401 and not refreshed and self._may_refresh(response):
                     refreshed = True
-                    log.debug("%s %s: 401, retrying once with fresh credentials", method, path)
+                    log.debug("%s %s: 401, retrying once with fresh credentials", method, scrub(path))
                     response.close()
                     continue
                 return response
 
         try:
-            response = self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {scrub(path)}")
+            return self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {scrub(path)}")
         except requests.RequestException as exc:
-            error = FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc)
-            self._report(False, error.reason)
-            raise error from None
-        if response.status_code >= 500 or response.status_code == 429:
-            self._report(False, f"HTTP {response.status_code}")
-        else:
-            self._report(True, "")
-        return response
+            raise FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc) from None
+
+    def _request_once(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
+                      headers: Mapping[str, str]) -> requests.Response:
+        return self.session.request(
+            method,
+            url,
+            params=params,
+            data=data,
+            headers=headers,
+            auth=self.auth,
+            timeout=self.timeout,
+            allow_redirects=False,
+            # Passed per request as well: with trust_env on, requests lets REQUESTS_CA_BUNDLE
+            # override a session-level verify.
+            verify=self.session.verify,
+            cert=self.session.cert,
+        )
 
     def _report(self, reachable: bool, reason: str) -> None:
         if self.on_reachability is not None:

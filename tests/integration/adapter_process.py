@@ -32,10 +32,10 @@ TOKEN = logscan.secret("test-receiver-token-not-a-secret")
 HERE = Path(__file__).resolve().parent
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -51,7 +51,7 @@ class Adapter:
         config = {"server": {"url": server_url}, "state": {"location": str(self.state)},
                   "poll": {"interval_seconds": 1, "overlap_seconds": 5, "page_size": 25},
                   "serve": {"port": self.port, "safety_poll_seconds": 0}}
-        self.settings = _merge(config, sections)
+        self.settings = merged(config, sections)
         self.config = tmp / "adapter.yaml"
         self.config.write_text(json.dumps(self.settings))
         self.env = {**os.environ, "CHARGE_ADAPTER_RECEIVER_TOKEN": TOKEN}

@@ -12,7 +12,8 @@ demand, each the way an operator meets it:
 * `freeze(seconds)`: forward (HAPI commits), then hold the connection past the client's read timeout.
 
 `only` limits a fault to requests with these methods (e.g. POST: transactions and searches via POST, so
-use `path` to pick transactions, which go to the base URL), `times` to the first N matching requests.
+use `path` to pick transactions, which go to the base URL), `contains` to bodies holding these bytes, `times`
+to the first N matching requests.
 Runs in the test process on 127.0.0.1 (threads); it never talks to anything but HAPI.
 """
 
@@ -29,7 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
-              "proxy-authenticate", "host", "content-length"}
+              "proxy-authenticate", "content-length"}
+"""Not forwarded. Host is: HAPI builds its paging links from it, so they point back at the proxy (as behind a
+reverse proxy that preserves the Host header)."""
 
 
 @dataclass
@@ -40,11 +43,14 @@ class Fault:
     only: tuple[str, ...] = ()
     path: str | None = None
     times: int | None = None
+    contains: bytes | None = None
 
-    def applies(self, method: str, path: str) -> bool:
+    def applies(self, method: str, path: str, body: bytes) -> bool:
         if self.kind == "pass":
             return False
         if self.only and method not in self.only:
+            return False
+        if self.contains is not None and self.contains not in body:
             return False
         if self.path is not None and path.split("?")[0].rstrip("/") != self.path.rstrip("/"):
             return False
@@ -137,10 +143,10 @@ class FaultProxy:
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
-    def _take(self, method: str, path: str) -> Fault:
+    def _take(self, method: str, path: str, body: bytes) -> Fault:
         with self._lock:
             fault = self.fault
-            if not fault.applies(method, path):
+            if not fault.applies(method, path, body):
                 return Fault()
             if fault.times is not None:
                 fault.times -= 1
@@ -188,10 +194,16 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
 
             def _handle(self) -> None:
+                try:
+                    self._proxy()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the adapter gave up on this request (its timeout)
+
+            def _proxy(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 method, path = self.command, self.path
-                fault = proxy._take(method, path)
+                fault = proxy._take(method, path, body)
                 proxy._record(method, path, fault.kind)
                 if fault.kind == "close":
                     self._drop()
@@ -205,7 +217,7 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}  # Host included
                 headers["Content-Length"] = str(len(body))
                 status, kept, payload = proxy._forward(method, path, headers, body)
                 if fault.kind == "close_after_forward":

@@ -1,0 +1,190 @@
+"""Faults an integration team tries before go-live, against real processes and the real HAPI server, with our
+fault-injecting proxy (fault_proxy.py) in between where the server has to misbehave: lost answers to
+committed writes, a FHIR outage in the middle of a backlog, a locked and a full state disk, slow clients.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.client import FhirClient
+
+from .adapter_process import (
+    Adapter,
+    expected_identifiers,
+    identifiers_on_server,
+    merged,
+    notify_post,
+    notify_put,
+)
+from .fault_proxy import FaultProxy
+from .helpers import namespaced, patients_of, resources_of, server_now, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from generate import generate, put_all  # noqa: E402
+
+FAST_RETRIES = {"server": {"connect_timeout": 2, "read_timeout": 3, "retry_seconds": 2},
+                "worker": {"retry_initial_seconds": 1, "retry_max_seconds": 5},
+                "health": {"server_unreachable_seconds": 3}}
+
+
+@pytest.fixture
+def proxy(hapi_url: str) -> Iterator[FaultProxy]:
+    fault_proxy = FaultProxy(hapi_url)
+    yield fault_proxy
+    fault_proxy.stop()
+
+
+@pytest.fixture
+def adapters() -> Iterator[list[Adapter]]:
+    started: list[Adapter] = []
+    yield started
+    for adapter in started:
+        adapter.stop_all()
+
+
+def open_reviews(adapter: Adapter) -> list[Any]:
+    return adapter.store().reviews("open")
+
+
+# -- lost answers -----------------------------------------------------------------------------------------------
+
+
+LOSE_ANSWERS = {
+    "truncate": lambda proxy: proxy.truncate(only=("POST",), path="/fhir"),
+    "close_after_forward": lambda proxy: proxy.close_after_forward(only=("POST",), path="/fhir"),
+    "freeze": lambda proxy: proxy.freeze(4, only=("POST",), path="/fhir"),  # past the 2 s read timeout
+}
+
+
+@pytest.mark.parametrize("fault", sorted(LOSE_ANSWERS))
+def test_writes_committed_but_unanswered_are_success(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
+                                                     fhir_ns: str, fault: str) -> None:
+    """Every transaction reaches HAPI, which commits it, but its answer is cut, lost or late: the adapter asks
+    the server by our identifiers, finds exactly what it sent, and calls it written."""
+    adapter = Adapter(tmp_path, proxy.url, server={"read_timeout": 2, "retry_seconds": 1})
+    adapter.start_cursor_at(server_now(client))
+    bundles = [namespaced("13", fhir_ns), namespaced("02", fhir_ns)]
+    for bundle in bundles:
+        client.transaction(bundle)
+    resources = [r for b in bundles for r in resources_of(b)]
+    LOSE_ANSWERS[fault](proxy)
+    result = adapter.cmd("run", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "2 session(s) confirmed on the server after a lost answer" in result.stderr
+    assert proxy.count(fault) >= 2  # both sessions' transactions lost their answer
+    assert identifiers_on_server(client, patients_of(resources)) == expected_identifiers(resources)
+    assert open_reviews(adapter) == [] and adapter.store().queue_depth() == 0
+    proc = f"Procedure/{fhir_ns}-s13-fna-1"
+    assert adapter.store().audit_for(proc)[0].written  # the audit names what the server holds
+
+
+def test_a_retried_void_that_meets_409_is_success(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
+                                                  fhir_ns: str) -> None:
+    """The void (a PUT with If-Match) is committed, its answer lost; the client's retry then gets 409 because
+    the version moved on. The target already holds the intended content: success, voided once."""
+    adapter = Adapter(tmp_path, proxy.url, server={"retry_seconds": 10})
+    adapter.start_cursor_at(server_now(client))
+    bundle = namespaced("11", fhir_ns)  # 10005, 10006, 10007-59 (fluoroscopy)
+    client.transaction(bundle)
+    assert adapter.cmd("run", "--once").returncode == 0
+    fluoro = next(r for r in resources_of(bundle) if r["id"] == f"{fhir_ns}-s11-fna-2")
+    client.update({**fluoro, "status": "entered-in-error"})
+    proxy.close_after_forward(only=("POST",), path="/fhir", contains=b'"ifMatch"', times=1)  # the void's
+    result = adapter.cmd("run", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "1 session(s) confirmed on the server after a lost answer" in result.stderr
+    assert proxy.count("close_after_forward") == 1
+    items = [c for c in client.search_all("ChargeItem", {"subject": patients_of(bundle)[0], "_count": "50"})]
+    voided = [c for c in items if c["status"] == "entered-in-error"]
+    assert len(items) == 3 and len(voided) == 1 and voided[0]["meta"]["versionId"] == "2"  # voided once
+    assert open_reviews(adapter) == []
+
+
+# -- an outage in the middle of a backlog ----------------------------------------------------------------------
+
+
+def outage(proxy: FaultProxy, adapter: Adapter, phase: float = 5.0) -> None:
+    """Connection refused, then 503s, then slow answers, `phase` seconds each; /healthz must say so."""
+    proxy.refuse()
+    time.sleep(phase)
+    status, body = adapter.health()
+    assert status == 503 and any(r.startswith("FHIR server unusable") for r in body["reasons"]), body
+    proxy.resume()
+    proxy.fail(503)
+    time.sleep(phase)
+    proxy.delay(1.5)
+    time.sleep(phase)
+    proxy.clear()
+
+
+def assert_everything_billed_once(client: FhirClient, adapter: Adapter, resources: list[dict[str, Any]],
+                                  what: str) -> float:
+    """Seconds until every expected charge was on the server (at most 2 minutes), then: none twice, no
+    manual step, nothing in review but data problems, nothing given up."""
+    expected = expected_identifiers(resources)
+    patients = patients_of(resources)
+    started = time.monotonic()
+    wait_for(lambda: identifiers_on_server(client, patients) == expected, 120, f"every charge after the {what}", 2)
+    recovered = time.monotonic() - started
+    print(f"\n{what}: all {sum(expected.values())} charges on the server {recovered:.1f} s after the server came "
+          "back")
+    assert identifiers_on_server(client, patients) == expected  # none missing, none twice
+    state = adapter.store()
+    assert {e.kind for e in open_reviews(adapter)} <= {"needs-review"}
+    assert "failed" not in state.queue_counts()
+    wait_for(lambda: adapter.health()[0] == 200, 30, "/healthz to recover")
+    return recovered
+
+
+def test_an_outage_during_run_loses_no_charge(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
+                                              fhir_ns: str, adapters: list[Adapter]) -> None:
+    adapter = Adapter(tmp_path, proxy.url, **FAST_RETRIES)
+    adapters.append(adapter)
+    resources = list(generate(300, prefix=f"{fhir_ns}r"))
+    adapter.start_cursor_at(server_now(client))
+    put_all(client, resources)
+    adapter.start("run")
+    wait_for(lambda: adapter.store().counts()["processed"] >= 25, 120, "the first Procedures coded", 0.1)
+    assert adapter.store().counts()["processed"] < 250, "the outage should hit the middle of the backlog"
+    outage(proxy, adapter)
+    assert_everything_billed_once(client, adapter, resources, "outage during run")
+    assert adapter.metric('charge_adapter_failures_total{kind="fhir-unreachable"}') or \
+        adapter.metric('charge_adapter_failures_total{kind="fhir-server"}')
+
+
+def test_an_outage_during_serve_loses_no_acknowledged_charge(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
+                                                             fhir_ns: str, adapters: list[Adapter]) -> None:
+    """serve with the safety poll off: only what was received can be coded. 300 Procedures arrive as rest-hook
+    notifications and engine Bundles (whose content must be re-applied as received on every retry)."""
+    adapter = Adapter(tmp_path, proxy.url, **merged(FAST_RETRIES, {"worker": {"batch": 20}}))
+    adapters.append(adapter)
+    adapter.start("serve")
+    adapter.wait_healthy()
+    resources = list(generate(300, prefix=f"{fhir_ns}s"))
+    put_all(client, resources)
+    pushed = set(patients_of(resources)[:15])  # these patients' resources come as engine Bundles
+    for patient in sorted(pushed):
+        own = [r for r in resources if f"Patient/{r['id']}" == patient or
+               (r.get("subject") or r.get("patient") or r.get("beneficiary") or {}).get("reference") == patient]
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in own]}
+        assert notify_post(adapter, bundle).status_code == 200
+    procedures = [r for r in resources if r["resourceType"] == "Procedure" and r["subject"]["reference"] not in pushed]
+    for procedure in procedures:
+        assert notify_put(adapter, procedure).status_code == 200
+    wait_for(lambda: adapter.store().counts()["processed"] >= 25, 120, "the first Procedures coded", 0.1)
+    assert adapter.store().queue_depth() > 0, "the outage should hit the middle of the queue"
+    proxy.refuse()
+    for procedure in procedures[:10]:  # notifications keep being acknowledged: they are on disk
+        assert notify_put(adapter, procedure).status_code == 200
+    proxy.resume()
+    outage(proxy, adapter)
+    assert_everything_billed_once(client, adapter, resources, "outage during serve")
+    wait_for(lambda: adapter.store().queue_depth() == 0, 60, "the queue to drain")

@@ -11,6 +11,7 @@ message and exit code in one place (`AdapterGroup`), so no command prints errors
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -224,33 +225,48 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
 
 
-def _stop_on_signals(stop: Callable[[], None]) -> None:
-    """SIGTERM/SIGINT: finish the session being written, then stop cleanly."""
+def _stop_on_signals(stop: Callable[[], None]) -> threading.Event:
+    """SIGTERM/SIGINT: finish the session being written, then stop cleanly; returns an event set once stopping.
+
+    The handler only records the signal: calling into threading from a handler can deadlock when a second
+    signal interrupts the first handler inside a lock (two SIGTERMs in a row do that). A watcher thread acts.
+    """
+    received: list[int] = []
+    stopping = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
-        click.echo(f"{signal.Signals(signum).name}: stopping after the current work", err=True)
+        received.append(signum)
+
+    def watch() -> None:
+        while not received:
+            time.sleep(0.1)
+        click.echo(f"{signal.Signals(received[0]).name}: stopping after the current work", err=True)
         stop()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    return stopping
 
 
-def _serve_until_stopped(service: Service, loops: list[Loop], server: WaitressServer, path: str) -> None:
-    """Start the loops and the HTTP server, wait for SIGTERM/SIGINT, stop both; the same for run and serve."""
+def _serve_until_stopped(service: Service, loops: list[Loop], server: WaitressServer, path: str,
+                         stop: threading.Event) -> None:
+    """Start the loops and the HTTP server, wait for SIGTERM/SIGINT, stop both; the same for run and serve.
+    `stop` is what the loops' work asks between sessions."""
     runner = Runner(loops, health=service.health, metrics=service.metrics)
-    stopped = threading.Event()
 
-    def stop() -> None:
+    def stop_all() -> None:
+        stop.set()
         runner.stop()
-        stopped.set()
 
-    _stop_on_signals(stop)
+    stopping = _stop_on_signals(stop_all)
     listener = threading.Thread(target=server.run, name="http", daemon=True)
     runner.start()
     listener.start()
     host, port = bound_addresses(server)[0]
     click.echo(f"listening on http://{host}:{port}{path} (health /healthz, metrics /metrics)", err=True)
-    while not stopped.wait(1.0):
+    while not stopping.wait(1.0):
         pass
     stop_server(server)
     if not runner.join(60):
@@ -302,7 +318,7 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
                        limits=_limits(service.settings), metrics=service.metrics)
     backoff = max(interval, service.settings.worker.retry_max_seconds)
     loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
-    _serve_until_stopped(service, loops, server, "")
+    _serve_until_stopped(service, loops, server, "", stop)
     status = service.status()
     ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
 
@@ -347,7 +363,7 @@ def serve_cmd(ctx: click.Context) -> None:
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
         loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop,
                           max(conf.safety_poll_seconds, settings.worker.retry_max_seconds)))
-    _serve_until_stopped(service, loops, server, receiver.base_path)
+    _serve_until_stopped(service, loops, server, receiver.base_path, stop)
 
 
 @cli.command("status")
@@ -436,4 +452,6 @@ def subscribe_cmd(ctx: click.Context, timeout: float) -> None:
 
 
 def main() -> None:
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr, for a hung process
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="charge-adapter")

@@ -43,10 +43,10 @@ class Adapter:
     """Runs `charge-adapter` as its own process. `sections` override the config (e.g. server={"url": ...});
     `wrapper` is a command the adapter runs under (a private mount namespace, see mount_ns.py)."""
 
-    def __init__(self, tmp: Path, server_url: str, port: int | None = None, *, state: Path | None = None,
+    def __init__(self, tmp: Path, server_url: str, port: int | None = None, *, state_file: Path | None = None,
                  wrapper: list[str] | None = None, **sections: Any) -> None:
         self.tmp = tmp
-        self.state = state or tmp / "state.sqlite"
+        self.state = state_file or tmp / "state.sqlite"
         self.port = port or free_port()
         config = {"server": {"url": server_url}, "state": {"location": str(self.state)},
                   "poll": {"interval_seconds": 1, "overlap_seconds": 5, "page_size": 25},
@@ -127,6 +127,8 @@ class Adapter:
                 try:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
+                    os.killpg(with_group, signal.SIGUSR1)  # the stacks of the hung process, into its log
+                    time.sleep(1)
                     os.killpg(with_group, signal.SIGKILL)
                     proc.wait(10)
 

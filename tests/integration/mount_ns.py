@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -23,18 +24,16 @@ from pathlib import Path
 
 
 def fill(folder: Path) -> None:
-    with (folder / "filler").open("wb") as out:
-        block = b"\0" * 65536
-        try:
-            while True:
-                out.write(block)
-                out.flush()
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            while True:  # the last partial block
-                out.write(b"\0")
-                out.flush()
+    """Write zeros until the filesystem refuses even one more byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, block)
+    finally:
+        os.close(fd)
 
 
 def control(folder: Path, ctl: Path, done: threading.Event) -> None:

@@ -5,6 +5,7 @@ committed writes, a FHIR outage in the middle of a backlog, a locked and a full 
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from .adapter_process import (
     expected_identifiers,
     identifiers_on_server,
     merged,
+    mount_namespace,
     notify_post,
     notify_put,
 )
@@ -188,3 +190,86 @@ def test_an_outage_during_serve_loses_no_acknowledged_charge(client: FhirClient,
     outage(proxy, adapter)
     assert_everything_billed_once(client, adapter, resources, "outage during serve")
     wait_for(lambda: adapter.store().queue_depth() == 0, 60, "the queue to drain")
+
+
+# -- the state cannot be written while serve receives -----------------------------------------------------------
+
+
+def scenario_procedures(client: FhirClient, ns: str, scenarios: tuple[str, ...]) -> tuple[list[dict[str, Any]],
+                                                                                           list[dict[str, Any]]]:
+    """Load scenarios into HAPI; (all their resources, their Procedures as stored by the server)."""
+    resources: list[dict[str, Any]] = []
+    for number in scenarios:
+        bundle = namespaced(number, ns)
+        client.transaction(bundle)
+        resources += resources_of(bundle)
+    procedures = [client.read("Procedure", r["id"]) for r in resources if r["resourceType"] == "Procedure"]
+    return resources, procedures
+
+
+def assert_state_unwritable_reported(adapter: Adapter, *words: str) -> None:
+    status, body = adapter.health()
+    assert status == 503, body
+    [reason] = [r for r in body["reasons"] if r.startswith("state unwritable")]
+    assert any(word in reason for word in words), reason
+
+
+def test_a_locked_state_answers_503_and_everything_acknowledged_is_processed(
+        client: FhirClient, tmp_path: Path, hapi_url: str, fhir_ns: str, adapters: list[Adapter]) -> None:
+    adapter = Adapter(tmp_path, hapi_url, serve={"request_timeout_seconds": 1}, state={"busy_timeout_seconds": 1})
+    adapters.append(adapter)
+    adapter.start("serve")
+    adapter.wait_healthy()
+    resources, procedures = scenario_procedures(client, fhir_ns, ("01", "02", "07"))
+    assert notify_put(adapter, procedures[0]).status_code == 200  # acknowledged before the lock
+    holder = sqlite3.connect(adapter.state, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock (a backup tool, a stuck sqlite3 shell)
+    try:
+        refused = [p for p in procedures[1:] if notify_put(adapter, p).status_code == 503]
+        assert refused == procedures[1:]  # never 2xx for what could not be stored
+        assert_state_unwritable_reported(adapter, "locked")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    for procedure in refused:  # the senders retry, as HAPI and engines do after a 503
+        assert notify_put(adapter, procedure).status_code == 200
+    expected = expected_identifiers(resources)
+    wait_for(lambda: identifiers_on_server(client, patients_of(resources)) == expected, 60, "every charge", 1)
+    wait_for(lambda: adapter.health()[0] == 200, 30, "/healthz to recover")
+
+
+def test_a_full_disk_answers_503_and_everything_acknowledged_is_processed(
+        client: FhirClient, tmp_path: Path, hapi_url: str, fhir_ns: str, adapters: list[Adapter]) -> None:
+    """The state on a real 6 MiB filesystem (a tmpfs in a private mount namespace, mount_ns.py) that is then
+    filled to the last byte. SQLite fails only when it needs new space, so notifications are sent until one
+    is refused."""
+    folder, control = tmp_path / "state", tmp_path / "control"
+    folder.mkdir()
+    control.mkdir()
+    adapter = Adapter(tmp_path, hapi_url, state_file=folder / "state.sqlite", serve={"request_timeout_seconds": 1},
+                      wrapper=mount_namespace("--tmpfs", "6m", str(folder), "--control", str(control)))
+    adapters.append(adapter)
+    adapter.start("serve")
+    adapter.wait_healthy()
+    resources, procedures = scenario_procedures(client, fhir_ns, ("01", "02", "07", "09"))
+    assert notify_put(adapter, procedures[0]).status_code == 200
+    (control / "fill").touch()
+    wait_for((control / "filled").exists, 30, "the disk to be full", 0.1)
+    padding = {"url": "http://example.org/fhir/StructureDefinition/padding", "valueString": "x" * 200_000}
+    refused: list[dict[str, Any]] = []
+    for attempt in range(60):
+        procedure = procedures[1 + attempt % (len(procedures) - 1)]
+        answer = notify_put(adapter, {**procedure, "extension": [*procedure.get("extension", []), padding]})
+        assert answer.status_code in (200, 503)
+        if answer.status_code == 503:
+            refused.append(procedure)
+            break
+    assert refused, "a full disk must refuse notifications once SQLite needs space"
+    assert_state_unwritable_reported(adapter, "disk full", "I/O error")
+    (control / "free").touch()
+    wait_for((control / "freed").exists, 30, "the disk to have space again", 0.1)
+    for procedure in procedures[1:]:  # the refused one again, and the rest
+        assert notify_put(adapter, procedure).status_code == 200
+    expected = expected_identifiers(resources)
+    wait_for(lambda: identifiers_on_server(client, patients_of(resources)) == expected, 60, "every charge", 1)
+    wait_for(lambda: adapter.health()[0] == 200, 30, "/healthz to recover")

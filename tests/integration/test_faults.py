@@ -5,14 +5,19 @@ committed writes, a FHIR outage in the middle of a backlog, a locked and a full 
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from adapter.client import FhirClient
 
@@ -273,3 +278,87 @@ def test_a_full_disk_answers_503_and_everything_acknowledged_is_processed(
     expected = expected_identifiers(resources)
     wait_for(lambda: identifiers_on_server(client, patients_of(resources)) == expected, 60, "every charge", 1)
     wait_for(lambda: adapter.health()[0] == 200, 30, "/healthz to recover")
+
+
+# -- slow clients ----------------------------------------------------------------------------------------------
+
+
+class SlowClients:
+    """`count` connections that each send one more byte of a request header every `every` seconds, forever;
+    a connection the server closes is opened again at once (the attack of the issue: 120 such clients)."""
+
+    def __init__(self, port: int, count: int, every: float) -> None:
+        self.port, self.count, self.every = port, count, every
+        self.sockets: list[socket.socket] = []
+        self.opened = self.cut = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slow-clients", daemon=True)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.setblocking(False)
+        self.opened += 1
+        return sock
+
+    def _run(self) -> None:
+        self.sockets = [self._connect() for _ in range(self.count)]
+        payload = b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 10_000
+        sent = 0
+        while not self._stop.wait(self.every):
+            byte = payload[sent % len(payload):][:1]
+            sent += 1
+            for index, sock in enumerate(self.sockets):
+                try:
+                    if sock.recv(1024) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.cut += 1
+                    sock.close()
+                    self.sockets[index] = sock = self._connect()
+                with contextlib.suppress(OSError):
+                    sock.send(byte)
+            self.peak = max(self.peak, len(self.sockets))
+
+    def __enter__(self) -> SlowClients:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_150_slow_clients_for_60_s_starve_neither_health_nor_notifications(
+        client: FhirClient, tmp_path: Path, hapi_url: str, fhir_ns: str, adapters: list[Adapter]) -> None:
+    """The default limits (500 connections, a request's headers within 10 s of its first byte): /healthz and
+    an authenticated notification keep answering within 1 s, measured once a second for the whole minute."""
+    adapter = Adapter(tmp_path, hapi_url)
+    adapters.append(adapter)
+    adapter.start("serve")
+    adapter.wait_healthy()
+    resources, procedures = scenario_procedures(client, fhir_ns, ("01",))
+    health: list[float] = []
+    notifications: list[float] = []
+    with SlowClients(adapter.port, 150, every=5.0) as attack:
+        wait_for(lambda: attack.opened >= 150, 30, "150 slow connections")
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            started = time.monotonic()
+            assert requests.get(f"{adapter.url}/healthz", timeout=10).status_code == 200
+            health.append(time.monotonic() - started)
+            started = time.monotonic()
+            assert notify_put(adapter, procedures[0]).status_code == 200
+            notifications.append(time.monotonic() - started)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    print(f"\n150 slow clients for 60 s: /healthz p50 {statistics.median(health) * 1000:.0f} ms, max "
+          f"{max(health) * 1000:.0f} ms; notification p50 {statistics.median(notifications) * 1000:.0f} ms, max "
+          f"{max(notifications) * 1000:.0f} ms ({len(health)} of each); {attack.cut} trickling connections cut, "
+          f"{attack.opened} opened")
+    assert max(health) < 1.0 and max(notifications) < 1.0
+    assert attack.peak >= 150 and attack.cut >= 150  # each slow connection was cut at its header deadline
+    expected = expected_identifiers(resources)
+    wait_for(lambda: identifiers_on_server(client, patients_of(resources)) == expected, 60, "the charge", 1)

@@ -29,7 +29,7 @@ from adapter import __version__, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
-from adapter.errors import AdapterError, ConfigError, ExitCode, StateSchemaError, exit_code_for
+from adapter.errors import AdapterError, ConfigError, ExitCode, ListenError, StateSchemaError, exit_code_for
 from adapter.pipeline import RunReport, process_paths
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
 from adapter.runner import Loop, Runner
@@ -281,6 +281,14 @@ def _limits(settings: AppSettings) -> ServerLimits:
                         idle_timeout=conf.idle_timeout_seconds, max_body_bytes=conf.max_body_bytes)
 
 
+def _listen(app: Any, settings: AppSettings, metrics: Any) -> WaitressServer:
+    conf = settings.serve
+    try:
+        return serve_app(app, conf.host, conf.port, limits=_limits(settings), metrics=metrics)
+    except ListenError as exc:
+        raise ListenError(f"{exc} (serve.host, serve.port in {settings.source})") from None
+
+
 def _worker_loop(service: Service, stop: threading.Event, wake: threading.Event) -> Loop:
     return Loop("worker", lambda: 0.0 if service.work_once(stop) else 1.0, wake,
                 service.settings.worker.retry_max_seconds)
@@ -313,9 +321,8 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
             click.echo(result.text(), err=True)
         return interval
 
-    conf = service.settings.serve
-    server = serve_app(make_app(service.state, None, service.metrics, health=service.health), conf.host, conf.port,
-                       limits=_limits(service.settings), metrics=service.metrics)
+    server = _listen(make_app(service.state, None, service.metrics, health=service.health), service.settings,
+                     service.metrics)
     backoff = max(interval, service.settings.worker.retry_max_seconds)
     loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
     _serve_until_stopped(service, loops, server, "", stop)
@@ -358,7 +365,7 @@ def serve_cmd(ctx: click.Context) -> None:
     service.state.acquire_instance_lock()
     stop, wake = threading.Event(), threading.Event()
     app = make_app(service.state, receiver, service.metrics, on_enqueued=wake.set, health=service.health)
-    server = serve_app(app, conf.host, conf.port, limits=_limits(settings), metrics=service.metrics)
+    server = _listen(app, settings, service.metrics)
     loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
         loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop,

@@ -149,3 +149,20 @@ def test_an_acknowledged_item_survives_an_abrupt_exit(tmp_path: Path) -> None:
 def test_one_state_file_one_instance_but_other_files_are_free(tmp_path: Path) -> None:
     SqliteState(tmp_path / "a.sqlite").acquire_instance_lock()
     SqliteState(tmp_path / "b.sqlite").acquire_instance_lock()
+
+
+def test_an_unreadable_state_file_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permission denied cannot be staged for root (who runs CI), so the OS error is injected here."""
+    path = tmp_path / "state.sqlite"
+    SqliteState(path).close()
+    real_open = Path.open
+
+    def denied(self: Path, *args: object, **kwargs: object) -> object:
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(StateUnavailable, match=r"cannot read the file \(Permission denied\): the adapter's user needs "
+                                               r"read and write access"):
+        SqliteState(path)

@@ -192,9 +192,14 @@ def test_an_outage_during_serve_loses_no_acknowledged_charge(client: FhirClient,
     for procedure in procedures[:10]:  # notifications keep being acknowledged: they are on disk
         assert notify_put(adapter, procedure).status_code == 200
     proxy.resume()
+    outage_started = time.time()
     outage(proxy, adapter)
+    assert (adapter.metric("charge_adapter_retry_backlog") or 0) > 0  # monitored every 5 s
+    assert (adapter.metric("charge_adapter_oldest_queued_seconds") or 0) > 10
+    assert (adapter.metric('charge_adapter_failures_total{kind="fhir-unreachable"}') or 0) > 0
     assert_everything_billed_once(client, adapter, resources, "outage during serve")
     wait_for(lambda: adapter.store().queue_depth() == 0, 60, "the queue to drain")
+    assert (adapter.metric("charge_adapter_last_write_success_timestamp_seconds") or 0) > outage_started
 
 
 # -- the state cannot be written while serve receives -----------------------------------------------------------

@@ -16,6 +16,7 @@ from adapter.health import Health
 from adapter.metrics import Metrics
 from adapter.runner import Loop, Runner, WorkPolicy, backoff, failure_kind
 from adapter.settings import HealthSettings
+from adapter.state.base import StateStats
 
 
 class Clock:
@@ -165,3 +166,14 @@ def test_work_policy_retries_outages_forever_and_gives_bugs_a_bounded_number_of_
     assert policy.decide(5, KeyError("x")) is None
     assert backoff(50, 1, 30, rng=lambda: 1.0) == 30
     assert failure_kind(StateUnavailable("s", "locked")) == "state-unavailable"
+
+
+def test_an_old_queued_item_makes_health_fail() -> None:
+    health = Health(HealthSettings(max_queue_age_seconds=900), wall=lambda: 10_000.0)
+    health.set_stats(StateStats(queue_depth=3, retry_backlog=2, oldest_queued_at=9_500.0, dead=0, reviews_open=0,
+                                cursor=None))
+    assert health.check().ok and health.oldest_queued_seconds() == 500
+    health.set_stats(StateStats(3, 2, 9_000.0, 0, 0, None))
+    verdict = health.check()
+    assert verdict.reasons == ["oldest queued item has waited 1000 s"]
+    assert verdict.body["retry_backlog"] == 2 and verdict.body["oldest_queued_seconds"] == 1000

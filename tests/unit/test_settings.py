@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,12 @@ def test_secrets_name_the_key_and_never_a_value(tmp_path: Path, monkeypatch: pyt
     assert caught.value.entry == "serve.token_env" and "RECEIVER_TOKEN_FOR_TEST" in caught.value.reason
     monkeypatch.setenv("RECEIVER_TOKEN_FOR_TEST", "s3cret")
     assert secret(settings, "serve.token_env", "receiver bearer token") == "s3cret"
+
+
+def test_the_example_config_holds_the_defaults() -> None:
+    """config/service.example.yaml documents every key: it must load, and say what the defaults are."""
+    example = load_settings(Path(__file__).resolve().parents[2] / "config" / "service.example.yaml", env={})
+    defaults = load_settings(None, env={})
+    for section in ("state", "poll", "serve", "worker", "health", "logging"):
+        assert getattr(example, section) == getattr(defaults, section), section
+    assert example.server.url and dataclasses.replace(example.server, url="", auth={}) == defaults.server

@@ -25,7 +25,6 @@ from .adapter_process import (
     Adapter,
     expected_identifiers,
     identifiers_on_server,
-    merged,
     mount_namespace,
     notify_post,
     notify_put,
@@ -151,6 +150,7 @@ def assert_everything_billed_once(client: FhirClient, adapter: Adapter, resource
     return recovered
 
 
+@pytest.mark.bulk
 def test_an_outage_during_run_loses_no_charge(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
                                               fhir_ns: str, adapters: list[Adapter]) -> None:
     adapter = Adapter(tmp_path, proxy.url, **FAST_RETRIES)
@@ -167,11 +167,12 @@ def test_an_outage_during_run_loses_no_charge(client: FhirClient, proxy: FaultPr
         adapter.metric('charge_adapter_failures_total{kind="fhir-server"}')
 
 
+@pytest.mark.bulk
 def test_an_outage_during_serve_loses_no_acknowledged_charge(client: FhirClient, proxy: FaultProxy, tmp_path: Path,
                                                              fhir_ns: str, adapters: list[Adapter]) -> None:
     """serve with the safety poll off: only what was received can be coded. 300 Procedures arrive as rest-hook
     notifications and engine Bundles (whose content must be re-applied as received on every retry)."""
-    adapter = Adapter(tmp_path, proxy.url, **merged(FAST_RETRIES, {"worker": {"batch": 20}}))
+    adapter = Adapter(tmp_path, proxy.url, **FAST_RETRIES)
     adapters.append(adapter)
     adapter.start("serve")
     adapter.wait_healthy()

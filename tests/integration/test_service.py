@@ -226,9 +226,6 @@ def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adap
     assert StateStore(serving.state).last_event_number(subscription) == 2
 
 
-# bulk tests last: after their hundreds of writes, HAPI took up to a minute to deliver the next rest-hook
-# notification (seen here), so the Subscription tests run before them
-
 def run_on_a_backlog(client: FhirClient, adapter: Adapter, prefix: str,
                      procedures: int) -> tuple[subprocess.Popen[str], list[dict[str, Any]], list[str]]:
     """Load a generated backlog, start `run` on it, and return once it has coded the first pages."""
@@ -240,6 +237,7 @@ def run_on_a_backlog(client: FhirClient, adapter: Adapter, prefix: str,
     return proc, resources, patients_of(resources)
 
 
+@pytest.mark.bulk
 def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
         client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
     proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}k", 300)
@@ -254,6 +252,7 @@ def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charge
     assert on_server == expected  # none missing, none twice
 
 
+@pytest.mark.bulk
 def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
         client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
     proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}t", 300)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -10,7 +12,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from adapter import redact
 from adapter.cli import cli
+from adapter.state.sqlite import SqliteState
 from tests import logscan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +118,15 @@ def test_stderr_carries_no_free_text_and_no_patient_reference_while_explain_does
     assert any(text in shown.stdout for text, what in forbidden.items() if what == "BodyStructure.description")
     debug = run("-vv", "dry-run", scenario("35"))
     assert "no active Coverage for Patient/s35-pat" in debug.stderr  # debug level shows patient references
+
+
+def test_hashed_patient_references_are_keyed_by_the_installation(tmp_path: Path) -> None:
+    config = tmp_path / "adapter.yaml"
+    config.write_text(f"state: {tmp_path / 'state.sqlite'}\nlogging:\n  patient_references: hashed\n")
+    try:
+        assert CliRunner().invoke(cli, ["--config", str(config), "status"]).exit_code == 0
+        key = SqliteState(tmp_path / "state.sqlite").installation_id().encode()
+        digest = hmac.new(key, b"Patient/p1", hashlib.sha256).hexdigest()[:12]
+        assert redact.scrub("session of Patient/p1") == f"session of Patient/#{digest}"
+    finally:
+        redact.configure("omit")

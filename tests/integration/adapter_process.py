@@ -5,6 +5,7 @@ Every process's output goes to the session's log scan (tests/logscan.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from adapter.client import FhirClient
@@ -168,13 +170,25 @@ def expected_identifiers(resources: list[dict[str, Any]]) -> Counter[str]:
     return Counter(ci["identifier"][0]["value"] for s in report.built.sessions for ci in s.charge_items)
 
 
+@functools.cache
+def _unshare() -> tuple[str, ...]:
+    """How to get a private mount namespace here; fails the test with the reason when the machine allows none."""
+    unshare = ("unshare", "--mount", "--propagation", "private")
+    if os.geteuid() != 0:
+        unshare = ("unshare", "--user", "--map-root-user", "--mount", "--propagation", "private")
+    probe = subprocess.run([*unshare, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/mnt"], capture_output=True,
+                           text=True, check=False)
+    if probe.returncode != 0:
+        pytest.fail(f"this test stages a real filesystem fault in a private mount namespace, which this machine "
+                    f"refuses ({' '.join(unshare)}: {probe.stderr.strip()}); run as root or allow user namespaces",
+                    pytrace=False)
+    return unshare
+
+
 def mount_namespace(*options: str) -> list[str]:
     """A wrapper that runs a command in a private mount namespace prepared by mount_ns.py (e.g. a small
     tmpfs, a read-only bind mount). Root uses a mount namespace; anyone else a user namespace as well."""
-    unshare = ["unshare", "--mount", "--propagation", "private"]
-    if os.geteuid() != 0:
-        unshare = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
-    return [*unshare, sys.executable, str(HERE / "mount_ns.py"), *options, "--"]
+    return [*_unshare(), sys.executable, str(HERE / "mount_ns.py"), *options, "--"]
 
 
 def until(check: Any, timeout: float, every: float = 0.2) -> float:

@@ -1,12 +1,17 @@
 """`charge-adapter`: the command line. Results go to stdout, diagnostics to stderr, meaning in the exit code.
 
-Exit codes: 0 every FNA Procedure was coded or is non-billable by rule; 1 something needs review (or, online,
-a session's write was rejected); 2 an input could not be read at all (the rest is still processed and
-reported) or the FHIR server could not be used; 3 configuration error.
+Exit codes (`adapter.errors.ExitCode`): 0 every FNA Procedure was coded or is non-billable by rule; 1
+something needs review (or, online, the server rejected a session's charges); 2 an input, the FHIR server or
+the state could not be used (the rest is still processed and reported; work not written stays queued); 3
+configuration error (the message names the file and the key).
+
+Commands only parse options, build the parts and wire them; every adapter exception is turned into its
+message and exit code in one place (`AdapterGroup`), so no command prints errors of its own.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -20,40 +25,74 @@ from typing import Any
 import click
 import yaml
 
-from adapter import __version__
+from adapter import __version__, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
-from adapter.errors import AdapterError, ConfigError
-from adapter.pipeline import EXIT_REVIEW, RunReport, process_paths
+from adapter.errors import AdapterError, ConfigError, ExitCode, ListenError, StateSchemaError, exit_code_for
+from adapter.pipeline import RunReport, process_paths
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
-from adapter.service import Service, make_client
+from adapter.runner import Loop, Runner
+from adapter.service import Service, make_client, parse_instant
 from adapter.settings import AppSettings, ServerSettings, load_settings, secret
-from adapter.sources.receive import ReceiverSettings, bound_addresses, make_app, serve_app, stop_server
+from adapter.sources.receive import (
+    ReceiverSettings,
+    ServerLimits,
+    WaitressServer,
+    bound_addresses,
+    make_app,
+    serve_app,
+    stop_server,
+)
+from adapter.state import StateBackend, open_state
 from adapter.sync import Syncer
 
-EXIT_CONFIG = 3
-EXIT_UNREACHABLE = 2
+log = logging.getLogger("adapter.cli")
+
+
+class AdapterGroup(click.Group):
+    """Runs a command; an adapter exception becomes one line on stderr and its exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterError as exc:
+            label = "configuration error" if exit_code_for(exc) == ExitCode.CONFIG and not isinstance(
+                exc, StateSchemaError) else "error"
+            click.echo(f"{label}: {redact.scrub(str(exc))}", err=True)
+            ctx.exit(exit_code_for(exc))
 
 
 def _settings(ctx: click.Context) -> AppSettings:
     if "settings" not in ctx.obj:
-        try:
-            ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
-        except ConfigError as exc:
-            click.echo(f"configuration error: {exc}", err=True)
-            ctx.exit(EXIT_CONFIG)
+        ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
     return ctx.obj["settings"]
 
 
 def _tables(ctx: click.Context) -> CodeTables:
-    try:
-        folder = ctx.obj.get("tables_dir") or (_settings(ctx).tables if ctx.obj.get("config_file") else None)
-        return load_tables(folder or None)
-    except ConfigError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        ctx.exit(EXIT_CONFIG)
-        raise  # unreachable: ctx.exit raises
+    folder = ctx.obj.get("tables_dir") or (_settings(ctx).tables if ctx.obj.get("config_file") else None)
+    return load_tables(folder or None)
+
+
+def _state(ctx: click.Context) -> StateBackend:
+    """The state alone, for commands that need no FHIR server (status, review list/show)."""
+    settings = _settings(ctx)
+    state = open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
+                       lease_seconds=settings.worker.lease_seconds)
+    _redact_patients(ctx, settings, state)
+    return state
+
+
+def _service(ctx: click.Context) -> Service:
+    service = Service(_settings(ctx), _tables(ctx))
+    _redact_patients(ctx, service.settings, service.state)
+    return service
+
+
+def _redact_patients(ctx: click.Context, settings: AppSettings, state: StateBackend) -> None:
+    """Patient references in log lines: shown at -vv, hashed when the config asks, omitted otherwise."""
+    if ctx.obj.get("verbose", 0) < 2 and settings.logging.patient_references == "hashed":
+        redact.configure("hashed", state.installation_id())
 
 
 def _emit_diagnostics(report: RunReport, quiet: bool) -> None:
@@ -67,22 +106,25 @@ def output_bundle(report: RunReport) -> dict[str, Any]:
     return transaction_bundle([r for s in report.built.sessions for r in s.resources()])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AdapterGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="charge-adapter")
 @click.option("--tables", "tables_dir", type=click.Path(file_okay=False), envvar="CHARGE_ADAPTER_TABLES",
               help="Folder of code tables and coding settings (default: the bundled config/).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="CHARGE_ADAPTER_CONFIG",
               help="The service's YAML config (server, state, poll, serve); keys can be overridden by "
                    "CHARGE_ADAPTER__SECTION__KEY variables.")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug, with patient references) to "
+                                                  "stderr.")
 @click.pass_context
 def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, verbose: int) -> None:
     """Turn FHIR Procedures for FNA biopsies into CPT-coded ChargeItems and Claims."""
     ctx.ensure_object(dict)
     ctx.obj["tables_dir"] = tables_dir
     ctx.obj["config_file"] = config_file
+    ctx.obj["verbose"] = verbose
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.configure("plain" if verbose >= 2 else "omit")
 
 
 @cli.command("dry-run")
@@ -129,8 +171,8 @@ def _client(server: str, auth_file: str | None, ca_bundle: str | None, client_ce
         if not isinstance(loaded, dict):
             raise ConfigError(auth_file, "", "must be a mapping such as {type: bearer, token_env: FHIR_TOKEN}")
         auth = loaded
-    return make_client(ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "",
-                                      client_cert=client_cert or ""))
+    settings = ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "", client_cert=client_cert or "")
+    return make_client(settings, auth_file or "--server", auth_key="" if auth_file else "server.auth")
 
 
 def server_options(func: Any) -> Any:
@@ -154,93 +196,158 @@ def server_options(func: Any) -> Any:
 @click.pass_context
 def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: str | None,
              client_cert: str | None, since: str | None, dry_run: bool) -> None:
-    """One pass: code the FNA Procedures on the server and write their charges back, idempotently."""
+    """One pass: code the FNA Procedures on the server and write their charges back, idempotently.
+
+    Exits 2 when sessions could not be written for a passing reason (run it again), 1 when something needs
+    review or the server rejected charges.
+    """
     tables = _tables(ctx)
-    try:
-        if server:
-            client = _client(server, auth_file, ca_bundle, client_cert)
-        else:
-            client = make_client(_settings(ctx).server)
-        syncer = Syncer(client, tables, dry_run=dry_run)
-        client.check_server()
-        total = syncer.source.count_changed(since) if sys.stderr.isatty() else None
-        with click.progressbar(length=total or 0, label="Procedures", file=sys.stderr,
-                               hidden=not total) as bar:
-            summary = syncer.sync(since, progress=bar.update)
-    except (AdapterError, OSError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(EXIT_UNREACHABLE)
-    for review in summary.reviews:
-        click.echo(f"review: {review.procedure}: {review.reason}: {review.detail}", err=True)
-    for failure in summary.failures:
-        click.echo(f"failed: session {failure.session} ({', '.join(failure.procedures)}): {failure.reason}",
-                   err=True)
+    if server:
+        client = _client(server, auth_file, ca_bundle, client_cert)
+    else:
+        settings = _settings(ctx)
+        client = make_client(settings.server, settings.source)
+    syncer = Syncer(client, tables, dry_run=dry_run)
+    client.check_server()
+    total = syncer.source.count_changed(since) if sys.stderr.isatty() else None
+    with click.progressbar(length=total or 0, label="Procedures", file=sys.stderr, hidden=not total) as bar:
+        result = syncer.sync(since, progress=bar.update)
+    for review in result.reviews:
+        click.echo(f"review: {review.procedure}: {review.reason}: {result.free_text.mask(review.detail)}", err=True)
+    for failure in result.failures:
+        how = "will succeed on a later run" if failure.retryable else "rejected"
+        click.echo(f"failed ({how}): session {redact.scrub(failure.session)} ({', '.join(failure.procedures)}): "
+                   f"{redact.scrub(failure.reason)}", err=True)
     prefix = "dry run, nothing written: " if dry_run else ""
-    click.echo(prefix + summary.text())
-    ctx.exit(EXIT_REVIEW if summary.reviews or summary.failures else 0)
+    click.echo(prefix + result.text())
+    if result.to_retry:
+        ctx.exit(ExitCode.UNAVAILABLE)
+    ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
 
 
-def _service(ctx: click.Context) -> Service:
-    settings, tables = _settings(ctx), _tables(ctx)
-    try:
-        return Service(settings, tables)
-    except (AdapterError, OSError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(EXIT_UNREACHABLE)
-        raise  # unreachable
+def _stop_on_signals(stop: Callable[[], None]) -> threading.Event:
+    """SIGTERM/SIGINT: finish the session being written, then stop cleanly; returns an event set once stopping.
 
-
-def _lock(ctx: click.Context, service: Service) -> None:
-    try:
-        service.store.lock_instance()
-    except AdapterError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(EXIT_UNREACHABLE)
-
-
-def _stop_on_signals(stop: threading.Event, also: Callable[[], None] | None = None) -> None:
-    """SIGTERM/SIGINT: finish the session being written, then stop cleanly."""
+    The handler only records the signal: calling into threading from a handler can deadlock when a second
+    signal interrupts the first handler inside a lock (two SIGTERMs in a row do that). A watcher thread acts.
+    """
+    received: list[int] = []
+    stopping = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
-        click.echo(f"{signal.Signals(signum).name}: stopping after the current work", err=True)
-        stop.set()
-        if also:
-            also()
+        received.append(signum)
+
+    def watch() -> None:
+        while not received:
+            time.sleep(0.1)
+        click.echo(f"{signal.Signals(received[0]).name}: stopping after the current work", err=True)
+        stop()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    return stopping
+
+
+def _serve_until_stopped(service: Service, loops: list[Loop], server: WaitressServer, path: str,
+                         stop: threading.Event) -> None:
+    """Start the loops and the HTTP server, wait for SIGTERM/SIGINT, stop both; the same for run and serve.
+    `stop` is what the loops' work asks between sessions."""
+    runner = Runner(loops, health=service.health, metrics=service.metrics)
+
+    def stop_all() -> None:
+        stop.set()
+        runner.stop()
+
+    stopping = _stop_on_signals(stop_all)
+    listener = threading.Thread(target=server.run, name="http", daemon=True)
+    runner.start()
+    listener.start()
+    host, port = bound_addresses(server)[0]
+    click.echo(f"listening on http://{host}:{port}{path} (health /healthz, metrics /metrics)", err=True)
+    while not stopping.wait(1.0):
+        pass
+    stop_server(server)
+    if not runner.join(60):
+        click.echo("a loop did not stop within 60 s; exiting anyway", err=True)
+    click.echo("stopped", err=True)
+
+
+def _limits(settings: AppSettings) -> ServerLimits:
+    conf = settings.serve
+    return ServerLimits(threads=conf.threads, connection_limit=conf.connection_limit,
+                        header_timeout=conf.header_timeout_seconds, body_timeout=conf.body_timeout_seconds,
+                        idle_timeout=conf.idle_timeout_seconds, max_body_bytes=conf.max_body_bytes)
+
+
+def _listen(app: Any, settings: AppSettings, metrics: Any) -> WaitressServer:
+    conf = settings.serve
+    try:
+        return serve_app(app, conf.host, conf.port, limits=_limits(settings), metrics=metrics)
+    except ListenError as exc:
+        raise ListenError(f"{exc} (serve.host, serve.port in {settings.source})") from None
+
+
+def _worker_loop(service: Service, stop: threading.Event, wake: threading.Event) -> Loop:
+    return Loop("worker", lambda: 0.0 if service.work_once(stop) else 1.0, wake,
+                service.settings.worker.retry_max_seconds)
+
+
+def _monitor_loop(service: Service) -> Loop:
+    return Loop("monitor", service.monitor, max_backoff=30.0)
 
 
 @cli.command("run")
-@click.option("--once", is_flag=True, help="One poll over the backlog, then exit.")
+@click.option("--once", is_flag=True, help="One poll over the backlog (and the retries due), then exit.")
 @click.pass_context
 def run_cmd(ctx: click.Context, once: bool) -> None:
-    """Poll the FHIR server for changed FNA Procedures from the durable cursor, code and write them, forever."""
+    """Poll the FHIR server for changed FNA Procedures from the durable cursor, code and write them, forever.
+
+    Serves /healthz and /metrics on serve.host:serve.port while it runs (not with --once).
+    """
     service = _service(ctx)
-    _lock(ctx, service)
-    stop = threading.Event()
-    _stop_on_signals(stop)
+    service.state.acquire_instance_lock()
+    if once:
+        _run_once(ctx, service)
+        return
+    stop, wake = threading.Event(), threading.Event()
     interval = service.settings.poll.interval_seconds
-    while not stop.is_set():
-        try:
-            service.client.check_server()
-            total = service.count_backlog() if sys.stderr.isatty() else None
-            with click.progressbar(length=total or 0, label="Procedures", file=sys.stderr, hidden=not total) as bar:
-                summary = service.poll_once(stop, progress=bar.update)
-            click.echo(summary.text(), err=True)
-        except AdapterError as exc:
-            click.echo(f"poll failed, retrying in {interval:.0f} s: {exc}", err=True)
-            if once:
-                ctx.exit(EXIT_UNREACHABLE)
-        except Exception:  # unattended: a bug in one poll must not end the service; the next poll retries
-            logging.getLogger("adapter.service").exception("poll failed unexpectedly; retrying in %.0f s", interval)
-            if once:
-                ctx.exit(EXIT_UNREACHABLE)
-        if once:
-            break
-        stop.wait(interval)
+
+    def poll() -> float:
+        service.client.check_server()
+        result = service.poll_once(stop)
+        if result.procedures or result.failures:
+            click.echo(result.text(), err=True)
+        return interval
+
+    server = _listen(make_app(service.state, None, service.metrics, health=service.health), service.settings,
+                     service.metrics)
+    backoff = max(interval, service.settings.worker.retry_max_seconds)
+    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
+    _serve_until_stopped(service, loops, server, "", stop)
     status = service.status()
-    ctx.exit(EXIT_REVIEW if status.reviews_open else 0)
+    ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
+
+
+def _run_once(ctx: click.Context, service: Service) -> None:
+    """One poll, then whatever queued work is due now; exit 2 if work is left waiting for a retry."""
+    stop = threading.Event()
+    _stop_on_signals(stop.set)
+    service.client.check_server()
+    total = service.count_backlog() if sys.stderr.isatty() else None
+    with click.progressbar(length=total or 0, label="Procedures", file=sys.stderr, hidden=not total) as bar:
+        result = service.poll_once(stop, progress=bar.update)
+    while not stop.is_set() and service.work_once(stop):
+        pass
+    click.echo(result.text(), err=True)
+    status = service.status()
+    waiting = sum(count for state, count in status.queue.items() if state in ("pending", "leased"))
+    if waiting and not stop.is_set():
+        click.echo(f"{waiting} queued item(s) wait for a retry (the FHIR server or the state failed); the next "
+                   "run continues with them", err=True)
+        ctx.exit(ExitCode.UNAVAILABLE)
+    ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
 
 
 @cli.command("serve")
@@ -248,59 +355,37 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
 def serve_cmd(ctx: click.Context) -> None:
     """Receive Subscription notifications and engine pushes, queue them durably, and code them."""
     service = _service(ctx)
-    _lock(ctx, service)
-    conf = service.settings.serve
-    try:
-        token = secret(conf.token_env, "receiver bearer token")
-        hmac_secret = secret(conf.hmac_secret_env, "receiver HMAC secret").encode() if conf.hmac_secret_env else None
-        receiver = ReceiverSettings(token=token, hmac_secret=hmac_secret, base_path=conf.base_path,
-                                    max_body_bytes=conf.max_body_bytes)
-    except (ConfigError, ValueError) as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        ctx.exit(EXIT_CONFIG)
-        return
+    settings = service.settings
+    conf = settings.serve
+    token = secret(settings, "serve.token_env", "receiver bearer token")
+    hmac_secret = secret(settings, "serve.hmac_secret_env", "receiver HMAC secret").encode() \
+        if conf.hmac_secret_env else None
+    receiver = ReceiverSettings(token=token, hmac_secret=hmac_secret, base_path=conf.base_path,
+                                max_body_bytes=conf.max_body_bytes, request_timeout=conf.request_timeout_seconds)
+    service.state.acquire_instance_lock()
     stop, wake = threading.Event(), threading.Event()
-    server = serve_app(make_app(service.store, receiver, service.metrics, on_enqueued=wake.set),
-                       conf.host, conf.port, conf.threads, max_body_bytes=conf.max_body_bytes)
-    _stop_on_signals(stop, also=wake.set)
-    workers = [threading.Thread(target=service.drain, args=(stop, wake), name="worker", daemon=True)]
-    if conf.safety_poll_seconds > 0:
-        workers.append(threading.Thread(target=_safety_poll, args=(service, stop, conf.safety_poll_seconds),
-                                        name="safety-poll", daemon=True))
-    listener = threading.Thread(target=server.run, name="http", daemon=True)
-    for thread in [*workers, listener]:
-        thread.start()
-    host, port = bound_addresses(server)[0]
-    click.echo(f"listening on http://{host}:{port}{receiver.base_path} (health /healthz, metrics /metrics)",
-               err=True)
-    stop.wait()
-    stop_server(server)
-    for thread in workers:
-        thread.join(60)
-    click.echo("stopped", err=True)
-
-
-def _safety_poll(service: Service, stop: threading.Event, every: float) -> None:
-    """Push alone loses events (a sender gives up retrying): poll as a safety net."""
-    while not stop.wait(every):
-        try:
-            service.poll_once(stop)
-        except Exception as exc:  # the next round tries again; the receiver keeps working meanwhile
-            logging.getLogger("adapter.service").warning("safety-net poll failed: %s", exc)
+    app = make_app(service.state, receiver, service.metrics, on_enqueued=wake.set, health=service.health)
+    server = _listen(app, settings, service.metrics)
+    loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
+    if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
+        loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop,
+                          max(conf.safety_poll_seconds, settings.worker.retry_max_seconds)))
+    _serve_until_stopped(service, loops, server, receiver.base_path, stop)
 
 
 @cli.command("status")
 @click.pass_context
 def status_cmd(ctx: click.Context) -> None:
-    """Cursor, lag, queue and review counts from the state file."""
-    service = _service(ctx)
-    st = service.status()
-    lag = f"{st.lag_seconds:.0f} s" if st.lag_seconds is not None else "-"
-    click.echo(f"state:     {service.store.path}")
-    click.echo(f"cursor:    {st.cursor or '(none: the next poll reads everything)'}  lag {lag}")
-    click.echo("queue:     " + (", ".join(f"{k} {v}" for k, v in sorted(st.queue.items())) or "empty"))
-    click.echo(f"review:    {st.reviews_open} open")
-    click.echo(f"processed: {st.processed} Procedure versions")
+    """Cursor, lag, queue and review counts from the state."""
+    state = _state(ctx)
+    stats, counts, queue = state.stats(), state.counts(), state.queue_counts()
+    lag = f"{time.time() - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
+    click.echo(f"state:     {state.location}")
+    click.echo(f"cursor:    {stats.cursor or '(none: the next poll reads everything)'}  lag {lag}")
+    click.echo("queue:     " + (", ".join(f"{k} {v}" for k, v in sorted(queue.items())) or "empty")
+               + (f" ({stats.retry_backlog} waiting for a retry)" if stats.retry_backlog else ""))
+    click.echo(f"review:    {counts['review_open']} open")
+    click.echo(f"processed: {counts['processed']} Procedure versions")
 
 
 @cli.group("review")
@@ -312,8 +397,7 @@ def review_group() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Resolved entries too.")
 @click.pass_context
 def review_list(ctx: click.Context, show_all: bool) -> None:
-    service = _service(ctx)
-    entries = service.store.reviews(None if show_all else "open")
+    entries = _state(ctx).reviews(None if show_all else "open")
     if not entries:
         click.echo("Nothing needs review.")
         return
@@ -326,19 +410,22 @@ def review_list(ctx: click.Context, show_all: bool) -> None:
 @click.argument("review_id", type=int)
 @click.pass_context
 def review_show(ctx: click.Context, review_id: int) -> None:
-    service = _service(ctx)
-    entry = service.store.review(review_id)
+    """Everything about one entry: reason, detail, patients, pushed content, audit trail."""
+    state = _state(ctx)
+    entry = state.review(review_id)
     if entry is None:
         click.echo(f"no review entry {review_id}", err=True)
-        ctx.exit(EXIT_REVIEW)
+        ctx.exit(ExitCode.REVIEW)
         return
-    for name, value in (("id", entry.id), ("procedure", entry.procedure), ("patient", entry.patient or "-"),
-                        ("kind", entry.kind), ("reason", entry.reason), ("status", entry.status),
-                        ("attempts", entry.attempts), ("detail", entry.detail)):
+    pushed = ", ".join(f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources) or "-"
+    for name, value in (("id", entry.id), ("procedure", entry.procedure),
+                        ("patient", ", ".join(entry.patients) or "-"), ("kind", entry.kind),
+                        ("reason", entry.reason), ("status", entry.status), ("attempts", entry.attempts),
+                        ("detail", entry.detail), ("pushed", pushed)):
         click.echo(f"{name + ':':11}{value}")
-    for record in service.store.audit_for(entry.procedure):
-        click.echo(f"audit:     version {record['version']} -> {', '.join(record['codes']) or '-'} "
-                   f"(tables {record['table_version']}) -> {', '.join(record['written']) or 'nothing written'}")
+    for record in state.audit_for(entry.procedure):
+        click.echo(f"audit:     version {record.version} -> {', '.join(record.codes) or '-'} "
+                   f"(tables {record.table_version}) -> {', '.join(record.written) or 'nothing written'}")
 
 
 @review_group.command("replay")
@@ -350,11 +437,14 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
     if (review_id is None) == (not replay_all):
         raise click.UsageError("give one review ID or --all")
     service = _service(ctx)
-    summary = service.replay(None if replay_all else [review_id])  # type: ignore[list-item]
-    click.echo(summary.text())
-    left = service.store.reviews("open")
+    result = service.replay(None if replay_all else [review_id])  # type: ignore[list-item]
+    click.echo(result.text())
+    left = service.state.reviews("open")
     click.echo(f"{len(left)} review entries still open")
-    ctx.exit(EXIT_REVIEW if left else 0)
+    if result.to_retry:
+        click.echo(f"{len(result.to_retry)} session(s) could not be written now; they are queued and retried by "
+                   "run/serve", err=True)
+    ctx.exit(ExitCode.REVIEW if left else ExitCode.OK)
 
 
 @cli.command("subscribe")
@@ -363,15 +453,12 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
 def subscribe_cmd(ctx: click.Context, timeout: float) -> None:
     """Create or update the server's rest-hook Subscription for FNA Procedures pointing at `serve`."""
     service = _service(ctx)
-    try:
-        token = secret(service.settings.serve.token_env, "receiver bearer token")
-        sub = service.subscribe(token, timeout)
-    except AdapterError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(EXIT_UNREACHABLE)
-        return
+    token = secret(service.settings, "serve.token_env", "receiver bearer token")
+    sub = service.subscribe(token, timeout)
     click.echo(f"Subscription/{sub['id']} is active -> {sub['channel']['endpoint']}")
 
 
 def main() -> None:
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr, for a hung process
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="charge-adapter")

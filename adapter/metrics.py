@@ -1,6 +1,6 @@
 """A tiny thread-safe metrics registry rendered in the Prometheus text exposition format (0.0.4).
 
-Small on purpose: the adapter needs a handful of counters and two gauges, and an operator's Prometheus (or
+Small on purpose: the adapter needs a handful of counters and gauges, and an operator's Prometheus (or
 a curl) must be able to read them without the adapter pulling in a client library. Counters only go up;
 gauges are callbacks evaluated at scrape time, so they always show the current state (queue depth, cursor
 lag) instead of a value someone forgot to update.
@@ -26,7 +26,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charge_adapter_coded_total": ("Procedures coded", ()),
     "charge_adapter_written_total": ("ChargeItems and Claims written or voided on the server", ()),
     "charge_adapter_review_total": ("Procedures sent to the review queue", ()),
-    "charge_adapter_failed_total": ("Writes that failed", ()),
+    "charge_adapter_failed_total": ("Sessions whose charges could not be written (rejected or to retry)", ()),
+    "charge_adapter_failures_total": ("Failures by kind: fhir-unreachable, fhir-server, fhir-auth, fhir-conflict, "
+                                      "fhir-rejected, state-unavailable, state, invalid-output, bug", ("kind",)),
+    "charge_adapter_retried_total": ("Work put back to be retried after a failure (items and patients)", ()),
+    "charge_adapter_verified_total": ("Writes whose answer was lost that the server was found to hold exactly", ()),
 }
 """The adapter's counters (help, label names), declared up front so a scrape lists them before anything
 happened: unlabelled ones at 0, labelled ones without samples until their first increment."""

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from adapter.building.resources import BuildResult, build_outputs
 from adapter.coding.engine import CodingResult, Review, code_procedures
 from adapter.config import CodeTables
+from adapter.errors import ExitCode
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts, extract
 from adapter.extraction.relations import link
 from adapter.sources.files import EntryProblem, ReadResult, SourcedResource, read_paths
 
-EXIT_OK, EXIT_REVIEW, EXIT_UNREADABLE = 0, 1, 2
+EXIT_OK, EXIT_REVIEW, EXIT_UNREADABLE = ExitCode.OK, ExitCode.REVIEW, ExitCode.UNAVAILABLE
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Human-facing text: the charges table, the diagnostics list and the `explain` answer to "why this code?".
 
-Nothing here prints patient names: sessions are shown by reference (`Patient/id`) only.
+Nothing here prints patient names: sessions are shown by reference (`Patient/id`) only, and the diagnostics
+(stderr) mask free text from the resources (adapter.redact); `explain` (stdout) is the detailed answer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from adapter.coding.engine import Session
 from adapter.config import CodeTables
 from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
 from adapter.pipeline import RunReport
+from adapter.redact import FreeText
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -34,12 +36,22 @@ def charges_table(report: RunReport) -> str:
     return text_table(("Date", "Patient", "Performer", "CPT", "Mod", "Units", "Procedures", "Claim"), rows)
 
 
+def free_text_of(report: RunReport) -> FreeText:
+    """The free text of every input resource, to keep it out of stderr (see adapter.redact)."""
+    return FreeText.of([*report.index.by_ref.values(), *(item.resource for item in report.index.without_id)])
+
+
 def diagnostics(report: RunReport) -> list[str]:
-    """One line per thing an analyst should know, most urgent first."""
+    """One line per thing an analyst should know, most urgent first.
+
+    These lines go to stderr: free text from the resources is masked and patient references follow the
+    redaction mode; `explain` shows everything.
+    """
+    text = free_text_of(report)
     out = [f"error: cannot read {err}" for err in report.read.unreadable]
     out += [f"error: {p.origin}: {p.reason}" for p in report.problems]
-    out += [f"review: {r.procedure} ({r.origin}): {r.reason}: {r.detail}" for r in report.reviews]
-    out += [f"warning: {w.code}: {w.detail}" for w in report.built.warnings]
+    out += [f"review: {r.procedure} ({r.origin}): {r.reason}: {text.mask(r.detail)}" for r in report.reviews]
+    out += [f"warning: {w.code}: {text.mask(w.detail)}" for w in report.built.warnings]
     out += [f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
             "the copy used was chosen by content, not by recency"
             for ref, origins in report.index.conflicts.items() if not ref.startswith("Procedure/")]

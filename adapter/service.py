@@ -1,41 +1,88 @@
-"""Unattended operation: polling with a durable cursor, draining received work, recording every outcome.
+"""Unattended operation: polling with a durable cursor, working off received and failed work, recording
+every pass in one transaction.
 
 The engine and writer are the ones `sync` uses; this layer adds what running for months needs: the cursor
-(server clock only), de-duplication on Procedure id + versionId, the review queue, the audit log, and one
-lock so two threads never write the same patient's charges at once.
+(server clock only), de-duplication on Procedure id + versionId, the work queue and its retries, the review
+queue, the audit log, claims on patients, and health reports. A write that fails for a passing reason is
+never recorded as done: its patient (or the received item, with what was pushed) stays queued and is
+retried with backoff until it succeeds; only a rejection of our data goes to an analyst.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from adapter.client import FhirClient
+from adapter import redact
+from adapter.client import FhirClient, RetryPolicy
 from adapter.client.auth import auth_from_settings
-from adapter.client.errors import FhirGone, FhirNotFound
+from adapter.client.errors import AuthError, FhirGone, FhirNotFound
 from adapter.config import CodeTables
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, ConfigError, StateError, StateUnavailable
 from adapter.extraction.index import reference_of, version_of
+from adapter.health import Health
 from adapter.metrics import Metrics
+from adapter.runner import LogOnce, WorkPolicy, backoff, failure_kind, is_transient
 from adapter.settings import AppSettings, ServerSettings
-from adapter.state.store import StateStore, WorkItem
+from adapter.sources.notifications import SOURCE_ENGINE
+from adapter.state import open_state
+from adapter.state.base import (
+    RECORDED_OUTCOMES,
+    AuditRecord,
+    NewReview,
+    Outcome,
+    PassRecord,
+    Processed,
+    Retry,
+    ReviewEntry,
+    ReviewKind,
+    StateBackend,
+    WorkItem,
+    WorkKind,
+    patient_work,
+)
 from adapter.sync import Syncer, SyncSummary, split_by_patient
 
 log = logging.getLogger("adapter.service")
 
+PRUNE_EVERY_SECONDS = 3600.0
+MONITOR_EVERY_SECONDS = 5.0
 
-def make_client(server: ServerSettings) -> FhirClient:
+
+def make_client(server: ServerSettings, source: str = "(defaults)", *, auth_key: str = "server.auth",
+                on_reachability: Callable[[bool, str], None] | None = None) -> FhirClient:
+    """The FHIR client for `server`; every problem is a ConfigError naming `source` and the key."""
     if not server.url:
-        raise AdapterError("no FHIR server configured: set server.url in the config file or "
-                           "CHARGE_ADAPTER__SERVER__URL")
-    return FhirClient(server.url, auth=auth_from_settings(server.auth or None),
-                      timeout=(server.connect_timeout, server.read_timeout),
-                      verify=server.ca_bundle or True, cert=server.client_cert or None)
+        raise ConfigError(source, "server.url", "no FHIR server configured: set server.url in the config file, "
+                                                "CHARGE_ADAPTER__SERVER__URL, or --server")
+    auth = dict(server.auth or {})
+    for key, name in auth.items():
+        if key.endswith("_env") and isinstance(name, str):
+            partner = key[:-4] + "_file"
+            if not os.environ.get(name) and not auth.get(partner):
+                raise ConfigError(source, f"{auth_key}.{key}" if auth_key else key,
+                                  f"environment variable {name} is not set or empty")
+    try:
+        credentials = auth_from_settings(auth or None)
+    except AuthError as exc:
+        raise ConfigError(source, auth_key or "auth", str(exc)) from None
+    retry = RetryPolicy(attempts=1) if server.retry_seconds == 0 else RetryPolicy(max_total=server.retry_seconds)
+    try:
+        return FhirClient(server.url, auth=credentials, timeout=(server.connect_timeout, server.read_timeout),
+                          verify=server.ca_bundle or True, cert=server.client_cert or None, retry=retry,
+                          trust_env=server.trust_env, on_reachability=on_reachability)
+    except ValueError as exc:
+        raise ConfigError(source, "server.url", str(exc)) from None
+    except ConfigError as exc:  # a CA bundle or certificate file that vanished since the settings were read
+        key = "server.ca_bundle" if exc.entry == "verify" else "server.client_cert"
+        raise ConfigError(source, key, exc.reason) from None
 
 
 def parse_instant(value: str) -> datetime:
@@ -49,104 +96,234 @@ class Status:
     queue: dict[str, int]
     reviews_open: int
     processed: int
+    retry_backlog: int = 0
+
+
+@dataclass
+class PassResult:
+    """A sync of some patients and the claims it held."""
+
+    summary: SyncSummary
+    claimed: set[str] = field(default_factory=set)
+    busy: set[str] = field(default_factory=set)
+    """Patients another instance was recoding: retried shortly."""
+
+
+@dataclass
+class WorkPlan:
+    """What a batch of work items asks for, and which patients each item touches."""
+
+    patients: set[str] = field(default_factory=set)
+    loose: list[dict[str, Any]] = field(default_factory=list)
+    touches: dict[int, set[str]] = field(default_factory=dict)
+    pushed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per patient: resources an engine pushed (kept on review entries so replay re-applies them)."""
+    polls: list[int] = field(default_factory=list)
+
+
+def pushed_for(resources: Iterable[dict[str, Any]], patient: str) -> list[dict[str, Any]]:
+    """The pushed resources that belong to `patient` (or to nobody in particular, like a BodyStructure)."""
+    out = []
+    for resource in resources:
+        if resource.get("resourceType") == "Patient":
+            owner: str | None = f"Patient/{resource.get('id')}"
+        else:
+            owner = reference_of(resource.get("subject") or resource.get("patient") or resource.get("beneficiary"))
+        if owner is None or owner == patient:
+            out.append(resource)
+    return out
 
 
 class Service:
     def __init__(self, settings: AppSettings, tables: CodeTables, *, client: FhirClient | None = None,
-                 store: StateStore | None = None, metrics: Metrics | None = None) -> None:
+                 state: StateBackend | None = None, metrics: Metrics | None = None,
+                 health: Health | None = None) -> None:
         self.settings = settings
         self.tables = tables
-        self.client = client or make_client(settings.server)
-        self.store = store or StateStore(settings.state_path)
+        self.health = health or Health(settings.health)
+        self.client = client or make_client(settings.server, settings.source, on_reachability=self.health.fhir)
+        self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
+                                         lease_seconds=settings.worker.lease_seconds)
+        self.owner = self.state.instance_id
         self.syncer = Syncer(self.client, tables)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
+        worker = settings.worker
+        self.policy = WorkPolicy(worker.retry_initial_seconds, worker.retry_max_seconds, worker.max_attempts)
         self.write_lock = threading.Lock()
         self.poll_lock = threading.Lock()
-        self.metrics.gauge("charge_adapter_queue_depth", self.store.queue_depth, "Received work not yet processed")
-        self.metrics.gauge("charge_adapter_cursor_lag_seconds", self._cursor_lag,
-                           "Seconds between now and the polling cursor (server clock)")
+        self.failures = LogOnce(log)
+        self._unreturned: list[Retry] = []
+        self._next_prune = 0.0
+        self._register_gauges()
 
-    # -- recording ----------------------------------------------------------------------------------------
+    @property
+    def store(self) -> StateBackend:  # the name before the state contract
+        return self.state
 
-    def record(self, summary: SyncSummary) -> None:
-        """Processed versions, review queue (open/refresh/resolve), audit and metrics for one pass."""
-        outcomes = [o for o in summary.outcomes if o.outcome != "deferred"]  # deferred: done on the next pass
-        patient_of = {o.procedure: o.patient for o in outcomes}
-        self.store.mark_processed([(o.procedure, o.version, o.outcome) for o in outcomes if o.version])
-        keep: set[tuple[str, str]] = set()
+    def _register_gauges(self) -> None:
+        health, gauge = self.health, self.metrics.gauge
+
+        def stat(name: str) -> Callable[[], float | None]:
+            return lambda: getattr(health.stats, name) if health.stats is not None else None
+
+        gauge("charge_adapter_queue_depth", stat("queue_depth"), "Queued work not yet done (received and retries)")
+        gauge("charge_adapter_retry_backlog", stat("retry_backlog"), "Queued work waiting for a retry after failing")
+        gauge("charge_adapter_dead_letters", stat("dead"), "Work given up and sent to review (a bug, not an outage)")
+        gauge("charge_adapter_reviews_open", stat("reviews_open"), "Open review entries")
+        gauge("charge_adapter_oldest_queued_seconds", health.oldest_queued_seconds,
+              "Age of the oldest queued work item (0 when the queue is empty)")
+        gauge("charge_adapter_last_write_success_timestamp_seconds", lambda: health.last_write,
+              "When charges were last written to the FHIR server (Unix time)")
+        gauge("charge_adapter_cursor_lag_seconds", self._cursor_lag,
+              "Seconds between now and the polling cursor (server clock)")
+        gauge("charge_adapter_healthy", lambda: 1 if health.check().ok else 0, "1 when /healthz answers 200")
+
+    # -- one pass -----------------------------------------------------------------------------------------------
+
+    def sync_patients(self, patients: Iterable[str], loose: list[dict[str, Any]] | None = None,
+                      stop: threading.Event | None = None) -> PassResult:
+        """Recode `patients` (claimed for the time of the pass) and write their charges. Records nothing."""
+        wanted = set(patients)
+        with self.write_lock:
+            claimed = self.state.claim_patients(wanted, self.owner, self.settings.worker.lease_seconds) \
+                if wanted else set()
+            try:
+                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None)
+            except BaseException:
+                with suppress(StateError):
+                    self.state.release_patients(claimed, self.owner)
+                raise
+        if summary.written or summary.voided or summary.verified:
+            self.health.wrote()
+        return PassResult(summary, claimed, wanted - claimed)
+
+    def pass_record(self, result: PassResult,
+                    pushed: dict[str, list[dict[str, Any]]] | None = None) -> tuple[PassRecord, dict[str, str]]:
+        """The record of a pass, and the patients that must be retried (with the reason)."""
+        summary, pushed = result.summary, pushed or {}
+        final = [o for o in summary.outcomes if o.outcome in RECORDED_OUTCOMES]
+        patient_of = {o.procedure: o.patient for o in summary.outcomes}
+        record = PassRecord(owner=self.owner, release=sorted(result.claimed))
+        record.processed = [Processed(o.procedure, o.version, o.outcome) for o in final if o.version]
+
+        def content(patients: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+            return tuple(r for p in patients for r in pushed.get(p, []))
+
         for review in summary.reviews:
-            keep.add((review.procedure, review.reason))
-            self.store.open_review(review.procedure, patient_of.get(review.procedure), "needs-review",
-                                   review.reason, review.detail)
-        for failure in summary.failures:
+            record.keep.add((review.procedure, review.reason))
+            patients = _refs(patient_of.get(review.procedure))
+            record.reviews.append(NewReview(review.procedure, ReviewKind.NEEDS_REVIEW, review.reason, review.detail,
+                                            patients, content(patients)))
+        for failure in summary.rejected:
             for proc in failure.procedures:
-                keep.add((proc, "write-failed"))
-                self.store.open_review(proc, patient_of.get(proc), "write-failed", "write-failed", failure.reason)
-        self.store.resolve_reviews(sorted(patient_of), keep)
-        self.store.audit([
-            {"procedure": o.procedure, "version": o.version, "session": o.session, "codes": list(o.codes),
-             "table_version": self.tables.version, "written": list(o.written)}
-            for o in outcomes if o.written or o.outcome == "failed"])
-        self.metrics.inc("charge_adapter_coded_total", sum(1 for o in outcomes if o.outcome == "coded"))
+                record.keep.add((proc, ReviewKind.WRITE_REJECTED))
+                patients = failure.patients or _refs(patient_of.get(proc))
+                record.reviews.append(NewReview(proc, ReviewKind.WRITE_REJECTED, ReviewKind.WRITE_REJECTED,
+                                                failure.reason, patients, content(patients)))
+        record.resolve = sorted({o.procedure for o in final})
+        record.audit = [AuditRecord(o.procedure, o.version, o.session, o.codes, self.tables.version, o.written)
+                        for o in final if o.written or o.outcome == Outcome.FAILED]
+        failing: dict[str, str] = {}
+        for failure in summary.to_retry:
+            for patient in failure.patients:
+                failing.setdefault(patient, f"{failure.kind}: {failure.reason}")
+        for o in summary.outcomes:
+            if o.outcome == Outcome.RETRY and o.patient:
+                failing.setdefault(o.patient, "its session could not be written")
+        for patient in result.busy:
+            failing.setdefault(patient, "another instance was recoding this patient")
+        self._count(summary, final)
+        return record, failing
+
+    def _count(self, summary: SyncSummary, final: list[Any]) -> None:
+        self.metrics.inc("charge_adapter_coded_total", sum(1 for o in final if o.outcome == Outcome.CODED))
         self.metrics.inc("charge_adapter_written_total", summary.written + summary.voided)
         self.metrics.inc("charge_adapter_review_total", len({r.procedure for r in summary.reviews}))
         self.metrics.inc("charge_adapter_failed_total", len(summary.failures))
+        self.metrics.inc("charge_adapter_verified_total", summary.verified)
+        for failure in summary.failures:
+            self.metrics.inc("charge_adapter_failures_total", kind=failure.kind)
+        if summary.to_retry:
+            failure = summary.to_retry[0]
+            self.failures.failed_as("writing charges", failure.kind,
+                                    f"{len(summary.to_retry)} session(s) not written, queued for retry: "
+                                    f"{redact.scrub(failure.reason)}")
+        elif summary.written or summary.voided or summary.verified:
+            self.failures.succeeded("writing charges")
 
-    def sync_patients(self, patients: set[str], loose: list[dict[str, Any]] | None = None,
-                      stop: threading.Event | None = None) -> SyncSummary:
-        with self.write_lock:
-            summary = self.syncer.sync_patients(patients, loose or [], stop.is_set if stop else None)
-        self.record(summary)
-        return summary
+    def retry_work(self, failing: dict[str, str], source: str = "retry") -> list[WorkItem]:
+        """Queued work that recodes each failing patient after a backoff (one queued item per patient)."""
+        now, conf = time.time(), self.settings.worker
+        if failing:
+            self.metrics.inc("charge_adapter_retried_total", len(failing))
+        return [patient_work(p, reason, now + backoff(1, conf.retry_initial_seconds, conf.retry_max_seconds),
+                             source) for p, reason in sorted(failing.items())]
 
-    # -- polling ------------------------------------------------------------------------------------------
+    # -- polling ------------------------------------------------------------------------------------------------
 
-    def _cursor_lag(self) -> float:
-        cursor = self.store.cursor()
-        return max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else 0.0
+    def _cursor_lag(self) -> float | None:
+        stats = self.health.stats
+        cursor = stats.cursor if stats is not None else None
+        return max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
 
     def poll_once(self, stop: threading.Event | None = None,
                   progress: Callable[[int], None] | None = None) -> SyncSummary:
         """Everything changed since the cursor (minus the overlap window), page by page, oldest first.
 
-        The cursor moves to the newest `meta.lastUpdated` of a page only after that page was processed, so
-        a crash re-reads at most one page, and what was read twice is skipped by id + versionId.
+        Each page is recorded in one transaction with the cursor moved to its newest `meta.lastUpdated`: a
+        crash re-reads at most one page, and what was read twice is skipped by id + versionId. Patients whose
+        charges could not be written are queued for retry in the same transaction.
         """
         with self.poll_lock:  # the worker's triggered polls and the safety-net poll never overlap
             return self._poll(stop, progress)
 
     def _poll(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
-        cursor = self.store.cursor()
-        since = self._since(cursor)
+        cursor = self.state.cursor()
+        deletes_from = self.state.cursor("deletes") or cursor
         total = SyncSummary()
-        for page in self.syncer.source.changed_pages(since):
-            fresh = [p for p in page if not self.store.seen(f"Procedure/{p.get('id')}", version_of(p))]
+        for page in self.syncer.source.changed_pages(self._since(cursor)):
+            record = PassRecord(owner=self.owner)
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            deferred = False
             if fresh:
                 patients, loose = split_by_patient(fresh)
-                summary = self.sync_patients(patients, loose, stop)
-                total.add(summary)
-                if summary.deferred:
-                    break  # stopping mid-page: the cursor stays, the next start redoes what is left
+                result = self.sync_patients(patients, loose, stop)
+                total.add(result.summary)
+                record, failing = self.pass_record(result)
+                record.due += self.retry_work(failing)
+                deferred = result.summary.deferred
             newest = max((p.get("meta") or {}).get("lastUpdated", "") for p in page)
-            if newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
-                self.store.set_cursor(newest)
-                cursor = newest
+            if not deferred and newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
+                record.cursors["poll"] = cursor = newest
+            self.state.record_pass(record)
+            if deferred:
+                return total  # stopping mid-page: the cursor stays, the next start redoes what is left
             if progress:
                 progress(len(page))
             if stop is not None and stop.is_set():
                 return total
-        if since:
-            total.add(self._deleted_since(since))
+        if deletes_from and cursor:
+            total.add(self._deleted_since(self._since(deletes_from) or deletes_from, cursor))
         return total
 
-    def _deleted_since(self, since: str) -> SyncSummary:
-        """Deleted Procedures: recode the patients they were billed to, so their charges are voided."""
-        deleted = [ref for ref in self.syncer.source.deleted_since(since) if not self.store.seen(ref, "deleted")]
+    def _deleted_since(self, since: str, cursor: str) -> SyncSummary:
+        """Deleted Procedures: recode the patients they were billed to, so their charges are voided.
+
+        Deletes have their own cursor, moved only when they were all handled, so a failure reads them again.
+        """
+        deleted = [ref for ref in self.syncer.source.deleted_since(since) if not self.state.seen(ref, "deleted")]
         patients = {p for ref in deleted for p in self._patients_billed_for(ref)}
-        summary = self.sync_patients(patients) if patients else SyncSummary()
-        self.store.mark_processed([(ref, "deleted", "deleted") for ref in deleted])
-        self.store.resolve_reviews(deleted)  # nothing left for an analyst to fix
+        record, summary = PassRecord(owner=self.owner), SyncSummary()
+        if patients:
+            result = self.sync_patients(patients)
+            summary = result.summary
+            record, failing = self.pass_record(result)
+            record.due += self.retry_work(failing)
+        record.processed += [Processed(ref, "deleted", Outcome.DELETED) for ref in deleted]
+        record.resolve += deleted  # nothing left for an analyst to fix
+        record.cursors["deletes"] = cursor
+        self.state.record_pass(record)
         return summary
 
     def _since(self, cursor: str | None) -> str | None:
@@ -156,9 +333,7 @@ class Service:
         return (parse_instant(cursor) - timedelta(seconds=self.settings.poll.overlap_seconds)).isoformat()
 
     def count_backlog(self) -> int | None:
-        return self.syncer.source.count_changed(self._since(self.store.cursor()))
-
-    # -- received work ------------------------------------------------------------------------------------
+        return self.syncer.source.count_changed(self._since(self.state.cursor()))
 
     def _patients_billed_for(self, reference: str) -> set[str]:
         """Whose charges bill this (deleted) Procedure: their sessions need recoding."""
@@ -166,92 +341,243 @@ class Service:
             "service": reference, "identifier": f"{self.tables.settings.charge_identifier_system}|"})
         return {r for r in (reference_of(i.get("subject")) for i in items) if r}
 
-    def process_items(self, items: list[WorkItem]) -> SyncSummary | None:
-        """Turn a batch of received work into one recoding of the patients it touches."""
-        patients: set[str] = set()
-        loose: list[dict[str, Any]] = []
-        poll = False
+    # -- queued work ----------------------------------------------------------------------------------------------
+
+    def work_once(self, stop: threading.Event | None = None) -> int:
+        """Lease one batch of due work and settle every item: done, retried with its own backoff, or given up.
+
+        A batch is coded together (one read of the patients, one write per session). If the batch fails as a
+        whole for a reason that is not an outage, each item is tried alone, so one poison item never fails
+        or stalls its neighbours. Returns the number of items leased.
+        """
+        if self._unreturned:  # items of a turn whose state write failed: put them back first
+            self.state.retry(self._unreturned)
+            self._unreturned = []
+        items = self.state.lease(self.settings.worker.batch, owner=self.owner)
+        if not items:
+            return 0
+        try:
+            self._work(items, stop)
+        except StateUnavailable:
+            self._unreturned = [Retry(i.id, 0.0, "the state was unavailable") for i in items]
+            raise
+        except Exception as exc:
+            if len(items) > 1 and not is_transient(exc):
+                for item in items:
+                    try:
+                        self._work([item], stop)
+                    except Exception as single:
+                        self._give_back([item], single)
+            else:
+                self._give_back(items, exc)
+        else:
+            self.failures.succeeded("work")
+        return len(items)
+
+    def _work(self, items: list[WorkItem], stop: threading.Event | None) -> None:
+        plan = self.plan_work(items)
+        if plan.polls:
+            self.poll_once(stop)
+        record, failing = PassRecord(owner=self.owner), {}
+        deferred: set[str] = set()
+        if plan.patients or plan.loose:
+            result = self.sync_patients(plan.patients, plan.loose, stop)
+            record, failing = self.pass_record(result, plan.pushed)
+            deferred = {o.patient for o in result.summary.outcomes if o.outcome == Outcome.DEFERRED and o.patient}
+        now = time.time()
+        covered: set[str] = set()
+        for item in items:
+            touched = plan.touches.get(item.id, set())
+            covered |= touched
+            reasons = sorted(failing[p] for p in touched if p in failing)
+            if reasons:
+                delay = backoff(item.attempts, self.policy.initial, self.policy.maximum)
+                record.retried.append(Retry(item.id, now + delay, reasons[0]))
+            elif touched & deferred:
+                record.retried.append(Retry(item.id, 0.0, "deferred: the process was stopping"))
+            else:
+                record.acked.append(item.id)
+        record.due += self.retry_work({p: r for p, r in failing.items() if p not in covered})
+        if record.retried:
+            self.metrics.inc("charge_adapter_retried_total", len(record.retried))
+        self.state.record_pass(record)
+
+    def plan_work(self, items: list[WorkItem]) -> WorkPlan:
+        """Which patients and pushed resources a batch asks for (reads the server for id-only work)."""
+        plan = WorkPlan()
         for item in items:
             payload = item.payload
-            if item.kind == "procedure":
+            touched: set[str] = set()
+            if item.kind == WorkKind.PROCEDURE:
                 resource = payload["resource"]
-                ref = f"Procedure/{resource.get('id')}"
-                if item.source != "engine" and version_of(resource) and self.store.seen(ref, version_of(resource)):
-                    continue  # the same notification again: already coded
-                subject = reference_of(resource.get("subject"))
-                if item.source == "engine" or not subject:
-                    loose.append(resource)
-                if subject:
-                    patients.add(subject)
-            elif item.kind == "resources":
-                loose += payload["resources"]
-                patients |= {r for r in (reference_of(x.get("subject")) for x in payload["resources"]
-                                         if x.get("resourceType") == "Procedure") if r}
-            elif item.kind == "delete":
-                patients |= self._patients_billed_for(payload["reference"])
-            elif item.kind == "fetch":
-                kind, rid = payload["reference"].split("/", 1)
-                try:
-                    resource = self.client.read(kind, rid)
-                except (FhirNotFound, FhirGone):
-                    patients |= self._patients_billed_for(payload["reference"])
-                    continue
-                subject = reference_of(resource.get("subject"))
-                if subject:
-                    patients.add(subject)
-            elif item.kind == "poll":
-                poll = True
-        summary = self.sync_patients(patients, loose) if patients or loose else None
-        if poll:
-            polled = self.poll_once()
-            if summary is None:
-                return polled
-            summary.add(polled)
-        return summary
+                ref, version = f"Procedure/{resource.get('id')}", version_of(resource)
+                if item.source == SOURCE_ENGINE or not (version and self.state.seen(ref, version)):
+                    subject = reference_of(resource.get("subject"))
+                    if item.source == SOURCE_ENGINE or not subject:
+                        plan.loose.append(resource)
+                    if subject:
+                        touched.add(subject)
+                        if item.source == SOURCE_ENGINE:
+                            plan.pushed.setdefault(subject, []).append(resource)
+            elif item.kind == WorkKind.RESOURCES:
+                resources = payload["resources"]
+                plan.loose += resources
+                subjects = {r for r in (reference_of(x.get("subject")) for x in resources
+                                        if x.get("resourceType") == "Procedure") if r}
+                touched |= subjects
+                for patient in subjects:
+                    plan.pushed.setdefault(patient, []).extend(pushed_for(resources, patient))
+            elif item.kind == WorkKind.DELETE:
+                touched |= self._patients_billed_for(payload["reference"])
+            elif item.kind == WorkKind.FETCH:
+                touched |= self._patients_of_procedure(payload["reference"])
+            elif item.kind == WorkKind.PATIENT:
+                touched.add(payload["reference"])
+            elif item.kind == WorkKind.POLL:
+                plan.polls.append(item.id)
+            plan.patients |= touched
+            plan.touches[item.id] = touched
+        return plan
 
-    def drain(self, stop: threading.Event, wake: threading.Event) -> None:
-        """Worker loop: lease work, process it, mark it done; transient failures go back to the queue."""
-        batch = self.settings.worker.batch
-        while not stop.is_set():
-            items = self.store.take(batch)
-            if not items:
-                wake.wait(1.0)
-                wake.clear()
-                continue
-            ids = [i.id for i in items]
+    def _patients_of_procedure(self, reference: str) -> set[str]:
+        """The patient of a Procedure on the server, or, when it is gone, the patients it was billed to."""
+        kind, rid = reference.split("/", 1)
+        try:
+            resource = self.client.read(kind, rid)
+        except (FhirNotFound, FhirGone):
+            return self._patients_billed_for(reference)
+        subject = reference_of(resource.get("subject"))
+        return {subject} if subject else set()
+
+    def _give_back(self, items: list[WorkItem], exc: BaseException) -> None:
+        """Failed items go back with their own backoff, or, past their attempts, to review."""
+        kind = failure_kind(exc)
+        reason = f"{kind}: {redact.scrub(str(exc)) or type(exc).__name__}"
+        self.metrics.inc("charge_adapter_failures_total", len(items), kind=kind)
+        self.failures.failed("work", exc, f"failed for {len(items)} item(s)")
+        retries, dead = [], []
+        now = time.time()
+        for item in items:
+            delay = self.policy.decide(item.attempts, exc)
+            if delay is None:
+                dead.append(item)
+            else:
+                retries.append(Retry(item.id, now + delay, reason))
+        if retries:
+            self.metrics.inc("charge_adapter_retried_total", len(retries))
             try:
-                self.process_items(items)
-            except Exception as exc:
-                final = max(i.attempts for i in items) >= self.settings.worker.max_attempts
-                log.warning("work items %s failed (attempt %d): %s", ids, max(i.attempts for i in items), exc)
-                self.store.finish(ids, str(exc), retry=not final)
-                if final:
-                    for item in items:
-                        ref = (item.payload.get("reference") or
-                               f"Procedure/{(item.payload.get('resource') or {}).get('id', '?')}")
-                        self.store.open_review(ref, None, "write-failed", "processing-failed",
-                                               f"{item.kind} from {item.source}: {exc}")
-                stop.wait(min(30.0, 2.0 ** max(i.attempts for i in items)))
-                continue
-            self.store.finish(ids)
+                self.state.retry(retries)
+            except StateUnavailable:
+                self._unreturned += [Retry(r.id, 0.0, r.error) for r in retries]
+                raise
+        for item in dead:
+            log.error("work item %d (%s from %s) failed %d times; sent to review", item.id, item.kind, item.source,
+                      item.attempts)
+            self.state.dead_letter([item.id], reason, self._failed_reviews(item, reason))
 
-    # -- analysts -------------------------------------------------------------------------------------------
+    def _failed_reviews(self, item: WorkItem, reason: str) -> list[NewReview]:
+        """Review entries for an item given up: with its patients and, for pushed content, the content."""
+        detail = f"{item.kind} from {item.source} failed {item.attempts} times: {reason}"
+        kind = ReviewKind.PROCESSING_FAILED
+        payload = item.payload
+        if item.kind == WorkKind.PROCEDURE:
+            resource = payload["resource"]
+            patients = _refs(reference_of(resource.get("subject")))
+            pushed = (resource,) if item.source == SOURCE_ENGINE else ()
+            return [NewReview(f"Procedure/{resource.get('id')}", kind, kind, detail, patients, pushed)]
+        if item.kind == WorkKind.RESOURCES:
+            resources = payload["resources"]
+            out = []
+            for proc in (r for r in resources if r.get("resourceType") == "Procedure"):
+                patient = reference_of(proc.get("subject"))
+                content = pushed_for(resources, patient) if patient else [proc]
+                out.append(NewReview(f"Procedure/{proc.get('id')}", kind, kind, detail, _refs(patient), tuple(content)))
+            return out
+        if item.kind == WorkKind.PATIENT:
+            return [NewReview(payload["reference"], kind, kind, detail, (payload["reference"],))]
+        if item.kind == WorkKind.POLL:
+            return [NewReview("(poll)", kind, kind, detail)]
+        return [NewReview(payload["reference"], kind, kind, detail)]
+
+    # -- health and housekeeping --------------------------------------------------------------------------------
+
+    def monitor(self) -> float:
+        """A heartbeat write (is the state writable?), fresh stats for /healthz and /metrics, hourly pruning."""
+        try:
+            self.state.heartbeat()
+        except StateUnavailable as exc:
+            self.health.state_failed(exc.reason)
+            raise
+        self.health.state_ok()
+        self.health.set_stats(self.state.stats())
+        if time.monotonic() >= self._next_prune:
+            self.prune()
+            self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+        return MONITOR_EVERY_SECONDS
+
+    def prune(self) -> dict[str, int]:
+        conf, now = self.settings.state, time.time()
+        removed = self.state.prune(now - conf.done_retention_days * 86400, now - conf.audit_retention_days * 86400)
+        if any(removed.values()):
+            log.info("pruned %d finished work items, %d audit rows, %d expired claims", removed["queue"],
+                     removed["audit"], removed["claims"])
+        return removed
+
+    # -- analysts ---------------------------------------------------------------------------------------------------
 
     def replay(self, review_ids: list[int] | None = None) -> SyncSummary:
-        """Re-run open review entries (all when None) after the data or the tables were fixed. Idempotent."""
-        entries = self.store.reviews("open")
+        """Re-run open review entries (all when None) after the data or the tables were fixed. Idempotent.
+
+        Each entry's patients are recoded from the server, with the resources that were pushed to the adapter
+        (kept on the entry) applied again exactly as received.
+        """
+        entries = self.state.reviews("open")
         if review_ids is not None:
             wanted = set(review_ids)
             entries = [e for e in entries if e.id in wanted]
-        patients = {e.patient for e in entries if e.patient}
-        summary = self.sync_patients(patients) if patients else SyncSummary()
-        return summary
+        patients: set[str] = set()
+        loose: dict[str, dict[str, Any]] = {}
+        poll = False
+        for entry in entries:
+            found = self._replay_patients(entry)
+            if found is None:
+                poll = True
+            patients |= found or set()
+            for resource in entry.resources:
+                loose[f"{resource.get('resourceType')}/{resource.get('id')}"] = resource
+        total = self.poll_once() if poll else SyncSummary()
+        if not patients and not loose:
+            self.state.record_pass(PassRecord(resolve_ids=[e.id for e in entries
+                                                           if e.kind == ReviewKind.PROCESSING_FAILED]))
+            return total
+        result = self.sync_patients(patients, list(loose.values()))
+        record, failing = self.pass_record(result, _pushed_by_patient(entries))
+        record.due += self.retry_work(failing)
+        record.resolve_ids = [e.id for e in entries if e.kind == ReviewKind.PROCESSING_FAILED
+                              and not set(e.patients) & set(failing)]
+        self.state.record_pass(record)
+        total.add(result.summary)
+        return total
+
+    def _replay_patients(self, entry: ReviewEntry) -> set[str] | None:
+        """Whom an entry recodes; None when only a poll can tell."""
+        if entry.patients:
+            return set(entry.patients)
+        if entry.procedure.startswith("Patient/"):
+            return {entry.procedure}
+        if entry.procedure.startswith("Procedure/") and not entry.resources:
+            return self._patients_of_procedure(entry.procedure)
+        if entry.resources:
+            return set()
+        return None
 
     def status(self) -> Status:
-        counts = self.store.counts()
-        cursor = self.store.cursor()
-        return Status(cursor, self._cursor_lag() if cursor else None, self.store.queue_counts(),
-                      counts["review_open"], counts["processed"])
+        counts = self.state.counts()
+        stats = self.state.stats()
+        cursor = stats.cursor
+        lag = max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
+        return Status(cursor, lag, self.state.queue_counts(), counts["review_open"], counts["processed"],
+                      stats.retry_backlog)
 
     def subscribe(self, token: str, timeout: float = 90.0) -> dict[str, Any]:
         """Create or update our Subscription for FNA Procedures and wait until the server activates it."""
@@ -274,3 +600,15 @@ class Service:
                                    f"{' after ' + str(int(timeout)) + ' s' if current.get('status') != 'error' else ''}"
                                    f": {current.get('error', '')}")
             time.sleep(1.0)
+
+
+def _refs(reference: str | None) -> tuple[str, ...]:
+    return (reference,) if reference else ()
+
+
+def _pushed_by_patient(entries: list[ReviewEntry]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        for patient in entry.patients:
+            out.setdefault(patient, []).extend(entry.resources)
+    return out

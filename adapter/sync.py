@@ -12,25 +12,44 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapter import redact
 from adapter.client import FhirClient
+from adapter.client.errors import (
+    FhirConflict,
+    FhirHttpError,
+    FhirRateLimited,
+    FhirServerError,
+    FhirTransportError,
+    FhirUnauthorized,
+)
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
 from adapter.extraction.index import reference_of, version_of
 from adapter.extraction.procedures import Disposition, Kind
 from adapter.pipeline import RunReport, process
-from adapter.sinks.reconcile import Plan, plan
+from adapter.redact import FreeText
+from adapter.runner import failure_kind
+from adapter.sinks.reconcile import IGNORED, Plan, SessionPlan, plan
 from adapter.sources.files import SourcedResource
 from adapter.sources.server import ServerSource
+from adapter.state.base import Outcome
 
 log = logging.getLogger("adapter.sync")
 
 
 @dataclass(frozen=True)
 class WriteFailure:
+    """A session the server did not take. `retryable`: the reason may pass (no answer, 5xx, 429, a conflict,
+    credentials); otherwise the server refused our data (4xx) and a person has to look."""
+
     session: str
     procedures: tuple[str, ...]
     reason: str
+    patients: tuple[str, ...] = ()
+    retryable: bool = False
+    kind: str = "fhir-rejected"
+    """`adapter.runner.failure_kind` of the error: a metric label and the unit of "log once"."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,8 @@ class ProcedureOutcome:
     version: str
     patient: str | None
     outcome: str
-    """`coded`, `no-charge`, `review`, `failed`, or `deferred` (not written: the process was stopping)."""
+    """An `adapter.state.Outcome`: coded, no-charge, review, failed (rejected), retry (not written for a
+    passing reason) or deferred (not written: the process was stopping)."""
     session: str = ""
     codes: tuple[str, ...] = ()
     written: tuple[str, ...] = ()
@@ -60,22 +80,77 @@ class SyncSummary:
     reviews: list[Review] = field(default_factory=list)
     failures: list[WriteFailure] = field(default_factory=list)
     outcomes: list[ProcedureOutcome] = field(default_factory=list)
+    verified: int = 0
+    """Sessions whose answer was lost (or was a conflict on a retry) and that the server holds exactly."""
+    free_text: FreeText = field(default_factory=FreeText)
+    """The free text of the resources coded, to mask it wherever a detail is printed or logged."""
 
     def add(self, other: SyncSummary) -> None:
-        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected"):
+        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected",
+                     "verified"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reviews += other.reviews
         self.failures += other.failures
         self.outcomes += other.outcomes
+        self.free_text.add(other.free_text)
 
     @property
     def deferred(self) -> bool:
-        return any(o.outcome == "deferred" for o in self.outcomes)
+        return any(o.outcome == Outcome.DEFERRED for o in self.outcomes)
+
+    @property
+    def rejected(self) -> list[WriteFailure]:
+        return [f for f in self.failures if not f.retryable]
+
+    @property
+    def to_retry(self) -> list[WriteFailure]:
+        return [f for f in self.failures if f.retryable]
 
     def text(self) -> str:
+        retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
+        verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
         return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
-                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}")
+                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
+                f"{verified}")
+
+
+def outcome_unknown(exc: FhirError) -> bool:
+    """Whether the server may have committed a write that failed like this (then ask the server)."""
+    if isinstance(exc, FhirTransportError | FhirServerError | FhirConflict):
+        return True
+    return not isinstance(exc, FhirHttpError)  # e.g. a 2xx whose body was cut: committed, answer unreadable
+
+
+def retryable(exc: FhirError) -> bool:
+    """A failed write that may succeed later: no usable answer, 5xx, 429, a conflict (the next pass re-reads),
+    refused credentials. A 4xx about our data (400, 404, 422 ...) will fail again: review."""
+    if isinstance(exc, FhirHttpError):
+        return isinstance(exc, FhirServerError | FhirRateLimited | FhirConflict | FhirUnauthorized) \
+            or exc.status == 408
+    return True
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in IGNORED}
+
+
+def _identifier_value(resource: dict[str, Any], system: str) -> str | None:
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("system") == system:
+            return ident.get("value")
+    return None
+
+
+def _patients_of(session: SessionPlan) -> set[str]:
+    """The patients a session's charges belong to (ChargeItem.subject, Claim.patient)."""
+    found = set()
+    for entry in session.entries:
+        resource = entry["resource"]
+        ref = reference_of(resource.get("subject") or resource.get("patient"))
+        if ref:
+            found.add(ref)
+    return found
 
 
 def split_by_patient(procedures: Iterable[dict[str, Any]]) -> tuple[set[str], list[dict[str, Any]]]:
@@ -116,10 +191,12 @@ class Syncer:
         report = process([*ctx.resources, *extra], self.tables)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
         summary = self._summarise(report, writes, len(wanted))
+        summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
+        failed: dict[str, WriteFailure] = {}
         if not self.dry_run:
-            self._write(writes, summary, should_stop)
-        summary.outcomes = self._outcomes(report, writes)
+            failed = self._write(writes, summary, should_stop)
+        summary.outcomes = self._outcomes(report, writes, failed)
         return summary
 
     def sync(self, since: str | None = None,
@@ -144,7 +221,10 @@ class Syncer:
             sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
             unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
 
-    def _write(self, writes: Plan, summary: SyncSummary, should_stop: Callable[[], bool] | None = None) -> None:
+    def _write(self, writes: Plan, summary: SyncSummary,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, WriteFailure]:
+        """Send each session's transaction; returns the failures by session label."""
+        failed: dict[str, WriteFailure] = {}
         for session in writes.sessions:
             if should_stop is not None and should_stop():
                 session.deferred = True
@@ -153,19 +233,80 @@ class Syncer:
                 continue
             try:
                 response = self.client.transaction(session.bundle())
+                locations = [loc for loc in ((e.get("response") or {}).get("location")
+                                             for e in response.get("entry") or []) if loc]
             except FhirError as exc:
-                log.warning("session %s rejected: %s", session.label, exc)
-                session.failure = str(exc)
-                summary.failures.append(WriteFailure(session.label, tuple(session.procedures), str(exc)))
-                continue
+                verified = self._verify(session) if outcome_unknown(exc) else None
+                if verified is None:
+                    failure = WriteFailure(session.label, tuple(session.procedures), str(exc),
+                                           tuple(sorted(_patients_of(session))), retryable(exc), failure_kind(exc))
+                    failed[session.label] = failure
+                    session.failure = failure.reason
+                    summary.failures.append(failure)
+                    level = logging.INFO if failure.retryable else logging.WARNING
+                    log.log(level, "session %s not written%s: %s", redact.scrub(session.label),
+                            " (will retry)" if failure.retryable else " (rejected: review)",
+                            redact.scrub(str(exc)))
+                    continue
+                log.info("session %s: %s, but the server holds exactly what was sent: written",
+                         redact.scrub(session.label), redact.scrub(str(exc)))
+                summary.verified += 1
+                locations = verified
             summary.written += len(session.entries) - session.voids
             summary.voided += session.voids
-            for entry in response.get("entry") or []:
-                location = (entry.get("response") or {}).get("location")
-                if location:
-                    session.written.append(location)
+            session.written += locations
+        return failed
 
-    def _outcomes(self, report: RunReport, writes: Plan) -> list[ProcedureOutcome]:
+    def _verify(self, session: SessionPlan) -> list[str] | None:
+        """After a write whose outcome is unknown: `Type/id/_history/n` of every entry when the server holds
+        exactly the content the session meant to write, None otherwise (or when the server cannot tell).
+
+        Conditional entries are found by our deterministic identifiers, voids by id; a few searches at most.
+        """
+        by_identifier: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        by_id: dict[str, dict[str, dict[str, Any]]] = {}
+        for entry in session.entries:
+            resource = entry["resource"]
+            kind = resource["resourceType"]
+            if "?" in entry["request"]["url"]:
+                ident = resource["identifier"][0]
+                by_identifier.setdefault((kind, ident["system"]), {})[ident["value"]] = resource
+            else:
+                by_id.setdefault(kind, {})[resource["id"]] = resource
+        locations: list[str] = []
+        try:
+            for (kind, system), wanted in by_identifier.items():
+                found = list(self.client.search_all(kind, {
+                    "identifier": ",".join(f"{system}|{value}" for value in sorted(wanted)),
+                    "_count": str(len(wanted) + 10)}, via_post=True))
+                if not self._holds(found, wanted, lambda r, system=system: _identifier_value(r, system), locations):
+                    return None
+            for kind, wanted in by_id.items():
+                found = list(self.client.search_all(kind, {"_id": ",".join(sorted(wanted)),
+                                                           "_count": str(len(wanted) + 10)}, via_post=True))
+                if not self._holds(found, wanted, lambda r: r.get("id"), locations):
+                    return None
+        except FhirError as exc:
+            log.info("could not check the server after a failed write: %s", redact.scrub(str(exc)))
+            return None
+        return locations
+
+    @staticmethod
+    def _holds(found: list[dict[str, Any]], wanted: dict[str, dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+               locations: list[str]) -> bool:
+        on_server: dict[Any, list[dict[str, Any]]] = {}
+        for resource in found:
+            on_server.setdefault(key(resource), []).append(resource)
+        for value, resource in wanted.items():
+            matches = on_server.get(value) or []
+            if len(matches) != 1 or _content(matches[0]) != _content(resource):
+                return False
+            current = matches[0]
+            version = (current.get("meta") or {}).get("versionId")
+            locations.append(f"{current['resourceType']}/{current['id']}" + (f"/_history/{version}" if version else ""))
+        return True
+
+    def _outcomes(self, report: RunReport, writes: Plan, failed: dict[str, WriteFailure]) -> list[ProcedureOutcome]:
         by_label = {s.label: s for s in writes.sessions}
         reviewed = {r.procedure for r in report.reviews}
         held = {p.ref for s in report.coding.sessions if s.held for p in s.procedures}
@@ -175,20 +316,21 @@ class Syncer:
             if facts.kind is not Kind.FNA:
                 continue
             version = version_of(facts.resource)
-            patient = reference_of(facts.resource.get("subject"))
+            patient = facts.patient or reference_of(facts.resource.get("subject"))
             if facts.disposition in (Disposition.NO_CHARGE, Disposition.MERGED):  # merged: billed under another
-                out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))
+                out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE))
             elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
-                out.append(ProcedureOutcome(facts.ref, version, patient, "review"))
+                out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.REVIEW))
             else:
                 session = coded[facts.ref]
-                sp = by_label.get(session.key.text())
+                label = session.key.text()
+                sp = by_label.get(label)
                 codes = tuple(f"{ln.label} x{ln.units}" for ln in session.lines if facts.ref in ln.procedures)
-                state = "coded"
-                if sp is not None and sp.failure is not None:
-                    state = "failed"
+                state = Outcome.CODED
+                if label in failed:
+                    state = Outcome.RETRY if failed[label].retryable else Outcome.FAILED
                 elif sp is not None and sp.deferred:
-                    state = "deferred"
+                    state = Outcome.DEFERRED
                 out.append(ProcedureOutcome(facts.ref, version, patient, state, session.key.text(), codes,
                                             tuple(sp.written) if sp else ()))
         return out

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import generate, put_all
 
 from adapter.client import FhirClient
-from adapter.state.store import StateStore, WorkItem
+from adapter.state.base import WorkItem
+from adapter.state.sqlite import SqliteState
 
 TOKEN = "bench-token"
 CHARGE_SYSTEM = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/charge-line"
@@ -135,7 +136,7 @@ def main() -> None:
         # drain rate: a backlog already in the durable queue when serve starts
         resources = list(generate(args.backlog, prefix=f"d{run}"))
         put_all(client, resources)
-        store = StateStore(serve.state)
+        store = SqliteState(serve.state)
         procedures = [r for r in resources if r["resourceType"] == "Procedure"]
         store.enqueue([WorkItem("procedure", {"resource": p}, "rest-hook") for p in procedures])
         started = time.monotonic()

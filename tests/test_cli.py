@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -10,7 +12,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from adapter import redact
 from adapter.cli import cli
+from adapter.state.sqlite import SqliteState
+from tests import logscan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "fixtures/fhir/scenarios"
@@ -18,7 +23,9 @@ INVALID = ROOT / "fixtures/fhir/invalid"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "adapter", *args], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-m", "adapter", *args], capture_output=True, text=True, check=False)
+    logscan.add_text(f"charge-adapter {' '.join(args)} (stderr)", result.stderr, debug="-vv" in args)
+    return result
 
 
 def scenario(name: str) -> str:
@@ -96,3 +103,30 @@ def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Pa
 def test_same_input_same_bytes() -> None:
     first, second = run("dry-run", scenario("13")), run("dry-run", scenario("13"))
     assert first.stdout == second.stdout and first.stdout
+
+
+def test_stderr_carries_no_free_text_and_no_patient_reference_while_explain_does() -> None:
+    inputs = sorted(str(p) for p in SCENARIOS.glob("*/input.json"))
+    result = run("dry-run", "--compact", *inputs)
+    forbidden = logscan.forbidden_texts(json.loads(Path(p).read_text()) for p in inputs)
+    assert any(what == "BodyStructure.description" for what in forbidden.values())
+    lines, findings = logscan.scan([("dry-run stderr", result.stderr)], forbidden, secrets=())
+    assert lines > 10 and findings == []
+    assert "BodyStructure/s40-bs-1 ([text] / [text]) is sampled under ultrasound" in result.stderr
+    assert "no active Coverage for Patient/*** in the input" in result.stderr
+    shown = run("explain", scenario("40"))
+    assert any(text in shown.stdout for text, what in forbidden.items() if what == "BodyStructure.description")
+    debug = run("-vv", "dry-run", scenario("35"))
+    assert "no active Coverage for Patient/s35-pat" in debug.stderr  # debug level shows patient references
+
+
+def test_hashed_patient_references_are_keyed_by_the_installation(tmp_path: Path) -> None:
+    config = tmp_path / "adapter.yaml"
+    config.write_text(f"state: {tmp_path / 'state.sqlite'}\nlogging:\n  patient_references: hashed\n")
+    try:
+        assert CliRunner().invoke(cli, ["--config", str(config), "status"]).exit_code == 0
+        key = SqliteState(tmp_path / "state.sqlite").installation_id().encode()
+        digest = hmac.new(key, b"Patient/p1", hashlib.sha256).hexdigest()[:12]
+        assert redact.scrub("session of Patient/p1") == f"session of Patient/#{digest}"
+    finally:
+        redact.configure("omit")

@@ -7,10 +7,10 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from adapter.errors import AdapterError
+from adapter.errors import OutputError
 
 
-class InvalidOutputError(AdapterError):
+class InvalidOutputError(OutputError):
     """The adapter built a resource that is not valid FHIR R4: a bug or a bad table, never sent anywhere."""
 
     def __init__(self, what: str, errors: str) -> None:

@@ -33,6 +33,7 @@ from requests.auth import AuthBase
 from adapter.client.errors import AuthError, safe_url
 
 __all__ = [
+    "AUTH_KEYS",
     "CLIENT_ASSERTION_TYPE",
     "BasicAuth",
     "BearerTokenAuth",
@@ -249,6 +250,7 @@ class SmartBackendAuth(FhirAuth):
     def _http_call(self, method: str, url: str, **kw: Any) -> requests.Response:
         if self._session is None:
             self._session = requests.Session()
+            self._session.trust_env = False  # no CA bundle, proxy or .netrc from the environment
         session = self._session
         # verify/cert passed explicitly: requests lets REQUESTS_CA_BUNDLE override session.verify.
         return session.request(
@@ -324,7 +326,7 @@ class SmartBackendAuth(FhirAuth):
 
 # -- settings -------------------------------------------------------------------------------------
 
-_ALLOWED_KEYS: dict[str, set[str]] = {
+AUTH_KEYS: dict[str, set[str]] = {
     "none": set(),
     "bearer": {"token_env", "token_file"},
     "basic": {"username", "username_env", "password_env", "password_file"},
@@ -352,9 +354,9 @@ def auth_from_settings(settings: Mapping[str, Any] | None) -> FhirAuth:
     if not settings:
         return NoAuth()
     kind = str(settings.get("type", "none")).lower()
-    if kind not in _ALLOWED_KEYS:
-        raise AuthError(f"auth type must be one of {', '.join(_ALLOWED_KEYS)}, got {kind!r}")
-    unknown = sorted(set(settings) - _ALLOWED_KEYS[kind] - {"type"})
+    if kind not in AUTH_KEYS:
+        raise AuthError(f"auth type must be one of {', '.join(AUTH_KEYS)}, got {kind!r}")
+    unknown = sorted(set(settings) - AUTH_KEYS[kind] - {"type"})
     if unknown:
         hint = (
             " (inline secrets are not accepted; use *_env or *_file)"

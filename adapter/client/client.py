@@ -5,7 +5,8 @@ typed errors (:mod:`adapter.client.errors`), retries only where repeating is har
 (:mod:`adapter.client.retry`), credentials from :mod:`adapter.client.auth`.
 
 Logging goes to the ``adapter.client`` logger: method, path and status at DEBUG, retries at
-WARNING. Query strings, bodies (PHI) and credentials are never logged.
+INFO (patient ids in paths as `adapter.redact` allows). Query strings, bodies (PHI) and credentials are
+never logged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -35,6 +36,7 @@ from adapter.client.errors import (
 )
 from adapter.client.retry import IDEMPOTENT_METHODS, RetryPolicy, is_idempotent_transaction
 from adapter.errors import ConfigError
+from adapter.redact import scrub
 
 __all__ = ["FHIR_JSON", "FhirClient", "SearchParams"]
 
@@ -106,6 +108,13 @@ class FhirClient:
     client certificate path or (cert, key) pair. ``request_count`` counts HTTP requests sent to the
     FHIR server, retries included (token requests are counted by the auth object). Thread-safe for
     concurrent requests.
+
+    ``trust_env`` (off by default) lets ``requests`` take CA bundles (``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``), proxies (``HTTPS_PROXY``...) and ``.netrc`` credentials from the environment:
+    off, a variable nobody reviewed cannot make the client trust another server or send the bearer
+    token through a proxy. ``on_reachability`` is called after every attempt with ``(True, reason)``
+    when the server gave a usable answer and ``(False, reason)`` when it did not (no connection,
+    timeout, 5xx, 429, credentials refused): health checks build on it.
     """
 
     def __init__(
@@ -119,6 +128,8 @@ class FhirClient:
         cert: str | tuple[str, str] | None = None,
         retry: RetryPolicy | None = None,
         user_agent: str = "fhir-charge-adapter/0.1",
+        trust_env: bool = False,
+        on_reachability: Callable[[bool, str], None] | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -149,7 +160,9 @@ class FhirClient:
         session.headers.update({"Accept": FHIR_JSON, "User-Agent": user_agent})
         session.verify = verify
         session.cert = cert
+        session.trust_env = trust_env
         self.session = session
+        self.on_reachability = on_reachability
         # Auth is passed per request, not as session.auth, so token calls through this session stay bare.
         if isinstance(self.auth, FhirAuth):
             self.auth.bind(self.base_url, session, timeout)
@@ -420,31 +433,49 @@ class FhirClient:
                 attempts += 1
                 self._count()
                 started = time.monotonic()
-                response = self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    data=data,
-                    headers=all_headers,
-                    auth=self.auth,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                    # Passed per request: requests lets REQUESTS_CA_BUNDLE override a session-level verify.
-                    verify=self.session.verify,
-                    cert=self.session.cert,
-                )
-                log.debug("%s %s -> %d (%.3fs)", method, path, response.status_code, time.monotonic() - started)
+                try:
+                    response = self._request_once(method, url, params, data, all_headers)
+                except requests.RequestException as exc:
+                    self._report(False, _describe_transport(exc))  # at once: health need not wait for retries
+                    raise
+                self._report(response.status_code < 500 and response.status_code not in (401, 403, 429),
+                             f"HTTP {response.status_code}")
+                log.debug("%s %s -> %d (%.3fs)", method, scrub(path), response.status_code, time.monotonic() - started)
                 if response.status_code == 401 and not refreshed and self._may_refresh(response):
                     refreshed = True
-                    log.debug("%s %s: 401, retrying once with fresh credentials", method, path)
+                    log.debug("%s %s: 401, retrying once with fresh credentials", method, scrub(path))
                     response.close()
                     continue
                 return response
 
         try:
-            return self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {path}")
+            return self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {scrub(path)}")
         except requests.RequestException as exc:
             raise FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc) from None
+
+    def _request_once(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
+                      headers: Mapping[str, str]) -> requests.Response:
+        return self.session.request(
+            method,
+            url,
+            params=params,
+            data=data,
+            headers=headers,
+            auth=self.auth,
+            timeout=self.timeout,
+            allow_redirects=False,
+            # Passed per request as well: with trust_env on, requests lets REQUESTS_CA_BUNDLE
+            # override a session-level verify.
+            verify=self.session.verify,
+            cert=self.session.cert,
+        )
+
+    def _report(self, reachable: bool, reason: str) -> None:
+        if self.on_reachability is not None:
+            try:
+                self.on_reachability(reachable, reason)
+            except Exception:  # an observer must never break a request
+                log.warning("reachability observer failed", exc_info=True)
 
     @staticmethod
     def _json_or_none(response: requests.Response) -> Any:

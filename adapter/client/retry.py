@@ -134,7 +134,7 @@ class RetryPolicy:
                 return
             why = type(outcome.exception()).__name__ if outcome.failed else f"HTTP {outcome.result().status_code}"
             wait = state.next_action.sleep if state.next_action else 0.0
-            log.warning(
+            log.info(  # INFO: in an outage every request retries; the caller reports the outage once
                 "retrying %s after %s (attempt %d of %d, waiting %.1fs)",
                 describe,
                 why,

@@ -38,9 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.errors import AdapterError
+from adapter.errors import ReceiveError
 from adapter.extraction.index import parse_reference
-from adapter.state.store import WorkItem
+from adapter.state.base import WorkItem
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -54,18 +54,6 @@ _INT_VALUE_KEYS = ("valueString", "valueInteger64", "valueInteger", "valueUnsign
 SOURCE_REST_HOOK = "rest-hook"
 SOURCE_ENGINE = "engine"
 SOURCE_TOPIC = "topic"
-
-
-class ReceiveError(AdapterError):
-    """A request the receiver refuses; `status` is the HTTP status, `code` a FHIR issue-type code.
-
-    `message` becomes the OperationOutcome's diagnostics: it must never contain body content or credentials.
-    `headers` are extra response headers (e.g. a WWW-Authenticate challenge).
-    """
-
-    def __init__(self, status: int, code: str, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-        super().__init__(f"{status} {code}: {message}")
 
 
 @dataclass(frozen=True)

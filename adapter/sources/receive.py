@@ -5,7 +5,8 @@ Routes (`{base}` is `ReceiverSettings.base_path`, `/notify` by default):
 * `POST {base}`                    topic notification Bundle, engine Procedure/Bundle, or empty rest-hook ping
 * `PUT {base}/Procedure/{id}`      classic rest-hook with payload (create/update)
 * `DELETE {base}/Procedure/{id}`   classic rest-hook with payload (delete)
-* `GET /healthz`                   200 `{"status": "ok", "queue_depth": n}`, 503 when the store does not answer
+* `GET /healthz`                   200 `{"status": "ok", ...}`; 503 `{"status": "unavailable", "reasons": [...]}`
+                                   when the adapter cannot make progress (see adapter.health)
 * `GET /metrics`                   Prometheus text format 0.0.4
 * anything else                    404 (unknown path) or 405 (known path, wrong method; `Allow` is sent)
 
@@ -13,8 +14,9 @@ A notification request goes through, in this order: routing (404/405), bearer to
 `WWW-Authenticate: Bearer`; a wrong token is 401 `invalid_token` too, never 403, because any valid token
 grants everything there is), size limit (413 before the body is read when Content-Length is too big, else
 after reading at most limit + 1 bytes), HMAC signature when configured (401), parsing (400/415/422, see
-adapter.sources.notifications), and `store.enqueue` (503 if it fails, so the sender retries). Only then is
-2xx sent: an acknowledged notification is on disk and survives a crash. Errors are OperationOutcomes whose
+adapter.sources.notifications), and `state.enqueue` (503 if the state cannot be written within
+`request_timeout`, so the sender retries). Only then is 2xx sent: an acknowledged notification is on disk
+and survives a crash; while the state cannot be written, nothing is acknowledged. Errors are OperationOutcomes whose
 diagnostics say what was wrong without echoing the body (PHI) or any credential.
 
 Statuses decided here (body parsing statuses are listed in adapter.sources.notifications):
@@ -26,7 +28,11 @@ Statuses decided here (body parsing statuses are listed in adapter.sources.notif
 * 405  `not-supported` wrong method for a known path (with `Allow`)
 * 413  `too-long` body over `max_body_bytes`
 * 500  `exception` a bug (logged with its traceback; the sender retries)
-* 503  `transient` the state store failed (with `Retry-After: 5`; the sender retries)
+* 503  `transient` the state cannot be written (with `Retry-After: 5`; the sender retries)
+
+`serve_app` runs the application in waitress with bounds a slow or hostile client cannot outlast: a
+connection limit, a deadline for a request's headers and one for its body (counted from its first byte,
+so trickling one byte at a time does not help), and an idle timeout; see `ServeSettings`.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -46,14 +54,17 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, MultiSocketServer
 from waitress.trigger import trigger as WaitressTrigger
 
+from adapter.errors import ListenError, ReceiveError, StateError
+from adapter.health import Health
 from adapter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from adapter.metrics import Metrics
+from adapter.redact import scrub
 from adapter.sources.notifications import (
     Received,
-    ReceiveError,
     decode_resource,
     engine_post,
     is_topic_notification,
@@ -63,7 +74,7 @@ from adapter.sources.notifications import (
     rest_hook_put,
     subscription_of,
 )
-from adapter.state.store import StateStore, WorkItem
+from adapter.state.base import StateBackend, WorkItem
 
 log = logging.getLogger("adapter.receive")
 
@@ -92,6 +103,8 @@ class ReceiverSettings:
     hmac_secret: bytes | None = field(default=None, repr=False)
     base_path: str = "/notify"
     max_body_bytes: int = DEFAULT_MAX_BODY
+    request_timeout: float = 5.0
+    """The longest a notification waits for the state before it is answered 503."""
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token.strip():
@@ -102,6 +115,8 @@ class ReceiverSettings:
             raise ValueError("receiver HMAC secret is empty")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if not self.request_timeout > 0:
+            raise ValueError("request_timeout must be positive")
         base = "/" + self.base_path.strip().strip("/") if self.base_path.strip().strip("/") else ""
         if base in ("/healthz", "/metrics") or not re.fullmatch(r"(/[A-Za-z0-9._~\-]+)*", base):
             raise ValueError(f"invalid receiver base_path {self.base_path!r}")
@@ -121,16 +136,19 @@ def operation_outcome(severity: str, code: str, diagnostics: str) -> dict[str, A
 class Receiver:
     """The WSGI application (see the module docstring); thread-safe, one instance per process."""
 
-    def __init__(self, store: StateStore, settings: ReceiverSettings, metrics: Metrics,
-                 on_enqueued: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: StateBackend, settings: ReceiverSettings | None, metrics: Metrics,
+                 on_enqueued: Callable[[], None] | None = None, health: Health | None = None) -> None:
         self.store = store
-        self.settings = settings
+        self.health = health
+        self.settings = settings or ReceiverSettings(allow_anonymous=True)
+        self.notifications = settings is not None
+        """Without settings only /healthz and /metrics answer (what `run` serves)."""
         self.metrics = metrics
         self.on_enqueued = on_enqueued
         # serialises read-last-event-number -> enqueue -> store-event-number, so concurrent notifications of
         # one subscription cannot hide a gap from each other
         self._events_lock = threading.Lock()
-        self._token = settings.token.encode("utf-8") if settings.token else None
+        self._token = settings.token.encode("utf-8") if settings and settings.token else None
 
     # -- WSGI entry point -------------------------------------------------------------------------------
 
@@ -152,7 +170,7 @@ class Receiver:
         except ReceiveError as exc:
             return self._reject(start_response, method, path, exc)
         except Exception:
-            log.exception("%s %s -> 500 (internal error)", method, path)
+            log.exception("%s %s -> 500 (internal error)", method, scrub(path))
             return self._reject(start_response, method, path,
                                 ReceiveError(500, "exception", "internal error; see the adapter log"), logged=True)
 
@@ -161,6 +179,8 @@ class Receiver:
             return "healthz", None
         if path == "/metrics":
             return "metrics", None
+        if not self.notifications:
+            raise ReceiveError(404, "not-found", "no such endpoint; this process serves /healthz and /metrics only")
         base = self.settings.base_path
         if path in (base, base + "/"):
             return "notify", None
@@ -200,7 +220,7 @@ class Receiver:
                 self._enqueue(received.items)
         self._count(received)
         count = len(received.items)
-        log.info("%s %s -> 200 %s, %d item(s) queued", method, path, received.kind, count)
+        log.info("%s %s -> 200 %s, %d item(s) queued", method, scrub(path), received.kind, count)
         outcome = operation_outcome("information", "informational", f"{received.kind}: queued {count} item(s)")
         return _send(start_response, 200, _json(outcome), FHIR_JSON)
 
@@ -209,14 +229,9 @@ class Receiver:
         with self._events_lock:
             last = self._store(self.store.last_event_number, subscription)
             topic = parse_topic_notification(bundle, last)
-            self._enqueue(topic.items)
             highest = topic.highest_event_number
-            if highest is not None and (last is None or highest > last):
-                try:
-                    self.store.set_event_number(subscription, highest)
-                except Exception:
-                    # the work is already durable; a lost number costs at most one extra poll later
-                    log.warning("could not record event number %d of %s", highest, subscription, exc_info=True)
+            event = (subscription, highest) if highest is not None and (last is None or highest > last) else None
+            self._enqueue(topic.items, event)  # the items and the event number in one transaction
         return Received(topic.type, topic.items)
 
     def _authenticate(self, environ: WSGIEnvironment) -> None:
@@ -269,11 +284,13 @@ class Receiver:
             raise ReceiveError(413, "too-long", f"body exceeds the limit of {limit} bytes")
         return body
 
-    def _enqueue(self, items: list[WorkItem]) -> None:
+    def _enqueue(self, items: list[WorkItem], event: tuple[str, int] | None = None) -> None:
         """Persist, then wake the workers; an exception in the wake-up does not undo the acknowledgement."""
+        if not items and event is None:
+            return
+        self._store(lambda: self.store.enqueue(items, event=event, timeout=self.settings.request_timeout))
         if not items:
             return
-        self._store(self.store.enqueue, items)
         if self.on_enqueued is not None:
             try:
                 self.on_enqueued()
@@ -282,11 +299,18 @@ class Receiver:
                             exc_info=True)
 
     def _store(self, call: Callable[..., Any], *args: Any) -> Any:
+        """A state call; a state that cannot be used answers 503 (the sender retries), never 2xx."""
         try:
-            return call(*args)
-        except Exception as exc:
-            log.error("state store failed: %s: %s", type(exc).__name__, exc)
-            raise ReceiveError(503, "transient", "the adapter's state store is unavailable; retry later") from None
+            result = call(*args)
+        except StateError as exc:
+            log.error("cannot persist the notification: %s", exc)
+            if self.health is not None:
+                self.health.state_failed(exc.reason)
+            raise ReceiveError(503, "transient", "the adapter cannot store notifications right now; retry later") \
+                from None
+        if self.health is not None:
+            self.health.state_ok()
+        return result
 
     # -- responses ----------------------------------------------------------------------------------------
 
@@ -296,11 +320,17 @@ class Receiver:
             self.metrics.inc("charge_adapter_enqueued_total", kind=item.kind)
 
     def _healthz(self, start_response: StartResponse) -> Iterable[bytes]:
+        """The health board's verdict (no state access while answering); without one, the queue depth."""
+        if self.health is not None:
+            verdict = self.health.check()
+            status = 200 if verdict.ok else 503
+            headers = [] if verdict.ok else [("Retry-After", _RETRY_AFTER_SECONDS)]
+            return _send(start_response, status, _json(verdict.body), "application/json", headers)
         try:
             depth = self.store.queue_depth()
-        except Exception as exc:
-            log.warning("healthz: state store failed: %s: %s", type(exc).__name__, exc)
-            return _send(start_response, 503, _json({"status": "unavailable", "reason": "state store failed"}),
+        except StateError as exc:
+            log.warning("healthz: %s", exc)
+            return _send(start_response, 503, _json({"status": "unavailable", "reasons": [str(exc)]}),
                          "application/json", [("Retry-After", _RETRY_AFTER_SECONDS)])
         return _send(start_response, 200, _json({"status": "ok", "queue_depth": depth}), "application/json")
 
@@ -318,7 +348,7 @@ class Receiver:
         if path not in ("/healthz", "/metrics"):
             self.metrics.inc("charge_adapter_rejected_total", status=exc.status)
         if not logged:
-            log.info("%s %s -> %d %s: %s", method, path, exc.status, exc.code, exc.message)
+            log.info("%s %s -> %d %s: %s", method, scrub(path), exc.status, exc.code, exc.message)
         outcome = operation_outcome("error" if exc.status < 500 else "fatal", exc.code, exc.message)
         return _send(start_response, exc.status, _json(outcome), FHIR_JSON, headers)
 
@@ -329,10 +359,11 @@ class Receiver:
             return None
 
 
-def make_app(store: StateStore, settings: ReceiverSettings, metrics: Metrics,
-             on_enqueued: Callable[[], None] | None = None) -> WSGIApplication:
-    """The receiver as a WSGI application; `on_enqueued` is called after each successful enqueue."""
-    return Receiver(store, settings, metrics, on_enqueued)
+def make_app(store: StateBackend, settings: ReceiverSettings | None, metrics: Metrics,
+             on_enqueued: Callable[[], None] | None = None, health: Health | None = None) -> WSGIApplication:
+    """The receiver as a WSGI application; `on_enqueued` is called after each successful enqueue. Without
+    `settings`, only /healthz and /metrics (what `run` serves)."""
+    return Receiver(store, settings, metrics, on_enqueued, health)
 
 
 def _read(stream: Any, limit: int) -> bytes:
@@ -365,17 +396,94 @@ def _send(start_response: StartResponse, status: int, body: bytes, content_type:
 # -- serving -------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may hold of the server (see `ServeSettings` for the config keys)."""
+
+    threads: int = 4
+    connection_limit: int = 500
+    header_timeout: float = 10.0
+    """A request's headers must be complete this long after its first byte."""
+    body_timeout: float = 30.0
+    """Its body must be complete this long after its headers."""
+    idle_timeout: float = 60.0
+    """A connection without a request in progress is closed after this long."""
+    max_body_bytes: int = DEFAULT_MAX_BODY
+
+
+class GuardedChannel(HTTPChannel):
+    """A waitress channel that remembers when its request in progress started and when its headers ended."""
+
+    request_started: float | None = None
+    headers_done: float | None = None
+    _tracked: int = 0
+
+    def received(self, data: bytes) -> bool:
+        result = super().received(data)
+        request = self.request
+        if request is None:
+            self.request_started = self.headers_done = None
+            return result
+        now = time.monotonic()
+        if id(request) != self._tracked:  # a new request began (possibly right after a complete one)
+            self._tracked, self.request_started, self.headers_done = id(request), now, None
+        if request.headers_finished and self.headers_done is None:
+            self.headers_done = now
+        return result
+
+
+def _guard(server: BaseWSGIServer, limits: ServerLimits, on_timeout: Callable[[], None] | None) -> None:
+    """Close connections whose request does not arrive in time (waitress itself only knows idle time, which a
+    client trickling one byte every few seconds never reaches)."""
+    server.channel_class = GuardedChannel
+    original = server.maintenance
+
+    def maintenance(now: float) -> None:
+        original(now)
+        clock = time.monotonic()
+        for channel in list(server.active_channels.values()):
+            started = getattr(channel, "request_started", None)
+            request = channel.request
+            if started is None or request is None or request.completed or channel.will_close:
+                continue
+            headers_done = channel.headers_done
+            late = clock - started > limits.header_timeout if headers_done is None \
+                else clock - headers_done > limits.body_timeout
+            if late:
+                log.info("closing a connection from %s: its request did not arrive in time",
+                         (channel.addr or ("?",))[0])
+                channel.will_close = True
+                if on_timeout is not None:
+                    on_timeout()
+
+    server.maintenance = maintenance  # type: ignore[method-assign]
+
+
 def serve_app(app: WSGIApplication, host: str = "127.0.0.1", port: int = 8080, threads: int = 4, *,
-              max_body_bytes: int = DEFAULT_MAX_BODY, **adjustments: Any) -> WaitressServer:
+              max_body_bytes: int = DEFAULT_MAX_BODY, limits: ServerLimits | None = None,
+              metrics: Metrics | None = None, **adjustments: Any) -> WaitressServer:
     """A waitress server for `app`, bound but not yet serving: call `run()` (blocks) in a thread.
 
     Port 0 picks a free port (see `bound_addresses`). waitress buffers whole bodies before calling the app, so
     its own limit is set a little above the app's: the app still answers oversize bodies with an
-    OperationOutcome, and a runaway sender cannot fill the disk. Stop it with `stop_server`.
+    OperationOutcome, and a runaway sender cannot fill the disk. Connections are bounded by `limits`; a port
+    that cannot be bound raises ListenError. Stop it with `stop_server`.
     """
-    options: dict[str, Any] = {"ident": "charge-adapter", "max_request_body_size": 2 * max_body_bytes + 65536,
-                               "channel_timeout": 60, **adjustments}
-    return waitress.create_server(app, host=host, port=port, threads=threads, **options)
+    limits = limits or ServerLimits(threads=threads, max_body_bytes=max_body_bytes)
+    options: dict[str, Any] = {
+        "ident": "charge-adapter", "max_request_body_size": 2 * limits.max_body_bytes + 65536,
+        "channel_timeout": max(1, math.ceil(limits.idle_timeout)), "connection_limit": limits.connection_limit,
+        "cleanup_interval": 1, "asyncore_use_poll": True, **adjustments}
+    try:
+        server = waitress.create_server(app, host=host, port=port, threads=limits.threads, **options)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    timed_out = (lambda: metrics.inc("charge_adapter_rejected_total", status="timeout")) if metrics else None
+    servers = [obj for obj in server.map.values() if isinstance(obj, BaseWSGIServer)] \
+        if isinstance(server, MultiSocketServer) else [server]
+    for one in servers:
+        _guard(one, limits, timed_out)
+    return server
 
 
 def bound_addresses(server: WaitressServer) -> list[tuple[str, int]]:

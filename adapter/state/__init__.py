@@ -1,0 +1,68 @@
+"""Durable state behind one small contract (`base.StateBackend`), opened by `open_state`.
+
+`state.location` in the config selects the backend: a file path (or `sqlite:///path`) is the SQLite backend,
+the default; `memory:` keeps everything in the process (tests only). URLs of other schemes are refused by
+the settings until a backend for them exists (`postgresql://...` is the one planned).
+"""
+
+from __future__ import annotations
+
+from adapter.state.base import (
+    AuditRecord,
+    NewReview,
+    Outcome,
+    PassRecord,
+    Processed,
+    Retry,
+    ReviewEntry,
+    ReviewKind,
+    StateBackend,
+    StateStats,
+    WorkItem,
+    WorkKind,
+)
+
+__all__ = [
+    "AuditRecord",
+    "NewReview",
+    "Outcome",
+    "PassRecord",
+    "Processed",
+    "Retry",
+    "ReviewEntry",
+    "ReviewKind",
+    "StateBackend",
+    "StateStats",
+    "WorkItem",
+    "WorkKind",
+    "open_state",
+    "sqlite_path",
+]
+
+MEMORY = ("memory:", ":memory:")
+
+
+def sqlite_path(location: str) -> str | None:
+    """The file path of an SQLite location (a path or `sqlite:///path`), None for other schemes."""
+    if location.startswith("sqlite:///"):
+        return location[len("sqlite://"):]
+    if location.startswith("sqlite:"):
+        return location[len("sqlite:"):]
+    if "://" in location or location in MEMORY:
+        return None
+    return location
+
+
+def open_state(location: str, *, busy_timeout: float = 5.0, lease_seconds: float = 300.0,
+               instance_id: str | None = None) -> StateBackend:
+    """The backend for `location`; raises StateError (with what to do) when it cannot be used."""
+    if location in MEMORY:
+        from adapter.state.memory import MemoryState
+
+        return MemoryState(lease_seconds=lease_seconds, instance_id=instance_id)
+    path = sqlite_path(location)
+    if path is None:
+        raise ValueError(f"no state backend for {location.split(':', 1)[0]}: URLs (settings reject it first)")
+    from adapter.state.sqlite import SqliteState
+
+    return SqliteState(path, busy_timeout=busy_timeout, lease_seconds=lease_seconds, instance_id=instance_id)

@@ -83,3 +83,13 @@ def client(hapi_url: str) -> Iterator[FhirClient]:
     """The adapter's own FHIR client against the test server."""
     with FhirClient(hapi_url) as fhir:
         yield fhir
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `bulk` (hundreds of writes) run last: after them HAPI was seen to take up to two minutes to
+    deliver the next rest-hook notification, so the Subscription tests run first."""
+    items.sort(key=lambda item: item.get_closest_marker("bulk") is not None)  # stable: the rest keep their order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "bulk: writes hundreds of resources to HAPI; runs after the other tests")

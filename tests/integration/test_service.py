@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,72 +21,17 @@ import pytest
 import requests
 
 from adapter.client import FhirClient
-from adapter.config import load_tables
 from adapter.errors import FhirError
-from adapter.pipeline import process
-from adapter.sources.files import SourcedResource
-from adapter.state.store import StateStore
+from adapter.state.sqlite import SqliteState
 
-from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
+from .adapter_process import TOKEN, Adapter, billed, charges, expected_identifiers
+from .helpers import namespaced, patients_of, resources_of, server_now, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 from generate import generate, put_all  # noqa: E402
 
-TABLES = load_tables()
-CHARGE_SYSTEM = TABLES.settings.charge_identifier_system
-TOKEN = "test-receiver-token-not-a-secret"
-
-
-class Adapter:
-    """Runs `charge-adapter` as its own process with a config file and a state file of its own."""
-
-    def __init__(self, tmp: Path, hapi_url: str, port: int | None = None, **extra: Any) -> None:
-        self.tmp = tmp
-        self.state = tmp / "state.sqlite"
-        self.port = port or free_port()
-        config = {"server": {"url": hapi_url}, "state_path": str(self.state),
-                  "poll": {"interval_seconds": 1, "overlap_seconds": 5, "page_size": 25},
-                  "serve": {"port": self.port, "safety_poll_seconds": 0, **extra.get("serve", {})}}
-        self.config = tmp / "adapter.yaml"
-        self.config.write_text(json.dumps(config))
-        self.env = {**os.environ, "CHARGE_ADAPTER_RECEIVER_TOKEN": TOKEN}
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def cmd(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "adapter", "--config", str(self.config), *args],
-                              capture_output=True, text=True, env=self.env, timeout=timeout, check=False)
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        log = (self.tmp / f"adapter-{len(self.procs)}.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "adapter", "--config", str(self.config), "-v", *args],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, env=self.env)
-        self.procs.append(proc)
-        return proc
-
-    def start_cursor_at(self, cursor: str) -> None:
-        StateStore(self.state).set_cursor(cursor)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_healthy(self) -> None:
-        def up() -> bool:
-            try:
-                return requests.get(f"{self.url}/healthz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-        wait_for(up, 60, "the receiver to answer /healthz")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+StateStore = SqliteState
 
 
 @pytest.fixture
@@ -95,24 +39,6 @@ def adapter(tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
     runner = Adapter(tmp_path, hapi_url)
     yield runner
     runner.stop_all()
-
-
-def charges(client: FhirClient, patients: list[str]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for start in range(0, len(patients), 100):
-        out += client.search_all("ChargeItem", {"subject": ",".join(patients[start:start + 100]),
-                                                "identifier": f"{CHARGE_SYSTEM}|", "_count": "1000"}, via_post=True)
-    return out
-
-
-def billed(client: FhirClient, patients: list[str]) -> list[tuple[str, float]]:
-    return sorted((c["code"]["text"], c["quantity"]["value"]) for c in charges(client, patients)
-                  if c["status"] == "billable")
-
-
-def expected_identifiers(resources: list[dict[str, Any]]) -> Counter[str]:
-    report = process([SourcedResource(r, "generated") for r in resources], TABLES)
-    return Counter(ci["identifier"][0]["value"] for s in report.built.sessions for ci in s.charge_items)
 
 
 def test_run_polls_from_its_cursor_and_is_idempotent(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
@@ -210,7 +136,7 @@ def test_the_same_notification_twice_writes_once(client: FhirClient, serving: Ad
     wait_for(lambda: StateStore(serving.state).queue_depth() == 0, 60, "the queue to drain")
     [item] = charges(client, patients)
     assert item["meta"]["versionId"] == "1"
-    written = [a for a in StateStore(serving.state).audit_for(f"Procedure/{proc['id']}") if a["written"]]
+    written = [a for a in StateStore(serving.state).audit_for(f"Procedure/{proc['id']}") if a.written]
     assert len(written) == 1
 
 
@@ -300,9 +226,6 @@ def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adap
     assert StateStore(serving.state).last_event_number(subscription) == 2
 
 
-# bulk tests last: after their hundreds of writes, HAPI took up to a minute to deliver the next rest-hook
-# notification (seen here), so the Subscription tests run before them
-
 def run_on_a_backlog(client: FhirClient, adapter: Adapter, prefix: str,
                      procedures: int) -> tuple[subprocess.Popen[str], list[dict[str, Any]], list[str]]:
     """Load a generated backlog, start `run` on it, and return once it has coded the first pages."""
@@ -314,6 +237,7 @@ def run_on_a_backlog(client: FhirClient, adapter: Adapter, prefix: str,
     return proc, resources, patients_of(resources)
 
 
+@pytest.mark.bulk
 def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charges(
         client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
     proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}k", 300)
@@ -328,6 +252,7 @@ def test_killed_in_the_middle_of_a_backlog_ends_with_exactly_the_expected_charge
     assert on_server == expected  # none missing, none twice
 
 
+@pytest.mark.bulk
 def test_sigterm_stops_after_the_current_session_and_a_restart_finishes(
         client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
     proc, resources, patients = run_on_a_backlog(client, adapter, f"{fhir_ns}t", 300)

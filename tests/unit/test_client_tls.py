@@ -183,3 +183,20 @@ def test_missing_tls_files_are_config_errors(tmp_path: Path) -> None:
         FhirClient("https://127.0.0.1:9/fhir", verify=str(tmp_path / "nope.pem"))
     with pytest.raises(ConfigError, match="client certificate"):
         FhirClient("https://127.0.0.1:9/fhir", cert=(str(tmp_path / "c.pem"), str(tmp_path / "k.pem")))
+
+
+def test_environment_ca_and_proxy_variables_are_ignored_unless_trust_env(
+    https_server: FaultServer, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REQUESTS_CA_BUNDLE alone must not make the client trust a server (and send it our token); a proxy
+    variable must not reroute it. Both apply only when the config opts in with server.trust_env."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki["ca"]))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "")
+    strict = FhirClient(https_server.url, cert=str(pki["combined"]), retry=RetryPolicy.none())
+    with pytest.raises(FhirTransportError, match="TLS error"):
+        strict.read("Patient", "1")
+    assert https_server.seen() == []
+    monkeypatch.delenv("HTTPS_PROXY")
+    trusting = FhirClient(https_server.url, cert=str(pki["combined"]), retry=RetryPolicy.none(), trust_env=True)
+    assert trusting.read("Patient", "1")["id"] == "1"

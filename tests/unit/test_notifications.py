@@ -19,7 +19,7 @@ from adapter.sources.notifications import (
     rest_hook_put,
     subscription_of,
 )
-from adapter.state.store import WorkItem
+from adapter.state.base import WorkItem
 
 SUB = "Subscription/fna-charges"
 FHIR = "application/fhir+json"

@@ -7,8 +7,9 @@ import hmac
 import io
 import json
 import logging
-import sqlite3
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,19 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 import requests
 
+from adapter.errors import ListenError, StateUnavailable
+from adapter.health import Health
 from adapter.metrics import Metrics
 from adapter.sources.receive import (
     ReceiverSettings,
+    ServerLimits,
     bound_addresses,
     make_app,
     serve_app,
     stop_server,
 )
-from adapter.state.store import StateStore, WorkItem
+from adapter.state.base import WorkItem
+from adapter.state.sqlite import SqliteState as StateStore
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -121,7 +126,7 @@ def app(store: StateStore, metrics: Metrics, wakeups: list[int]) -> WSGIApplicat
 
 
 def queued(store: StateStore) -> list[tuple[str, dict[str, Any], str]]:
-    return [(i.kind, i.payload, i.source) for i in store.take()]
+    return [(i.kind, i.payload, i.source) for i in store.lease(100)]
 
 
 def assert_refused(response: Response, store: StateStore, status: int, code: str) -> None:
@@ -129,7 +134,7 @@ def assert_refused(response: Response, store: StateStore, status: int, code: str
     assert response.headers["content-type"].startswith("application/fhir+json")
     assert response.json()["issue"][0]["code"] == code
     assert response.json()["issue"][0]["severity"] in ("error", "fatal")
-    assert store.take() == []
+    assert store.lease(100) == []
 
 
 # -- accepted ---------------------------------------------------------------------------------------------
@@ -192,16 +197,16 @@ def test_topic_notifications_keep_event_numbers_and_detect_gaps(app: WSGIApplica
     assert queued(store) == [("fetch", {"reference": "Procedure/b"}, "topic"),
                              ("poll", {"reason": "event gap on Subscription/s1: expected event 2, got 3"}, "topic")]
     beat = call(app, "POST", "/notify", status_bundle("heartbeat", "3"), headers=AUTH)
-    assert beat.status == 200 and store.take() == []
+    assert beat.status == 200 and store.lease(100) == []
     assert call(app, "POST", "/notify", status_bundle("heartbeat", "5"), headers=AUTH).status == 200
-    assert [i.kind for i in store.take()] == ["poll"]
+    assert [i.kind for i in store.lease(100)] == ["poll"]
     assert store.last_event_number("Subscription/s1") == 5
 
 
 def test_anonymous_receiver(store: StateStore, metrics: Metrics) -> None:
     app = make_app(store, ReceiverSettings(allow_anonymous=True), metrics)
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure()).status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_hmac_signature(store: StateStore, metrics: Metrics) -> None:
@@ -214,7 +219,7 @@ def test_hmac_signature(store: StateStore, metrics: Metrics) -> None:
                 headers={**AUTH, "X-Signature": good.upper().replace("SHA256", "sha256")}).status == 200
     empty = "sha256=" + hmac.new(secret, b"", hashlib.sha256).hexdigest()
     assert call(app, "DELETE", "/notify/Procedure/fna-1", headers={**AUTH, "X-Signature": empty}).status == 200
-    assert [i.kind for i in store.take()] == ["procedure", "procedure", "delete"]
+    assert [i.kind for i in store.lease(100)] == ["procedure", "procedure", "delete"]
     for signature in (None, "sha256=" + "0" * 64, good[7:], "sha1=" + good[7:], "sha256=" + good[7:] + "00",
                       "sha256=\u00e9"):
         headers = {**AUTH, **({"X-Signature": signature} if signature is not None else {})}
@@ -293,7 +298,7 @@ def test_body_without_content_length_within_the_limit(app: WSGIApplication, stor
     body = json.dumps(procedure()).encode()
     response = call(app, "PUT", "/notify/Procedure/fna-1", body, headers=AUTH, length=False)
     assert response.status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 @pytest.mark.parametrize(("length", "status", "code"), [("abc", 400, "invalid"), ("-1", 400, "invalid"),
@@ -324,8 +329,8 @@ def test_wrong_method_or_path(app: WSGIApplication, store: StateStore, method: s
 
 def test_enqueue_failure_is_503_and_nobody_is_woken(app: WSGIApplication, store: StateStore, wakeups: list[int],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(items: list[WorkItem]) -> list[int]:
-        raise sqlite3.OperationalError("disk I/O error")
+    def broken(items: list[WorkItem], **_: object) -> list[int]:
+        raise StateUnavailable("state.sqlite", "disk full: free space on the filesystem that holds the state")
 
     monkeypatch.setattr(store, "enqueue", broken)
     response = call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH)
@@ -334,7 +339,7 @@ def test_enqueue_failure_is_503_and_nobody_is_woken(app: WSGIApplication, store:
     assert response.headers["retry-after"] == "5"
     assert wakeups == []
     monkeypatch.undo()
-    assert store.take() == []
+    assert store.lease(100) == []
 
 
 def test_on_enqueued_failure_still_acknowledges(store: StateStore, metrics: Metrics) -> None:
@@ -343,7 +348,7 @@ def test_on_enqueued_failure_still_acknowledges(store: StateStore, metrics: Metr
 
     app = make_app(store, ReceiverSettings(token=TOKEN), metrics, on_enqueued=explode)
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 200
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_nothing_sensitive_is_logged(app: WSGIApplication, store: StateStore,
@@ -363,7 +368,7 @@ def test_custom_base_path(store: StateStore, metrics: Metrics) -> None:
     app = make_app(store, ReceiverSettings(token=TOKEN, base_path="hooks/fhir/"), metrics)
     assert call(app, "PUT", "/hooks/fhir/Procedure/fna-1", procedure(), headers=AUTH).status == 200
     assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 404
-    assert len(store.take()) == 1
+    assert len(store.lease(100)) == 1
 
 
 def test_settings_validation() -> None:
@@ -389,7 +394,7 @@ def test_healthz(app: WSGIApplication, store: StateStore, monkeypatch: pytest.Mo
     assert call(app, "GET", "/healthz").json()["queue_depth"] == 1
 
     def down() -> int:
-        raise sqlite3.OperationalError("database is locked")
+        raise StateUnavailable("state.sqlite", "database is locked by another connection (waited 5 s)")
 
     monkeypatch.setattr(store, "queue_depth", down)
     response = call(app, "GET", "/healthz")
@@ -493,3 +498,89 @@ def test_waitress_server_end_to_end(store: StateStore, metrics: Metrics) -> None
         stop_server(server)
         thread.join(10)
     assert not thread.is_alive()
+
+
+# -- slow clients -------------------------------------------------------------------------------------------
+
+
+def _trickle(port: int, data: bytes, every: float, limit: float) -> float:
+    """Send `data` one byte every `every` seconds; seconds until the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        return _trickle_on(sock, data, every, limit)
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off(store: StateStore, metrics: Metrics) -> None:
+    """waitress alone only closes idle connections; one byte every 0.2 s is never idle."""
+    limits = ServerLimits(threads=2, header_timeout=1.0, body_timeout=1.0, idle_timeout=60)
+    server = serve_app(make_app(store, ReceiverSettings(token=TOKEN), metrics), "127.0.0.1", 0, limits=limits,
+                       metrics=metrics)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        [(_, port)] = bound_addresses(server)
+        headers = b"PUT /notify/Procedure/fna-1 HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: a\r\n" * 50
+        assert _trickle(port, headers, 0.2, 10) < 4  # headers: cut after 1 s (+ up to 1 s of housekeeping)
+        body_slowly = (b"PUT /notify/Procedure/fna-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", b"{" * 500)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(body_slowly[0])
+            assert _trickle_on(sock, body_slowly[1], 0.2, 10) < 4
+        assert metrics.value("charge_adapter_rejected_total", status="timeout") == 2
+        ok = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert ok.status_code == 200
+    finally:
+        stop_server(server)
+        thread.join(10)
+
+
+def _trickle_on(sock: Any, data: bytes, every: float, limit: float) -> float:
+    started = time.monotonic()
+    sock.settimeout(every)
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+            if sock.recv(1024) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+        if time.monotonic() - started > limit:
+            break
+    return float("inf")
+
+
+def test_port_in_use_is_a_listen_error(store: StateStore, metrics: Metrics) -> None:
+    first = serve_app(make_app(store, None, metrics), "127.0.0.1", 0)
+    try:
+        [(_, port)] = bound_addresses(first)
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve_app(make_app(store, None, metrics), "127.0.0.1", port)
+    finally:
+        stop_server(first, timeout=0.2)  # never started: nothing to wait for
+
+
+def test_the_health_only_app_of_run(store: StateStore, metrics: Metrics) -> None:
+    health = Health()
+    app = make_app(store, None, metrics, health=health)
+    assert call(app, "GET", "/healthz").json()["status"] == "ok"
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 404
+    health.state_failed("disk full: free space on the filesystem that holds the state")
+    answer = call(app, "GET", "/healthz")
+    assert answer.status == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["reasons"][0].endswith("disk full: free space on the filesystem that holds the state")
+
+
+def test_an_unwritable_state_is_503_and_reported_to_health(store: StateStore, metrics: Metrics,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    health = Health()
+    app = make_app(store, ReceiverSettings(token=TOKEN), metrics, health=health)
+
+    def locked(items: list[WorkItem], **_: object) -> list[int]:
+        raise StateUnavailable("s.sqlite", "database is locked by another connection (waited 5 s)")
+
+    monkeypatch.setattr(store, "enqueue", locked)
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 503
+    assert not health.check().ok
+    monkeypatch.undo()
+    assert call(app, "PUT", "/notify/Procedure/fna-1", procedure(), headers=AUTH).status == 200
+    assert health.check().ok

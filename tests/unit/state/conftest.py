@@ -1,0 +1,45 @@
+"""One fixture for every state backend: the contract suite runs once per backend.
+
+Add a backend by adding a param (PostgreSQL: a URL from the environment, a fresh schema per test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.state.base import StateBackend
+from adapter.state.memory import MemoryState
+from adapter.state.sqlite import SqliteState
+
+MakeState = Callable[..., StateBackend]
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeState]:
+    """Opens the backend under test; a second call opens a second handle on the same state (as another
+    process would, for SQLite) or, in memory, the same object."""
+    opened: list[StateBackend] = []
+    memory: list[MemoryState] = []
+
+    def make(**options: Any) -> StateBackend:
+        if request.param == "sqlite":
+            state: StateBackend = SqliteState(tmp_path / "state.sqlite", **options)
+        else:
+            if not memory:
+                memory.append(MemoryState(**options))
+            state = memory[0]
+        opened.append(state)
+        return state
+
+    yield make
+    for state in opened:
+        state.close()
+
+
+@pytest.fixture
+def state(make_state: MakeState) -> StateBackend:
+    return make_state()

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from adapter.building.resources import BuildResult, build_outputs
 from adapter.coding.engine import CodingResult, Review, code_procedures
@@ -62,26 +63,28 @@ def batch_gc() -> Iterator[None]:
         gc.set_threshold(*old)
 
 
-def process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
-    """Code every FNA Procedure among `resources`; pure apart from reading the given dicts."""
+def process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None = None) -> RunReport:
+    """Code every FNA Procedure among `resources`; pure apart from reading the given dicts and, when `now`
+    (the time of writing stamped on the output) is not given, the clock."""
     with batch_gc():
-        return _process(resources, tables)
+        return _process(resources, tables, now)
 
 
-def _process(resources: Iterable[SourcedResource], tables: CodeTables) -> RunReport:
+def _process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None) -> RunReport:
     index = ResourceIndex.build(resources)
     procedures = [(ref, index.origins[ref], res) for ref, res in index.of_type("Procedure")]
     procedures += [(None, item.origin, item.resource) for item in index.without_id
                    if item.resource.get("resourceType") == "Procedure"]
     facts = [extract(res, origin, index, tables) for _, origin, res in procedures]
     coding = code_procedures(facts, tables)
-    built = build_outputs(coding, index, tables)
+    built = build_outputs(coding, index, tables, now)
     return RunReport(index, facts, coding, built)
 
 
-def process_paths(paths: Iterable[str | os.PathLike[str]], tables: CodeTables) -> RunReport:
+def process_paths(paths: Iterable[str | os.PathLike[str]], tables: CodeTables,
+                  now: datetime | None = None) -> RunReport:
     with batch_gc():
         read = read_paths(paths)
-        report = process(read.resources, tables)
+        report = process(read.resources, tables, now)
     report.read = read
     return report

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -93,6 +94,18 @@ def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
-def test_same_input_same_bytes() -> None:
-    first, second = run("dry-run", scenario("13")), run("dry-run", scenario("13"))
+def test_same_input_and_clock_same_bytes() -> None:
+    first = run("dry-run", "--now", "2026-04-01T12:00:00Z", scenario("13"))
+    second = run("dry-run", "--now", "2026-04-01T14:00:00+02:00", scenario("13"))
     assert first.stdout == second.stdout and first.stdout
+    # without --now the clock is the time of writing, and nothing else changes
+    clocked = json.loads(run("dry-run", scenario("13")).stdout)
+    stamps = {e["resource"].get("created") or e["resource"].get("enteredDate") for e in clocked["entry"]}
+    assert len(stamps) == 1 and stamps != {"2026-04-01T12:00:00Z"}
+    written = datetime.fromisoformat(stamps.pop().replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 120
+    fixed = json.loads(first.stdout)
+    for entry in [*fixed["entry"], *clocked["entry"]]:
+        entry["resource"].pop("created", None)
+        entry["resource"].pop("enteredDate", None)
+    assert fixed == clocked

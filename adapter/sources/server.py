@@ -80,7 +80,12 @@ class ServerSource:
         return sorted(set(deleted))
 
     def context(self, patients: Iterable[str]) -> PatientContext:
-        """All FNA Procedures of these patients and what they reference, plus our earlier output."""
+        """All FNA Procedures of these patients and what they reference, plus our earlier output.
+
+        Besides what coding needs (BodyStructures, Conditions, Coverages), billing reads the Encounters (place
+        of service, department, accounts) with their Locations, the performers and their PractitionerRoles,
+        the Organizations named as payor, role organization, onBehalfOf or service provider, the patients'
+        Accounts, and the active ChargeItemDefinitions (prices)."""
         ctx = PatientContext()
         wanted = sorted(set(patients))
         origin = self.client.base_url
@@ -88,28 +93,69 @@ class ServerSource:
         for batch in chunks(wanted):
             procedures += self._search("Procedure", {"patient": ",".join(batch), "code": self.code_param,
                                                      "_count": str(PAGE)})
-        structures: set[str] = set()
-        conditions: set[str] = set()
+        refs = _References()
         for proc in procedures:
-            structures.update(_body_structure_ids(proc))
-            conditions.update(r.split("/", 1)[1] for r in (reference_of(x) for x in proc.get("reasonReference") or [])
-                              if r and r.startswith("Condition/"))
+            refs.add_ids("BodyStructure", _body_structure_ids(proc))
+            refs.add(*(proc.get("reasonReference") or []), proc.get("encounter"))
+            for performer in proc.get("performer") or []:
+                if isinstance(performer, dict):
+                    refs.add(performer.get("actor"), performer.get("onBehalfOf"))
         fetched = list(procedures)
-        for kind, ids in (("BodyStructure", structures), ("Condition", conditions)):
-            for batch in chunks(sorted(ids)):
-                fetched += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        first = self._fetch(refs, ("BodyStructure", "Condition", "Encounter", "PractitionerRole"))
         for batch in chunks(wanted):
             joined = ",".join(batch)
-            fetched += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
+            first += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
+            first += self._search("Account", {"patient": joined, "status": "active", "_count": str(PAGE)})
             ctx.charge_items += self._search("ChargeItem", {
                 "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
                 "_count": str(PAGE)})
             ctx.claims += self._search("Claim", {
                 "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
                 "_count": str(PAGE)})
+        have = {f"{r.get('resourceType')}/{r.get('id')}" for r in first}
+        for res in first:
+            kind = res.get("resourceType")
+            if kind == "Encounter":
+                refs.add(res.get("serviceProvider"), *(res.get("account") or []),
+                         *((loc or {}).get("location") for loc in res.get("location") or [] if isinstance(loc, dict)))
+            elif kind == "PractitionerRole":
+                refs.add(res.get("organization"), res.get("practitioner"))
+            elif kind == "Coverage":
+                refs.add(*(res.get("payor") or []))
+        refs.discard(have)
+        fetched += first + self._fetch(refs, ("Organization", "Location", "Account", "Practitioner"))
+        fetched += self._search("ChargeItemDefinition", {"status": "active", "_count": str(PAGE)})
         ctx.resources = [SourcedResource(r, f"{origin}/{r['resourceType']}/{r.get('id')}") for r in fetched]
         return ctx
 
+    def _fetch(self, refs: _References, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for kind in kinds:
+            for batch in chunks(sorted(refs.ids.get(kind, ()))):
+                found += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        return found
+
+
+class _References:
+    """Ids to read, by resource type, from literal references met in the resources read so far."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, set[str]] = {}
+
+    def add_ids(self, kind: str, ids: Iterable[str]) -> None:
+        self.ids.setdefault(kind, set()).update(ids)
+
+    def add(self, *values: Any) -> None:
+        for value in values:
+            ref = reference_of(value)
+            if ref and "/" in ref and "?" not in ref:
+                kind, rid = ref.split("/", 1)
+                self.ids.setdefault(kind, set()).add(rid)
+
+    def discard(self, refs: set[str]) -> None:
+        for ref in refs:
+            kind, _, rid = ref.partition("/")
+            self.ids.get(kind, set()).discard(rid)
 
 
 def _body_structure_ids(proc: dict[str, Any]) -> set[str]:

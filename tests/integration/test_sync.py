@@ -35,8 +35,9 @@ def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[d
 
 
 def strip(resource: dict[str, Any]) -> dict[str, Any]:
-    """Without server-managed elements and without the identifier value (a hash of the namespaced ids)."""
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    """Without server-managed elements, the time of writing and the identifier value (a hash of the
+    namespaced ids)."""
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text", "created", "enteredDate")}
     out["identifier"] = [{k: v for k, v in i.items() if k != "value"} for i in out.get("identifier", [])]
     return out
 

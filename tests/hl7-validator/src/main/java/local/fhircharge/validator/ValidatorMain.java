@@ -15,6 +15,8 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.stream.Stream;
 import org.hl7.fhir.r5.elementmodel.Manager.FhirFormat;
+import org.hl7.fhir.r5.model.CodeSystem;
+import org.hl7.fhir.r5.model.Enumerations;
 import org.hl7.fhir.r5.model.OperationOutcome;
 import org.hl7.fhir.r5.model.OperationOutcome.IssueSeverity;
 import org.hl7.fhir.r5.model.OperationOutcome.OperationOutcomeIssueComponent;
@@ -145,10 +147,31 @@ public final class ValidatorMain {
 			NpmPackage npm = engine.getPcm().loadPackage(pkg[0], pkg[1]);
 			engine.getContext().loadFromPackage(npm, engine.getIgLoader().makeLoader(FHIR_VERSION));
 		}
+		engine.getContext().cacheResource(iso4217());
 		for (String ig : igs) {
 			engine.getIgLoader().loadIg(engine.getIgs(), engine.getBinaries(), ig, true);
 		}
 		return engine;
+	}
+
+	/**
+	 * ISO 4217 currencies as a complete CodeSystem, from the engine's own enumeration: Money.currency is bound
+	 * (required) to a value set of this code system, which only a terminology server would otherwise supply.
+	 */
+	private static CodeSystem iso4217() {
+		CodeSystem cs = new CodeSystem();
+		cs.setUrl("urn:iso:std:iso:4217");
+		cs.setName("ISO4217");
+		cs.setTitle("ISO 4217 currency codes (from the validator engine's enumeration)");
+		cs.setStatus(Enumerations.PublicationStatus.ACTIVE);
+		cs.setContent(Enumerations.CodeSystemContentMode.COMPLETE);
+		cs.setCaseSensitive(true);
+		for (Enumerations.Currencies currency : Enumerations.Currencies.values()) {
+			if (currency != Enumerations.Currencies.NULL) {
+				cs.addConcept().setCode(currency.toCode()).setDisplay(currency.getDisplay());
+			}
+		}
+		return cs;
 	}
 
 	private static List<Path> files(List<Path> inputs) throws IOException {

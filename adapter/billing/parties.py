@@ -1,0 +1,244 @@
+"""Who and where of a Claim: billing provider, payer, place of service, referral and the ChargeItems' account.
+
+Each decision says where it came from (for `explain` and the notes); what cannot be decided is a `Gap`
+with a review reason, never a guess. Pure: reads the resource index and the tables only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from adapter.billing.tables import NPI_SYSTEM, TIN_SYSTEM, BillingOrganization, BillingTables
+from adapter.extraction.index import ResourceIndex, reference_of
+
+CONTAINED_BILLING_ID = "billing-provider"
+IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Something the Claim needs and the input plus tables cannot give: a review reason and a sentence."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class BillingProvider:
+    reference: dict[str, Any]
+    """Claim.provider."""
+    contained: dict[str, Any] | None
+    """A contained Organization (configured provider without a server reference)."""
+    venue: str | None
+    """`Organization/x` when the provider is a server resource: what a ChargeItemDefinition's venue names."""
+    source: str
+    display: str
+
+
+@dataclass(frozen=True)
+class PlaceOfService:
+    code: str
+    display: str
+    source: str
+
+
+def _identifier(resource: dict[str, Any] | None, system: str) -> str | None:
+    for ident in (resource or {}).get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("system") == system and ident.get("value"):
+            return str(ident["value"])
+    return None
+
+
+def _codings(concept: Any) -> list[tuple[str, str]]:
+    if not isinstance(concept, dict):
+        return []
+    return [(str(c.get("system", "")), str(c["code"])) for c in concept.get("coding") or []
+            if isinstance(c, dict) and c.get("code")]
+
+
+def _organization_reference(ref: str, index: ResourceIndex) -> dict[str, Any]:
+    """A Reference to an Organization of the input, with its NPI (else TIN) and name when the input has them."""
+    org = index.get(ref)
+    out: dict[str, Any] = {"reference": ref}
+    npi, tin = _identifier(org, NPI_SYSTEM), _identifier(org, TIN_SYSTEM)
+    if npi or tin:
+        out["identifier"] = {"system": NPI_SYSTEM if npi else TIN_SYSTEM, "value": npi or tin}
+    if org and isinstance(org.get("name"), str):
+        out["display"] = org["name"]
+    return out
+
+
+def _contained_organization(org: BillingOrganization) -> dict[str, Any]:
+    identifiers = []
+    if org.npi:
+        identifiers.append({"system": NPI_SYSTEM, "value": org.npi})
+    if org.tin:
+        identifiers.append({"type": {"coding": [{"system": IDENTIFIER_TYPE, "code": "TAX"}]},
+                            "system": TIN_SYSTEM, "value": org.tin})
+    return {"resourceType": "Organization", "id": CONTAINED_BILLING_ID, "identifier": identifiers,
+            "active": True, "name": org.name}
+
+
+def _performer_entries(procedures: list[dict[str, Any]], performer: str,
+                       index: ResourceIndex) -> list[dict[str, Any]]:
+    """The performer entries of the session's Procedures that name its performer (directly or by role)."""
+    found = []
+    for proc in procedures:
+        for entry in proc.get("performer") or []:
+            if not isinstance(entry, dict):
+                continue
+            actor = reference_of(entry.get("actor"))
+            if actor == performer:
+                found.append(entry)
+            elif actor and actor.startswith("PractitionerRole/"):
+                role = index.get(actor) or {}
+                if reference_of(role.get("practitioner")) == performer:
+                    found.append(entry)
+    return found
+
+
+def billing_provider(procedures: list[dict[str, Any]], performer: str, encounter: str, index: ResourceIndex,
+                     tables: BillingTables) -> BillingProvider | Gap:
+    """The performer's PractitionerRole.organization, else performer.onBehalfOf, else the configured one."""
+    for entry in _performer_entries(procedures, performer, index):
+        actor = reference_of(entry.get("actor")) or ""
+        if actor.startswith("PractitionerRole/"):
+            org = reference_of((index.get(actor) or {}).get("organization"))
+            if org and org.startswith("Organization/"):
+                ref = _organization_reference(org, index)
+                return BillingProvider(ref, None, org, f"{actor}.organization", ref.get("display", org))
+        behalf = reference_of(entry.get("onBehalfOf"))
+        if behalf and behalf.startswith("Organization/"):
+            ref = _organization_reference(behalf, index)
+            return BillingProvider(ref, None, behalf, "Procedure.performer.onBehalfOf", ref.get("display", behalf))
+    providers = tables.providers
+    key, source = None, ""
+    npi = _identifier(index.get(performer), NPI_SYSTEM)
+    if performer in providers.by_performer:
+        key, source = providers.by_performer[performer], f"by_performer {performer}"
+    elif npi and npi in providers.by_performer:
+        key, source = providers.by_performer[npi], f"by_performer NPI {npi}"
+    if key is None:
+        enc = index.get(encounter) or {}
+        departments = [reference_of(enc.get("serviceProvider"))]
+        departments += [reference_of(loc.get("location")) for loc in enc.get("location") or [] if isinstance(loc, dict)]
+        for dept in departments:
+            if dept and dept in providers.by_department:
+                key, source = providers.by_department[dept], f"by_department {dept}"
+                break
+    if key is None and providers.default:
+        key, source = providers.default, "default"
+    if key is None:
+        return Gap("missing-billing-provider",
+                   f"no billing organization: {performer} acts through no PractitionerRole with an organization "
+                   "and no performer.onBehalfOf, and config/billing-providers.yaml has no match and no default")
+    org = providers.organizations[key]
+    where = f"config/billing-providers.yaml {source} -> {key}"
+    if org.reference:
+        ref = {"reference": org.reference, "display": org.name}
+        if org.npi or org.tin:
+            ref["identifier"] = {"system": NPI_SYSTEM if org.npi else TIN_SYSTEM, "value": org.npi or org.tin}
+        return BillingProvider(ref, None, org.reference, where, org.name)
+    return BillingProvider({"reference": f"#{CONTAINED_BILLING_ID}", "display": org.name},
+                           _contained_organization(org), None, where, org.name)
+
+
+def insurer(coverage: dict[str, Any], coverage_ref: str, index: ResourceIndex) -> dict[str, Any] | Gap:
+    """The focal Coverage's payor, when it is an Organization (a Patient or RelatedPerson payor is self-pay)."""
+    for payor in coverage.get("payor") or []:
+        if not isinstance(payor, dict):
+            continue
+        ref = reference_of(payor)
+        if ref and ref.startswith("Organization/"):
+            return _organization_reference(ref, index)
+        if payor.get("type") == "Organization" and isinstance(payor.get("identifier"), dict):
+            return {k: v for k, v in payor.items() if k in ("type", "identifier", "display")}
+    named = ", ".join(reference_of(p) or "?" for p in coverage.get("payor") or [] if isinstance(p, dict)) or "none"
+    return Gap("missing-payer", f"the focal {coverage_ref} names no payer Organization (payor: {named}): "
+                                "a claim needs the insurer")
+
+
+def place_of_service(encounter: str, index: ResourceIndex, tables: BillingTables) -> PlaceOfService | Gap:
+    """Encounter location, location type, service type, class through config/place-of-service.yaml."""
+    pos = tables.place_of_service
+    enc = index.get(encounter)
+
+    def found(code: str, source: str) -> PlaceOfService:
+        return PlaceOfService(code, pos.names[code], source)
+
+    if enc:
+        for loc in enc.get("location") or []:
+            ref = reference_of((loc or {}).get("location")) if isinstance(loc, dict) else None
+            if ref and ref in pos.by_location:
+                return found(pos.by_location[ref], f"by_location {ref}")
+            for key in _codings_of_types((index.get(ref) or {}).get("type")):
+                if key in pos.by_location_type:
+                    return found(pos.by_location_type[key], f"by_location_type {key[0]}|{key[1]} of {ref}")
+        for concept in _as_list(enc.get("serviceType")):
+            for key in _codings(concept):
+                if key in pos.by_service_type:
+                    return found(pos.by_service_type[key], f"by_service_type {key[0]}|{key[1]}")
+        for key in [(str(c.get("system", "")), str(c.get("code"))) for c in _as_list(enc.get("class"))
+                    if isinstance(c, dict) and c.get("code")]:
+            if key in pos.by_class:
+                return found(pos.by_class[key], f"by_class {key[1]} of {encounter}")
+    if pos.default:
+        why = f"{encounter} matches no rule" if enc else ("no Encounter" if not encounter else f"{encounter} not read")
+        return found(pos.default, f"default ({why})")
+    what = f"{encounter} matches no rule" if enc else "the session has no Encounter in the input"
+    return Gap("missing-place-of-service", f"{what} in config/place-of-service.yaml and no default is set")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _codings_of_types(types: Any) -> list[tuple[str, str]]:
+    return [key for concept in _as_list(types) for key in _codings(concept)]
+
+
+def referral(procedures: list[dict[str, Any]]) -> str | None:
+    """The first ServiceRequest a Procedure of the session is basedOn."""
+    for proc in procedures:
+        for based in proc.get("basedOn") or []:
+            ref = reference_of(based)
+            if ref and ref.startswith("ServiceRequest/"):
+                return ref
+    return None
+
+
+class Accounts:
+    """Active Accounts of the input by subject, built once per run (not once per session)."""
+
+    def __init__(self, index: ResourceIndex) -> None:
+        self.index = index
+        self.by_subject: dict[str, list[str]] = {}
+        for ref, account in index.of_type("Account"):
+            if account.get("status") != "active":
+                continue
+            for subject in account.get("subject") or []:
+                target = reference_of(subject)
+                if target:
+                    self.by_subject.setdefault(target, []).append(ref)
+
+    def _active(self, ref: str | None, day: date) -> bool:
+        account = self.index.get(ref)
+        if not account or account.get("status") != "active":
+            return False
+        period = account.get("servicePeriod") or {}
+        start, end = str(period.get("start") or "")[:10], str(period.get("end") or "")[:10]
+        return not ((start and day.isoformat() < start) or (end and day.isoformat() > end))
+
+    def of_session(self, patient: str, encounter: str, day: date) -> tuple[list[str], str | None]:
+        """The encounter's active Accounts, else the patient's single active one; (refs, why-none-or-ambiguous)."""
+        enc = self.index.get(encounter) or {}
+        own = [r for r in (reference_of(a) for a in enc.get("account") or []) if r and self._active(r, day)]
+        if own:
+            return own, None
+        mine = sorted(r for r in self.by_subject.get(patient, []) if self._active(r, day))
+        if len(mine) > 1:
+            return [], (f"{patient} has {len(mine)} active Accounts ({', '.join(mine)}) and the Encounter names "
+                        "none: ChargeItem.account left empty")
+        return mine, None

@@ -34,12 +34,9 @@ def short(ref: str) -> str:
 
 
 def _billing_provider(claim: dict[str, Any]) -> str:
-    """`Organization/x` for a provider of the input, `NPI n` for a configured (contained) one."""
-    ref = claim["provider"]["reference"]
-    if not ref.startswith("#"):
-        return ref
-    org = next(c for c in claim["contained"] if f"#{c['id']}" == ref)
-    return f"NPI {next(i['value'] for i in org['identifier'] if i['system'].endswith('us-npi'))}"
+    """`Organization/x` for a provider of the input, `NPI n` for a configured one (a logical reference)."""
+    provider = claim["provider"]
+    return provider.get("reference") or f"NPI {provider['identifier']['value']}"
 
 
 def _line(line: Any, item: dict[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from adapter.billing.tables import NPI_SYSTEM, TIN_SYSTEM, BillingOrganization, BillingTables
+from adapter.billing.tables import NPI_SYSTEM, TIN_SYSTEM, BillingTables
 from adapter.extraction.index import ResourceIndex, reference_of
-
-CONTAINED_BILLING_ID = "billing-provider"
-IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 
 @dataclass(frozen=True)
@@ -28,9 +25,8 @@ class Gap:
 @dataclass(frozen=True)
 class BillingProvider:
     reference: dict[str, Any]
-    """Claim.provider."""
-    contained: dict[str, Any] | None
-    """A contained Organization (configured provider without a server reference)."""
+    """Claim.provider: a literal reference, or (a configured organization not on the server) a logical one by
+    its NPI, else its TIN."""
     venue: str | None
     """`Organization/x` when the provider is a server resource: what a ChargeItemDefinition's venue names."""
     source: str
@@ -70,17 +66,6 @@ def _organization_reference(ref: str, index: ResourceIndex) -> dict[str, Any]:
     return out
 
 
-def _contained_organization(org: BillingOrganization) -> dict[str, Any]:
-    identifiers = []
-    if org.npi:
-        identifiers.append({"system": NPI_SYSTEM, "value": org.npi})
-    if org.tin:
-        identifiers.append({"type": {"coding": [{"system": IDENTIFIER_TYPE, "code": "TAX"}]},
-                            "system": TIN_SYSTEM, "value": org.tin})
-    return {"resourceType": "Organization", "id": CONTAINED_BILLING_ID, "identifier": identifiers,
-            "active": True, "name": org.name}
-
-
 def _performer_entries(procedures: list[dict[str, Any]], performer: str,
                        index: ResourceIndex) -> list[dict[str, Any]]:
     """The performer entries of the session's Procedures that name its performer (directly or by role)."""
@@ -108,11 +93,11 @@ def billing_provider(procedures: list[dict[str, Any]], performer: str, encounter
             org = reference_of((index.get(actor) or {}).get("organization"))
             if org and org.startswith("Organization/"):
                 ref = _organization_reference(org, index)
-                return BillingProvider(ref, None, org, f"{actor}.organization", ref.get("display", org))
+                return BillingProvider(ref, org, f"{actor}.organization", ref.get("display", org))
         behalf = reference_of(entry.get("onBehalfOf"))
         if behalf and behalf.startswith("Organization/"):
             ref = _organization_reference(behalf, index)
-            return BillingProvider(ref, None, behalf, "Procedure.performer.onBehalfOf", ref.get("display", behalf))
+            return BillingProvider(ref, behalf, "Procedure.performer.onBehalfOf", ref.get("display", behalf))
     providers = tables.providers
     key, source = None, ""
     npi = _identifier(index.get(performer), NPI_SYSTEM)
@@ -136,13 +121,11 @@ def billing_provider(procedures: list[dict[str, Any]], performer: str, encounter
                    "and no performer.onBehalfOf, and config/billing-providers.yaml has no match and no default")
     org = providers.organizations[key]
     where = f"config/billing-providers.yaml {source} -> {key}"
-    if org.reference:
-        ref = {"reference": org.reference, "display": org.name}
-        if org.npi or org.tin:
-            ref["identifier"] = {"system": NPI_SYSTEM if org.npi else TIN_SYSTEM, "value": org.npi or org.tin}
-        return BillingProvider(ref, None, org.reference, where, org.name)
-    return BillingProvider({"reference": f"#{CONTAINED_BILLING_ID}", "display": org.name},
-                           _contained_organization(org), None, where, org.name)
+    ref = {"reference": org.reference} if org.reference else {"type": "Organization"}
+    if org.npi or org.tin:
+        ref["identifier"] = {"system": NPI_SYSTEM if org.npi else TIN_SYSTEM, "value": org.npi or org.tin}
+    ref["display"] = org.name
+    return BillingProvider(ref, org.reference, where, org.name)
 
 
 def insurer(coverage: dict[str, Any], coverage_ref: str, index: ResourceIndex) -> dict[str, Any] | Gap:

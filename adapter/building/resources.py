@@ -158,26 +158,30 @@ def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, 
     return item
 
 
-def _priced(item: dict[str, Any], price: Price, units: int) -> dict[str, Any]:
-    """The ChargeItem with its definition and price, elements in R4 order."""
-    out: dict[str, Any] = {}
-    for name, value in item.items():
-        if name == "status" and price.definition:
-            out["definitionCanonical"] = [price.definition]
-        if name in ("reason", "service", "account", "note") and "priceOverride" not in out:
-            out["priceOverride"] = {"value": _amount(price.unit * units), "currency": price.currency}
-            out["overrideReason"] = f"{price.source}; x{units}"
-        out[name] = value
-    return out
+_BEFORE_DEFINITION = ("extension", "identifier")
+_BEFORE_PRICE = ("status", "code", "subject", "context", "occurrenceDateTime", "performer", "quantity", "bodysite")
+_AFTER_DATE = ("reason", "service", "account", "note")
 
 
-def _stamped(item: dict[str, Any], written_at: str) -> dict[str, Any]:
-    """enteredDate (the time of writing) at its place among the elements, before `reason`."""
-    out: dict[str, Any] = {}
-    for name, value in item.items():
-        if name in ("reason", "service", "account", "note") and "enteredDate" not in out:
-            out["enteredDate"] = written_at
-        out[name] = value
+def finish_charge_item(item: dict[str, Any], price: Price | None, units: int, written_at: str) -> dict[str, Any]:
+    """The ChargeItem with its narrative, definition, price and time of writing, elements in R4 order."""
+    out: dict[str, Any] = {"resourceType": "ChargeItem", "text": None}
+    for name in _BEFORE_DEFINITION:
+        if name in item:
+            out[name] = item[name]
+    if price and price.definition:
+        out["definitionCanonical"] = [price.definition]
+    for name in _BEFORE_PRICE:
+        if name in item:
+            out[name] = item[name]
+    if price:
+        out["priceOverride"] = {"value": _amount(price.unit * units), "currency": price.currency}
+        out["overrideReason"] = f"{price.source}; x{units}"
+    out["enteredDate"] = written_at
+    for name in _AFTER_DATE:
+        if name in item:
+            out[name] = item[name]
+    out["text"] = charge_item_text(out)
     return out
 
 
@@ -216,8 +220,6 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
     procs = session.procedures
     proc_seq = {p.ref: i for i, p in enumerate(procs, start=1)}
     claim: dict[str, Any] = {"resourceType": "Claim"}
-    if provider.contained:
-        claim["contained"] = [provider.contained]
     claim.update({
         "identifier": [{"system": tables.settings.claim_identifier_system, "value": claim_identifier(key)}],
         "status": "active",
@@ -296,11 +298,7 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
         if isinstance(price, NoPrice):
             unpriced.append(f"{line.label}: {price.detail}")
             price = None
-        else:
-            item = _priced(item, price, line.units)
-        item = _stamped(item, ctx.written_at)
-        item = {"resourceType": "ChargeItem", "text": charge_item_text(item),
-                **{k: v for k, v in item.items() if k != "resourceType"}}
+        item = finish_charge_item(item, price, line.units, ctx.written_at)
         validate_resource(item, f"ChargeItem {line.label} for {', '.join(line.procedures)}")
         built.charge_items.append(item)
         lines.append(_Line(line, item, price))

@@ -53,8 +53,8 @@ def test_a_complete_claim_has_payer_billing_provider_care_team_place_and_prices(
     claim = claim_of(report)
     assert claim is not None and not report.reviews
     assert claim["insurer"] == {"reference": "Organization/o1"}
-    assert claim["provider"]["reference"] == "#billing-provider"
-    assert claim["contained"][0]["identifier"][0] == {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}
+    assert claim["provider"] == {"type": "Organization", "display": "Northriver Health Physician Services",
+                                 "identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}}
     assert claim["careTeam"][0]["provider"] == {"reference": "Practitioner/d1"}
     assert claim["careTeam"][0]["role"]["coding"][0]["code"] == "primary"
     assert [i["careTeamSequence"] for i in claim["item"]] == [[1], [1]]
@@ -69,7 +69,7 @@ def test_on_behalf_of_organization_is_the_billing_provider() -> None:
     org = {"resourceType": "Organization", "id": "grp", "name": "Group",
            "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.4", "value": "123456789"}]}
     claim = claim_of(run(proc, coverage(), org))
-    assert claim is not None and "contained" not in claim
+    assert claim is not None
     assert claim["provider"] == {"reference": "Organization/grp", "display": "Group",
                                  "identifier": {"system": "urn:oid:2.16.840.1.113883.4.4", "value": "123456789"}}
 
@@ -81,7 +81,7 @@ def test_billing_provider_by_department_then_review_without_default() -> None:
     enc = {"resourceType": "Encounter", "id": "e1", "status": "finished", "serviceProvider": {"reference":
            "Organization/radiology"}, "class": {"code": "AMB"}}
     claim = claim_of(run(procedure("f1", "us", ("a",)), coverage(), enc, tables=by_dept))
-    assert claim is not None and claim["contained"][0]["identifier"][0]["value"] == "1820000085"
+    assert claim is not None and claim["provider"]["identifier"]["value"] == "1820000085"
     report = run(procedure("f1", "us", ("a",)), coverage(), tables=by_dept)
     assert reviews(report) == {("f1", "missing-billing-provider")}
     assert report.built.sessions[0].charge_items and claim_of(report) is None

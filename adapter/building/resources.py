@@ -124,6 +124,30 @@ def _amount(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+_shared: dict[tuple[Any, ...], Any] = {}
+
+
+def _shared_part(key: tuple[Any, ...], make: Any) -> Any:
+    """One object for an element that repeats across thousands of resources (a price, a place of service):
+    output is only read after it is built, and sharing keeps a large run's memory down."""
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) > 10_000:
+            _shared.clear()
+        found = _shared[key] = make()
+    return found
+
+
+def _money(value: Decimal, currency: str) -> dict[str, Any]:
+    return _shared_part(("money", value, currency), lambda: {"value": _amount(value), "currency": currency})
+
+
+_CARE_TEAM_SEQUENCE = [1]
+_CLAIM_TYPE = {"coding": [{"system": CLAIM_TYPE, "code": "professional"}]}
+_PRIORITY = {"coding": [{"system": PRIORITY, "code": "normal"}]}
+_PRIMARY_ROLE = {"coding": [{"system": CARE_TEAM_ROLE, "code": "primary"}]}
+
+
 def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, tables: CodeTables,
                       accounts: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
     """The ChargeItem of one line, before its price and time of writing (pricing rules may look at it)."""
@@ -175,7 +199,7 @@ def finish_charge_item(item: dict[str, Any], price: Price | None, units: int, wr
         if name in item:
             out[name] = item[name]
     if price:
-        out["priceOverride"] = {"value": _amount(price.unit * units), "currency": price.currency}
+        out["priceOverride"] = _money(price.unit * units, price.currency)
         out["overrideReason"] = f"{price.source}; x{units}"
     out["enteredDate"] = written_at
     for name in _AFTER_DATE:
@@ -195,19 +219,20 @@ class _Line:
 def _claim_item(n: int, entry: _Line, pointers: list[int], proc_seq: dict[str, int], pos: PlaceOfService,
                 tables: CodeTables) -> dict[str, Any]:
     line, key = entry.line, entry.line.session
-    item: dict[str, Any] = {"sequence": n, "careTeamSequence": [1], "diagnosisSequence": pointers,
+    item: dict[str, Any] = {"sequence": n, "careTeamSequence": _CARE_TEAM_SEQUENCE, "diagnosisSequence": pointers,
                             "procedureSequence": [proc_seq[ref] for ref in line.procedures]}
     item["productOrService"] = {"coding": [{"system": tables.cpt_system, "code": line.code,
                                             "display": line.display}]}
     if line.modifiers:
         item["modifier"] = [_modifier_concept(m, tables) for m in line.modifiers]
     item["servicedDate"] = key.date
-    item["locationCodeableConcept"] = {"coding": [{"system": tables.billing.place_of_service.system,
-                                                   "code": pos.code, "display": pos.display}]}
+    system = tables.billing.place_of_service.system
+    item["locationCodeableConcept"] = _shared_part(("pos", system, pos.code, pos.display), lambda: {
+        "coding": [{"system": system, "code": pos.code, "display": pos.display}]})
     item["quantity"] = {"value": line.units}
     if entry.price:
-        item["unitPrice"] = {"value": _amount(entry.price.unit), "currency": entry.price.currency}
-        item["net"] = {"value": _amount(entry.price.unit * line.units), "currency": entry.price.currency}
+        item["unitPrice"] = _money(entry.price.unit, entry.price.currency)
+        item["net"] = _money(entry.price.unit * line.units, entry.price.currency)
     if key.encounter:
         item["encounter"] = [{"reference": key.encounter}]
     return item
@@ -223,19 +248,19 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
     claim.update({
         "identifier": [{"system": tables.settings.claim_identifier_system, "value": claim_identifier(key)}],
         "status": "active",
-        "type": {"coding": [{"system": CLAIM_TYPE, "code": "professional"}]},
+        "type": _CLAIM_TYPE,
         "use": "claim",
         "patient": {"reference": key.patient},
         "created": ctx.written_at,
         "insurer": payer,
         "provider": provider.reference,
-        "priority": {"coding": [{"system": PRIORITY, "code": "normal"}]},
+        "priority": _PRIORITY,
     })
     service_request = referral([p.resource for p in procs])
     if service_request:
         claim["referral"] = {"reference": service_request}
     claim["careTeam"] = [{"sequence": 1, "provider": {"reference": key.performer}, "responsible": True,
-                          "role": {"coding": [{"system": CARE_TEAM_ROLE, "code": "primary"}]}}]
+                          "role": _PRIMARY_ROLE}]
     claim["diagnosis"] = [{"sequence": i, "diagnosisCodeableConcept": {"coding": [coding]}}
                           for i, coding in enumerate(diagnoses, start=1)]
     claim["procedure"] = [{"sequence": proc_seq[p.ref], "date": p.performed_text,
@@ -248,7 +273,7 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
         currencies = {entry.price.currency for entry in lines if entry.price}
         if len(currencies) == 1:
             total = sum((entry.price.unit * entry.line.units for entry in lines if entry.price), Decimal(0))
-            claim["total"] = {"value": _amount(total), "currency": currencies.pop()}
+            claim["total"] = _money(total, currencies.pop())
     claim = {"resourceType": "Claim", "text": claim_text(claim),
              **{k: v for k, v in claim.items() if k != "resourceType"}}
     return claim

@@ -16,14 +16,14 @@ from pydantic import ValidationError
 
 from adapter.errors import AdapterError
 
-_PARTS_LIMIT = 50_000
+_PARTS_LIMIT = 4_096
 """Validated parts kept for reuse; the cache starts over when full (memory stays bounded)."""
 _DEPTH = 2
 """Parts are reused down to this depth (e.g. Claim.item[n].productOrService)."""
 _UNIQUE = frozenset({"identifier", "text", "note", "item", "procedure", "service"})
 """Elements that differ in every resource: not worth a cache entry (their own parts still are)."""
 _parts: dict[tuple[type, str], Any] = {}
-_classes: dict[tuple[type, str], type | None] = {}
+_classes: dict[type, dict[str, type]] = {}
 
 
 class InvalidOutputError(AdapterError):
@@ -34,22 +34,25 @@ class InvalidOutputError(AdapterError):
         super().__init__(f"{what} failed FHIR R4 validation: {errors}")
 
 
-def _element_class(model: type, name: str) -> type | None:
-    """The model class of a complex element (`Claim.item` -> ClaimItem), None for primitives."""
-    key = (model, name)
-    if key not in _classes:
-        field = model.model_fields.get(name)  # type: ignore[attr-defined]
-        found = None
-        stack = [field.annotation] if field is not None else []
-        while stack:
-            ann = stack.pop()
-            if isinstance(ann, type) and hasattr(ann, "get_model_klass"):
-                found = ann.get_model_klass()
-                break
-            if typing.get_origin(ann) in (typing.Union, types.UnionType, list, typing.List):  # noqa: UP006
-                stack += [a for a in typing.get_args(ann) if a is not type(None)]
-        _classes[key] = found
-    return _classes[key]
+def _class_map(model: type) -> dict[str, type]:
+    """Element name -> model class of the complex elements of `model` (`Claim.item` -> ClaimItem); primitives
+    and polymorphic contained resources are left out (validated in place)."""
+    found = _classes.get(model)
+    if found is None:
+        found = {}
+        for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+            stack = [field.annotation]
+            while stack:
+                ann = stack.pop()
+                if isinstance(ann, type) and hasattr(ann, "get_model_klass"):
+                    klass = ann.get_model_klass()
+                    if getattr(klass, "__resource_type__", "") != "Resource":
+                        found[field.alias or name] = klass
+                    break
+                if typing.get_origin(ann) in (typing.Union, types.UnionType, list, typing.List):  # noqa: UP006
+                    stack += [a for a in typing.get_args(ann) if a is not type(None)]
+        _classes[model] = found
+    return found
 
 
 def _part(model: type, value: dict[str, Any], depth: int) -> Any:
@@ -73,10 +76,11 @@ def _with_parts(model: type, data: dict[str, Any], depth: int) -> dict[str, Any]
     """`data` with its complex elements replaced by validated (possibly reused) models."""
     if depth <= 0:
         return data
+    classes = _class_map(model)
     out: dict[str, Any] = {}
     for name, value in data.items():
-        klass = _element_class(model, name) if isinstance(value, dict | list) else None
-        if klass is None or getattr(klass, "__resource_type__", "") == "Resource":  # contained: polymorphic
+        klass = classes.get(name)
+        if klass is None or not isinstance(value, dict | list):
             out[name] = value
             continue
         part = _fresh if name in _UNIQUE else _part

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.client import FhirClient
+from adapter.client import FhirClient, SearchParams
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
 from adapter.extraction.procedures import body_structure_references
@@ -20,6 +20,13 @@ from adapter.sources.files import SourcedResource
 BATCH = 100
 """References per search: keeps form bodies and server-side OR lists reasonable."""
 PAGE = 500
+PROCEDURE_INCLUDES = (
+    ("_include", "Procedure:encounter"), ("_include", "Procedure:performer"),
+    ("_include:iterate", "PractitionerRole:organization"), ("_include:iterate", "Encounter:location"),
+    ("_include:iterate", "Encounter:account"), ("_include:iterate", "Encounter:service-provider"),
+)
+"""What billing needs of each Procedure comes with it: its Encounter (with locations, accounts and service
+provider), its performers (Practitioners, PractitionerRoles with their organizations)."""
 
 
 def chunks(items: list[str], size: int = BATCH) -> Iterator[list[str]]:
@@ -44,7 +51,7 @@ class ServerSource:
         codes = sorted(tables.fna | tables.core_needle_biopsy)
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
-    def _search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _search(self, resource_type: str, params: SearchParams) -> Iterator[dict[str, Any]]:
         # POST _search keeps patient references out of URLs and access logs (and out of URL length limits)
         for resource, mode in self.client.search_all_with_mode(resource_type, params, via_post=True):
             if mode in (None, "match", "include") and resource.get("resourceType") != "OperationOutcome":
@@ -90,9 +97,11 @@ class ServerSource:
         wanted = sorted(set(patients))
         origin = self.client.base_url
         procedures: list[dict[str, Any]] = []
+        included: list[dict[str, Any]] = []
         for batch in chunks(wanted):
-            procedures += self._search("Procedure", {"patient": ",".join(batch), "code": self.code_param,
-                                                     "_count": str(PAGE)})
+            for res in self._search("Procedure", [("patient", ",".join(batch)), ("code", self.code_param),
+                                                  ("_count", str(PAGE)), *PROCEDURE_INCLUDES]):
+                (procedures if res.get("resourceType") == "Procedure" else included).append(res)
         refs = _References()
         for proc in procedures:
             refs.add_ids("BodyStructure", _body_structure_ids(proc))
@@ -101,10 +110,12 @@ class ServerSource:
                 if isinstance(performer, dict):
                     refs.add(performer.get("actor"), performer.get("onBehalfOf"))
         fetched = list(procedures)
-        first = self._fetch(refs, ("BodyStructure", "Condition", "Encounter", "PractitionerRole"))
+        refs.discard({f"{r.get('resourceType')}/{r.get('id')}" for r in included})
+        first = included + self._fetch(refs, ("BodyStructure", "Condition", "Encounter", "PractitionerRole"))
         for batch in chunks(wanted):
             joined = ",".join(batch)
-            first += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
+            first += self._search("Coverage", [("beneficiary", joined), ("status", "active"), ("_count", str(PAGE)),
+                                               ("_include", "Coverage:payor")])
             first += self._search("Account", {"patient": joined, "status": "active", "_count": str(PAGE)})
             ctx.charge_items += self._search("ChargeItem", {
                 "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
@@ -125,7 +136,8 @@ class ServerSource:
         refs.discard(have)
         fetched += first + self._fetch(refs, ("Organization", "Location", "Account", "Practitioner"))
         fetched += self._search("ChargeItemDefinition", {"status": "active", "_count": str(PAGE)})
-        ctx.resources = [SourcedResource(r, f"{origin}/{r['resourceType']}/{r.get('id')}") for r in fetched]
+        unique = {f"{r['resourceType']}/{r.get('id')}": r for r in fetched}  # an include can repeat across pages
+        ctx.resources = [SourcedResource(r, f"{origin}/{ref}") for ref, r in unique.items()]
         return ctx
 
     def _fetch(self, refs: _References, kinds: tuple[str, ...]) -> list[dict[str, Any]]:

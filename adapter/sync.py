@@ -178,8 +178,14 @@ class Syncer:
             patient = reference_of(facts.resource.get("subject"))
             if facts.disposition is Disposition.NO_CHARGE:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "no-charge"))
-            elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
+            elif facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, "review"))
+            elif facts.ref in reviewed:  # its Claim waits (diagnosis, payer, ...); its ChargeItems were written
+                session = coded[facts.ref]
+                sp = by_label.get(session.key.text())
+                codes = tuple(f"{ln.label} x{ln.units}" for ln in session.lines if facts.ref in ln.procedures)
+                out.append(ProcedureOutcome(facts.ref, version, patient, "review", session.key.text(), codes,
+                                            tuple(sp.written) if sp else ()))
             else:
                 session = coded[facts.ref]
                 sp = by_label.get(session.key.text())

@@ -226,3 +226,20 @@ def test_dry_run_writes_nothing(client: FhirClient, fhir_ns: str) -> None:
     summary = Syncer(client, TABLES, dry_run=True).sync_patients(patients_of(bundle))
     assert summary.lines == 2 and summary.written == 0
     assert lines_on_server(client, patients_of(bundle)) == []
+
+
+def test_a_claim_waiting_for_a_diagnosis_still_writes_its_charge_items(client: FhirClient, fhir_ns: str) -> None:
+    bundle = namespaced("83", fhir_ns)
+    client.transaction(bundle)
+    patients = patients_of(bundle)
+    summary = Syncer(client, TABLES).sync_patients(patients)
+    assert {(r.procedure, r.reason) for r in summary.reviews} == {(f"Procedure/{fhir_ns}-s83-fna-1",
+                                                                  "missing-diagnosis")}
+    assert summary.written == 2 and not summary.failures
+    codes = sorted(c["code"]["coding"][0]["code"] for c in ours_on_server(client, "ChargeItem", patients))
+    assert codes == ["10005", "10006"]
+    assert ours_on_server(client, "Claim", patients) == []
+    (outcome,) = summary.outcomes
+    assert outcome.outcome == "review" and len(outcome.written) == 2  # the audit keeps what was written
+    again = Syncer(client, TABLES).sync_patients(patients)
+    assert again.written == 0 and again.unchanged == 2

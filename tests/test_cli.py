@@ -109,3 +109,12 @@ def test_same_input_and_clock_same_bytes() -> None:
         entry["resource"].pop("created", None)
         entry["resource"].pop("enteredDate", None)
     assert fixed == clocked
+
+
+def test_explain_says_where_each_billing_decision_came_from() -> None:
+    result = CliRunner().invoke(cli, ["explain", scenario("87")])
+    assert "billing provider: Lakeshore Imaging Group (from PractitionerRole/s87-role.organization)" in result.stdout
+    assert "base 640.00 - discount 320.00 = 320.00 USD" in result.stdout
+    assert "place of service: 22 On Campus-Outpatient Hospital" in result.stdout
+    waiting = CliRunner().invoke(cli, ["explain", scenario("85")])
+    assert "Claim: waits in review (missing-diagnosis); the ChargeItems are written" in waiting.stdout

@@ -12,14 +12,10 @@ from typing import Any
 
 from adapter.billing.tables import NPI_SYSTEM, TIN_SYSTEM, BillingTables
 from adapter.extraction.index import ResourceIndex, reference_of
+from adapter.extraction.procedures import Finding
 
-
-@dataclass(frozen=True)
-class Gap:
-    """Something the Claim needs and the input plus tables cannot give: a review reason and a sentence."""
-
-    reason: str
-    detail: str
+Gap = Finding
+"""Something the Claim needs and the input plus tables cannot give: a review reason and a sentence."""
 
 
 @dataclass(frozen=True)

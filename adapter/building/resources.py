@@ -62,6 +62,9 @@ class SessionOutput:
     session: Session
     charge_items: list[dict[str, Any]] = field(default_factory=list)
     claim: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    """Where each billing decision came from (payer, billing provider, place of service, diagnoses, prices),
+    for `explain`."""
 
     def resources(self) -> list[dict[str, Any]]:
         return [*self.charge_items, *([self.claim] if self.claim else [])]
@@ -311,7 +314,11 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     provider = billing_provider(resources, key.performer, key.encounter, index, tables.billing)
     if isinstance(provider, Gap):
         gaps.append(provider)
+    else:
+        built.notes.append(f"billing provider: {provider.display} (from {provider.source})")
     accounts, account_note = ctx.accounts.of_session(key.patient, key.encounter, day)
+    if accounts:
+        built.notes.append(f"account: {', '.join(accounts)}")
     if account_note:
         warnings.append(OutputWarning("ambiguous-account", key.patient, account_note))
     lines: list[_Line] = []
@@ -323,6 +330,8 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
         if isinstance(price, NoPrice):
             unpriced.append(f"{line.label}: {price.detail}")
             price = None
+        else:
+            built.notes.append(f"price {line.label}: {price.source}")
         item = finish_charge_item(item, price, line.units, ctx.written_at)
         validate_resource(item, f"ChargeItem {line.label} for {', '.join(line.procedures)}")
         built.charge_items.append(item)
@@ -344,6 +353,13 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     payer = insurer(coverages[0][1], coverages[0][0], index)
     pos = place_of_service(key.encounter, index, tables.billing)
     plan = plan_diagnoses(session, index, tables.billing)
+    if isinstance(payer, dict):
+        built.notes.append(f"payer: {payer.get('display') or payer.get('reference')} (focal {coverages[0][0]})")
+    if isinstance(pos, PlaceOfService):
+        built.notes.append(f"place of service: {pos.code} {pos.display} (from {pos.source})")
+    if plan.codings:
+        built.notes.append("diagnoses: " + ", ".join(c["code"] for c in plan.codings)
+                           + "".join(f"; {note}" for note in plan.mapped))
     gaps += [g for g in (payer, pos) if isinstance(g, Gap)]
     if plan.problems:
         gaps.append(Gap("missing-diagnosis", "; ".join(plan.problems)))

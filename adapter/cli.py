@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +134,17 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
               help="json: one FHIR transaction Bundle; table: the charges for humans.")
 @click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
+@click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
+              help="Time of writing stamped on the output (Claim.created, ChargeItem.enteredDate), e.g. "
+                   "2026-03-31T12:00:00Z; default: the clock. Give it for reproducible output.")
 @click.pass_context
-def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool, quiet: bool) -> None:
+def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool, quiet: bool,
+            now: datetime | None) -> None:
     """Code FHIR JSON/NDJSON files or folders and print what would be written, writing nothing."""
     tables = _tables(ctx)
-    report = process_paths(paths, tables)
+    if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
+        now = now.replace(tzinfo=UTC)
+    report = process_paths(paths, tables, now)
     if fmt == "json":
         sys.stdout.write(json.dumps(output_bundle(report), indent=None if compact else 2, ensure_ascii=False) + "\n")
     else:
@@ -456,6 +463,46 @@ def subscribe_cmd(ctx: click.Context, timeout: float) -> None:
     token = secret(service.settings, "serve.token_env", "receiver bearer token")
     sub = service.subscribe(token, timeout)
     click.echo(f"Subscription/{sub['id']} is active -> {sub['channel']['endpoint']}")
+
+
+@cli.group("conformance")
+def conformance_group() -> None:
+    """The project's FHIR package (CPT-modifier extension, identifier systems) under urls.canonical_base."""
+
+
+@conformance_group.command("export")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@click.option("--tgz", is_flag=True, help="Write NAME-VERSION.tgz (package/ inside) instead of a folder.")
+@click.pass_context
+def conformance_export(ctx: click.Context, out: str, tgz: bool) -> None:
+    """Write the FHIR NPM package (R4 4.0.1), e.g. for a validator's -ig."""
+    from adapter import conformance
+
+    tables = _tables(ctx)
+    click.echo(str(conformance.export(Path(out), tables.settings.canonical_base, tgz=tgz)))
+
+
+@conformance_group.command("install")
+@server_options
+@click.pass_context
+def conformance_install(ctx: click.Context, server: str | None, auth_file: str | None, ca_bundle: str | None,
+                        client_cert: str | None) -> None:
+    """Create or update the package's resources on a FHIR server; unchanged ones are not written again."""
+    from adapter import conformance
+
+    tables = _tables(ctx)
+    if server:
+        client = _client(server, auth_file, ca_bundle, client_cert)
+    else:
+        settings = _settings(ctx)
+        client = make_client(settings.server, settings.source)
+    client.check_server()
+    result = conformance.install(client, tables.settings.canonical_base)
+    for label in result.written:
+        click.echo(f"written:   {label}")
+    for label in result.unchanged:
+        click.echo(f"unchanged: {label}")
+    click.echo(f"{len(result.written)} written, {len(result.unchanged)} unchanged")
 
 
 def main() -> None:

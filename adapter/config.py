@@ -11,10 +11,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, BillingTables, load_billing_tables
 from adapter.errors import ConfigError
 
 CodeKey = tuple[str, str]
@@ -22,6 +24,21 @@ CodeKey = tuple[str, str]
 
 TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml", "input.yaml")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+DEFAULT_CANONICAL_BASE = "http://fhir-charge-adapter.org/fhir"
+"""Where this project's identifier systems and extension live unless `urls.canonical_base` says otherwise.
+Not an example domain: the HL7 validator rejects example.org/.com/.net in identifier systems and extensions."""
+
+
+def canonical_urls(base: str) -> dict[str, str]:
+    """The project's URLs under one canonical base (also the names in the conformance package)."""
+    base = base.rstrip("/")
+    return {"modifier_extension": f"{base}/StructureDefinition/cpt-modifier",
+            "charge_identifier_system": f"{base}/sid/charge-line",
+            "claim_identifier_system": f"{base}/sid/claim"}
+
+
+_DEFAULT_URLS = canonical_urls(DEFAULT_CANONICAL_BASE)
+EXAMPLE_DOMAINS = ("example.org", "example.com", "example.net", "acme.com", "acme.org")
 
 
 @dataclass(frozen=True)
@@ -49,10 +66,14 @@ class Settings:
     when_missing: str = "review"
     distinct_modifier: str = "59"
     claims: bool = True
+    when_price_missing: str = "review"
+    """`review`: the Claim waits in review (ChargeItems are written); `warn`: written without a price."""
     guidance_code_system: str = "http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance"
-    modifier_extension: str = "http://fhir-charge-adapter.example.org/fhir/StructureDefinition/cpt-modifier"
-    charge_identifier_system: str = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/charge-line"
-    claim_identifier_system: str = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/claim"
+    """An input code system (the project code `none` in procedure-method), never written by the adapter."""
+    canonical_base: str = DEFAULT_CANONICAL_BASE
+    modifier_extension: str = _DEFAULT_URLS["modifier_extension"]
+    charge_identifier_system: str = _DEFAULT_URLS["charge_identifier_system"]
+    claim_identifier_system: str = _DEFAULT_URLS["claim_identifier_system"]
 
     @property
     def zone(self) -> ZoneInfo:
@@ -74,6 +95,8 @@ class CodeTables:
     modifiers: dict[str, Modifier]
     mue: dict[str, int]
     settings: Settings = field(default_factory=Settings)
+    billing: BillingTables = field(default_factory=BillingTables)
+    """Billing providers, place of service, diagnosis map and prices (adapter/billing/tables.py)."""
     version: str = ""
     """Short hash of the table files: which rules produced a charge, for the audit trail."""
     guidance_procedures: dict[CodeKey, str] = field(default_factory=dict)
@@ -152,7 +175,7 @@ def _codings(items: list[Any], key: str, file: Path) -> list[tuple[CodeKey, dict
 
 def _load_settings(path: Path) -> Settings:
     data = _read_yaml(path) if path.exists() else {}
-    known = {"fhir_version", "session", "guidance", "coding", "output", "urls"}
+    known = {"fhir_version", "session", "guidance", "coding", "output", "pricing", "urls"}
     for key in data:
         if key not in known:
             raise ConfigError(str(path), str(key), f"unknown setting (known: {', '.join(sorted(known))})")
@@ -160,7 +183,12 @@ def _load_settings(path: Path) -> Settings:
     guidance = _mapping(data.get("guidance", {}), path, "guidance")
     coding = _mapping(data.get("coding", {}), path, "coding")
     output = _mapping(data.get("output", {}), path, "output")
+    pricing = _mapping(data.get("pricing", {}), path, "pricing")
     urls = _mapping(data.get("urls", {}), path, "urls")
+    for key in urls:
+        if key not in ("canonical_base", "guidance_code_system"):
+            raise ConfigError(str(path), f"urls.{key}", "unknown setting (known: canonical_base, "
+                              "guidance_code_system); identifier systems and the extension URL follow canonical_base")
     defaults = Settings()
     values: dict[str, Any] = {
         "fhir_version": _str(data.get("fhir_version", defaults.fhir_version), path, "fhir_version"),
@@ -170,10 +198,22 @@ def _load_settings(path: Path) -> Settings:
             coding.get("distinct_modifier", defaults.distinct_modifier), path, "coding.distinct_modifier"
         ),
         "claims": output.get("claims", defaults.claims),
+        "when_price_missing": _str(pricing.get("when_missing", defaults.when_price_missing), path,
+                                   "pricing.when_missing"),
+        "guidance_code_system": _str(urls.get("guidance_code_system", defaults.guidance_code_system), path,
+                                     "urls.guidance_code_system"),
     }
-    for name in ("guidance_code_system", "modifier_extension", "charge_identifier_system",
-                 "claim_identifier_system"):
-        values[name] = _str(urls.get(name, getattr(defaults, name)), path, f"urls.{name}")
+    base = _str(urls.get("canonical_base", defaults.canonical_base), path, "urls.canonical_base").rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ConfigError(str(path), "urls.canonical_base", f"{base!r} must be an http(s) URL")
+    host = urlsplit(base).hostname or ""
+    if any(host == name or host.endswith("." + name) for name in EXAMPLE_DOMAINS):
+        raise ConfigError(str(path), "urls.canonical_base",
+                          f"{base!r} is an example domain, which FHIR validators reject in identifier systems")
+    values["canonical_base"] = base
+    values.update(canonical_urls(base))
+    if values["when_price_missing"] not in ("review", "warn"):
+        raise ConfigError(str(path), "pricing.when_missing", "must be 'review' or 'warn'")
     if values["when_missing"] not in ("review", "none"):
         raise ConfigError(str(path), "guidance.when_missing", "must be 'review' or 'none'")
     if not isinstance(values["claims"], bool):
@@ -293,15 +333,17 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         mue_sources[str(code)] = source
     reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
+    billing = load_billing_tables(base, _read_yaml)
+
     digest = hashlib.sha256()
-    for name in TABLE_FILES:
-        path = base / name
+    definitions = sorted((base / DEFINITIONS_DIR).glob("*.json")) if (base / DEFINITIONS_DIR).is_dir() else []
+    for path in [*(base / name for name in (*TABLE_FILES, *BILLING_FILES)), *definitions]:
         if path.exists():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return CodeTables(
         fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
-        modifiers=modifiers, mue=mue, settings=settings, version=digest.hexdigest()[:12],
+        modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
         guidance_procedures=guidance_procedures, mue_sources=mue_sources, **reading,
     )
 

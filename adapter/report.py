@@ -120,8 +120,15 @@ def explain_session(session: Session, report: RunReport, tables: CodeTables) -> 
     else:
         out.append(" Lines:")
         out += [f"  {line.explanation}" for line in session.lines]
-        claim = next((s.claim for s in report.built.sessions if s.session is session), None)
-        out.append(" Claim: " + ("yes" if claim else "none (no active Coverage, or claims are off)"))
+        built = next((s for s in report.built.sessions if s.session is session), None)
+        waiting = sorted({r.reason for r in report.built.reviews if r.procedure in {p.ref for p in session.procedures}})
+        if built is not None and built.claim:
+            out.append(" Claim: yes")
+        elif waiting:
+            out.append(f" Claim: waits in review ({', '.join(waiting)}); the ChargeItems are written")
+        else:
+            out.append(" Claim: none (no active Coverage, or claims are off)")
+        out += [f"  {note}" for note in (built.notes if built else [])]
     return out
 
 

@@ -319,14 +319,15 @@ class Syncer:
             patient = facts.patient or reference_of(facts.resource.get("subject"))
             if facts.disposition in (Disposition.NO_CHARGE, Disposition.MERGED):  # merged: billed under another
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE))
-            elif facts.ref in reviewed or facts.ref in held or facts.ref not in coded:
+            elif facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.REVIEW))
             else:
                 session = coded[facts.ref]
                 label = session.key.text()
                 sp = by_label.get(label)
                 codes = tuple(f"{ln.label} x{ln.units}" for ln in session.lines if facts.ref in ln.procedures)
-                state = Outcome.CODED
+                # in review while coded: its Claim waits (diagnosis, payer, ...); its ChargeItems are written
+                state = Outcome.REVIEW if facts.ref in reviewed else Outcome.CODED
                 if label in failed:
                     state = Outcome.RETRY if failed[label].retryable else Outcome.FAILED
                 elif sp is not None and sp.deferred:

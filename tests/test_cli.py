@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -100,9 +101,30 @@ def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
-def test_same_input_same_bytes() -> None:
-    first, second = run("dry-run", scenario("13")), run("dry-run", scenario("13"))
+def test_same_input_and_clock_same_bytes() -> None:
+    first = run("dry-run", "--now", "2026-04-01T12:00:00Z", scenario("13"))
+    second = run("dry-run", "--now", "2026-04-01T14:00:00+02:00", scenario("13"))
     assert first.stdout == second.stdout and first.stdout
+    # without --now the clock is the time of writing, and nothing else changes
+    clocked = json.loads(run("dry-run", scenario("13")).stdout)
+    stamps = {e["resource"].get("created") or e["resource"].get("enteredDate") for e in clocked["entry"]}
+    assert len(stamps) == 1 and stamps != {"2026-04-01T12:00:00Z"}
+    written = datetime.fromisoformat(stamps.pop().replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 120
+    fixed = json.loads(first.stdout)
+    for entry in [*fixed["entry"], *clocked["entry"]]:
+        entry["resource"].pop("created", None)
+        entry["resource"].pop("enteredDate", None)
+    assert fixed == clocked
+
+
+def test_explain_says_where_each_billing_decision_came_from() -> None:
+    result = CliRunner().invoke(cli, ["explain", scenario("87")])
+    assert "billing provider: Lakeshore Imaging Group (from PractitionerRole/s87-role.organization)" in result.stdout
+    assert "base 640.00 - discount 320.00 = 320.00 USD" in result.stdout
+    assert "place of service: 22 On Campus-Outpatient Hospital" in result.stdout
+    waiting = CliRunner().invoke(cli, ["explain", scenario("85")])
+    assert "Claim: waits in review (missing-diagnosis); the ChargeItems are written" in waiting.stdout
 
 
 def test_stderr_carries_no_free_text_and_no_patient_reference_while_explain_does() -> None:

@@ -61,7 +61,16 @@ REVIEW_REASONS = {
     "bilateral-site",
     "other-patient",
     "unknown-modifier-extension",
-}
+} | {"missing-diagnosis", "missing-payer", "missing-billing-provider", "missing-place-of-service", "missing-price"}
+CLAIM_REVIEW_REASONS = {"missing-diagnosis", "missing-payer", "missing-billing-provider", "missing-place-of-service",
+                        "missing-price"}
+"""The ChargeItems of such a session are written; only its Claim waits."""
+LINE_KEYS = {"code", "modifiers", "units", "procedures", "price"}
+OPTIONAL_LINE_KEYS = {"definition", "account"}
+CLAIM_KEYS = {"patient", "rendering", "billing_provider", "insurer", "place_of_service", "diagnoses", "items", "total"}
+WARNING_CODES = {"no-coverage", "missing-price", "ambiguous-account"}
+BILLING_SCENARIOS = range(80, 100)
+"""Numbers reserved for the billing scenarios (issue 10); 01-79 are numbered without gaps."""
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
 EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
 
@@ -174,10 +183,11 @@ def test_scenario_directory_names_are_numbered_and_kebab_case():
         numbers.append(int(m.group(1)))
         assert (d / "input.json").is_file(), d
         assert (d / "expected.json").is_file(), d
-    # numbers are unique (ranges are shared out between engineers, so gaps may open between ranges)
+    # numbers are unique (ranges are shared out between engineers); 01-79 are numbered without gaps
     all_numbers = numbers + [int(DIR_RE.match(d.name).group(1)) for d in FEED_DIRS if DIR_RE.match(d.name)]
     assert len(all_numbers) == len(set(all_numbers)), "scenario numbers must be unique across scenarios/ and feeds/"
-    assert numbers[:44] == list(range(1, 45))
+    coding = [n for n in numbers if n not in BILLING_SCENARIOS]
+    assert coding == list(range(1, len(coding) + 1)), "scenario numbers 01-79 must be 01, 02, ... without gaps"
 
 
 def contract_scenario_names() -> set[str]:
@@ -299,8 +309,13 @@ def test_coverage_is_active_with_payor_and_beneficiary(sdir: Path):
     full_urls = full_urls_of(sdir)
     for cov in (r for r in idx.values() if r["resourceType"] == "Coverage"):
         assert cov["status"] == "active"
-        assert target_of(cov["beneficiary"]["reference"], full_urls).startswith("Patient/")
-        assert all(normalise_reference(p["reference"]).startswith("Organization/") for p in cov["payor"])
+        beneficiary = target_of(cov["beneficiary"]["reference"], full_urls)
+        assert beneficiary.startswith("Patient/")
+        payors = [target_of(p["reference"], full_urls) for p in cov["payor"]]
+        if sdir.name == "80-no-payer":  # self-pay on purpose: the patient is the payor
+            assert payors == [beneficiary]
+        else:
+            assert all(p.startswith("Organization/") for p in payors)
 
 
 # --------------------------------------------------------------------------------- expected.json
@@ -322,7 +337,8 @@ def test_expected_is_complete_and_consistent(sdir: Path):
     # lines
     seen_codes: list[str] = []
     for ln in expected["lines"]:
-        assert set(ln) == {"code", "modifiers", "units", "procedures"}, ln
+        assert LINE_KEYS <= set(ln) <= LINE_KEYS | OPTIONAL_LINE_KEYS, ln
+        assert ln["price"] is None or ln["price"] > 0
         code = ln["code"]
         assert code in PRIMARIES or code in PRIMARY_OF_ADD_ON, f"not an FNA CPT code: {code}"
         assert code not in NEVER_EMIT
@@ -361,16 +377,17 @@ def test_expected_is_complete_and_consistent(sdir: Path):
         assert set(m) == {"procedure", "into", "reason"} and m["reason"] in ("duplicate", "part-of"), m
         assert m["procedure"] in procedures and m["into"] in procedures and m["into"] != m["procedure"]
         assert codings(procedures[m["procedure"]]["code"]) & FNA_CODES
-    buckets = [set(review_ids), set(expected["no_charge"]), set(expected["skipped"]), line_ids,
+    coding_reviews = {r["procedure"] for r in expected["reviews"] if r["reason"] not in CLAIM_REVIEW_REASONS}
+    buckets = [coding_reviews, set(expected["no_charge"]), set(expected["skipped"]), line_ids,
                {m["procedure"] for m in merged}]
-    assert len(review_ids) == len(set(review_ids))
+    assert len({(r["procedure"], r["reason"]) for r in expected["reviews"]}) == len(review_ids)
     for i, a in enumerate(buckets):
         for b in buckets[i + 1 :]:
             assert not (a & b), f"a Procedure is in two outcome lists: {sorted(a & b)}"
 
     # every Procedure has an outcome; the only exception is one whose lesions all belong to a coded
     # Procedure of the same session (same BodyStructure counted once)
-    accounted = set().union(*buckets)
+    accounted = set().union(*buckets, review_ids)
     covered_lesions = set().union(*(body_structure_refs(procedures[p]) for p in line_ids)) if line_ids else set()
     for pid, proc in procedures.items():
         if pid in accounted:
@@ -380,27 +397,38 @@ def test_expected_is_complete_and_consistent(sdir: Path):
 
     # warnings
     for w in expected["warnings"]:
-        assert w["code"] == "no-coverage"
+        assert w["code"] in WARNING_CODES
         assert w["patient"] in idx
     full_urls = full_urls_of(sdir)
     patients_with_coverage = {
         target_of(r["beneficiary"]["reference"], full_urls) for r in idx.values() if r["resourceType"] == "Coverage"
     }
     for w in expected["warnings"]:
-        assert w["patient"] not in patients_with_coverage
+        if w["code"] == "no-coverage":
+            assert w["patient"] not in patients_with_coverage
 
     # claims: one per coded session with Coverage, items in line order
     items = []
     for claim in expected["claims"]:
-        assert set(claim) == {"patient", "provider", "items"}
+        assert CLAIM_KEYS <= set(claim) <= CLAIM_KEYS | {"referral"}, claim
         assert claim["patient"] in patients_with_coverage
-        assert claim["provider"] in idx and claim["provider"].startswith("Practitioner/")
+        assert claim["rendering"] in idx and claim["rendering"].startswith(("Practitioner/", "PractitionerRole/"))
+        assert claim["billing_provider"] in idx or re.fullmatch(r"NPI \d{10}", claim["billing_provider"])
+        assert claim["insurer"] in idx
+        assert claim["diagnoses"] and len(claim["diagnoses"]) <= 12
         assert claim["items"]
+        for _code, _mods, units, pointers, price in claim["items"]:
+            assert 1 <= len(pointers) <= 4 and all(1 <= p <= len(claim["diagnoses"]) for p in pointers)
+            if price is not None and claim["total"] is not None:
+                assert price > 0 and units >= 1
+        if all(i[4] is not None for i in claim["items"]):
+            assert claim["total"] == sum(i[2] * i[4] for i in claim["items"])
         items.extend(claim["items"])
-    warned = {w["patient"] for w in expected["warnings"]}
+    warned = {w["patient"] for w in expected["warnings"] if w["code"] == "no-coverage"}
     assert not warned & {claim["patient"] for claim in expected["claims"]}
-    if not warned:
-        assert items == [[ln["code"], ln["modifiers"], ln["units"]] for ln in expected["lines"]]
+    held = {r["procedure"] for r in expected["reviews"] if r["reason"] in CLAIM_REVIEW_REASONS}
+    if not warned and not held:
+        assert [i[:3] for i in items] == [[ln["code"], ln["modifiers"], ln["units"]] for ln in expected["lines"]]
 
 
 # ------------------------------------------------------------------------------------------- NDJSON

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import tempfile
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from adapter.sources.files import SourcedResource
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted(p for p in (ROOT / "fixtures/fhir/scenarios").iterdir() if (p / "input.json").exists())
 TABLES = load_tables()
+NOW = datetime(2026, 4, 1, 12, tzinfo=UTC)
+"""The time of writing (Claim.created, ChargeItem.enteredDate) is fixed: only the input varies."""
 RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
 BASE = "https://ehr.example.org/fhir"
 EXAMPLES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -41,7 +44,7 @@ def answer(report: RunReport) -> tuple[str, list[tuple[str, str]]]:
 
 @cache
 def baseline(folder: Path) -> tuple[str, list[tuple[str, str]]]:
-    return answer(process_paths([folder / "input.json"], TABLES))
+    return answer(process_paths([folder / "input.json"], TABLES, now=NOW))
 
 
 def entries_of(folder: Path) -> list[dict[str, Any]]:
@@ -100,7 +103,7 @@ def run_files(bundles: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]
             path = Path(tmp) / f"part-{i}.json"
             path.write_text(json.dumps(bundle))
             paths.append(path)
-        return answer(process_paths(paths, TABLES))
+        return answer(process_paths(paths, TABLES, now=NOW))
 
 
 def collection(entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,16 +1,33 @@
 """Build the R4 ChargeItems and Claims of coded sessions, and the transaction Bundle that carries them.
 
-Output is a function of the input and the tables only (no clock, no random ids), so the same input always
-gives byte-identical JSON and the online writer can write with conditional updates on the identifiers.
+Output is a function of the input, the tables and the given time of writing only (no random ids), so the
+same input and clock always give byte-identical JSON and the online writer can write with conditional
+updates on the identifiers. The time of writing (`Claim.created`, `ChargeItem.enteredDate`) is the only
+part that changes between runs, and reconciliation does not count it as a change.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
+from adapter.billing.diagnoses import plan_diagnoses
+from adapter.billing.parties import (
+    Accounts,
+    BillingProvider,
+    Gap,
+    PlaceOfService,
+    billing_provider,
+    insurer,
+    place_of_service,
+    referral,
+)
+from adapter.billing.pricing import NoPrice, Price, PriceBook
 from adapter.building.identifiers import claim_identifier, full_url, line_identifier
+from adapter.building.narrative import charge_item_text, claim_text
 from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.coding.engine import ChargeLine, CodingResult, Review, Session
 from adapter.config import CodeTables
@@ -19,6 +36,16 @@ from adapter.extraction.procedures import ProcedureFacts
 
 CLAIM_TYPE = "http://terminology.hl7.org/CodeSystem/claim-type"
 PRIORITY = "http://terminology.hl7.org/CodeSystem/processpriority"
+CARE_TEAM_ROLE = "http://terminology.hl7.org/CodeSystem/claimcareteamrole"
+WRITE_TIME_FIELDS = {"ChargeItem": "enteredDate", "Claim": "created"}
+"""Set to the time of writing: never a change in reconciliation."""
+
+
+def instant(moment: datetime) -> str:
+    """A FHIR dateTime to the second, in UTC."""
+    if moment.tzinfo is None:
+        raise ValueError("the clock must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,9 @@ class SessionOutput:
     session: Session
     charge_items: list[dict[str, Any]] = field(default_factory=list)
     claim: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    """Where each billing decision came from (payer, billing provider, place of service, diagnoses, prices),
+    for `explain`."""
 
     def resources(self) -> list[dict[str, Any]]:
         return [*self.charge_items, *([self.claim] if self.claim else [])]
@@ -45,7 +75,20 @@ class BuildResult:
     sessions: list[SessionOutput] = field(default_factory=list)
     warnings: list[OutputWarning] = field(default_factory=list)
     reviews: list[Review] = field(default_factory=list)
-    """Sessions whose output failed validation: a bug or a bad table, reported and never emitted."""
+    """Claims held for review (missing diagnosis, payer, billing provider, place of service or price: their
+    ChargeItems are emitted), and sessions whose output failed validation (a bug or a bad table: nothing
+    of them is emitted)."""
+
+
+@dataclass
+class _Context:
+    """What every session of one run shares: the input, the tables, the price book, the time of writing."""
+
+    index: ResourceIndex
+    tables: CodeTables
+    written_at: str
+    prices: PriceBook
+    accounts: Accounts
 
 
 def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,7 +121,38 @@ def _modifier_concept(code: str, tables: CodeTables) -> dict[str, Any]:
     return {"coding": [{"system": mod.system, "code": mod.code, "display": mod.display}]}
 
 
-def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, tables: CodeTables) -> dict[str, Any]:
+def _amount(value: Decimal) -> float | int:
+    """JSON number for a money value (Decimal is not JSON); whole amounts stay integers."""
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+_shared: dict[tuple[Any, ...], Any] = {}
+
+
+def _shared_part(key: tuple[Any, ...], make: Any) -> Any:
+    """One object for an element that repeats across thousands of resources (a price, a place of service):
+    output is only read after it is built, and sharing keeps a large run's memory down."""
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) > 10_000:
+            _shared.clear()
+        found = _shared[key] = make()
+    return found
+
+
+def _money(value: Decimal, currency: str) -> dict[str, Any]:
+    return _shared_part(("money", value, currency), lambda: {"value": _amount(value), "currency": currency})
+
+
+_CARE_TEAM_SEQUENCE = [1]
+_CLAIM_TYPE = {"coding": [{"system": CLAIM_TYPE, "code": "professional"}]}
+_PRIORITY = {"coding": [{"system": PRIORITY, "code": "normal"}]}
+_PRIMARY_ROLE = {"coding": [{"system": CARE_TEAM_ROLE, "code": "primary"}]}
+
+
+def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, tables: CodeTables,
+                      accounts: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """The ChargeItem of one line, before its price and time of writing (pricing rules may look at it)."""
     settings = tables.settings
     procs = [p for p in session.procedures if p.ref in line.procedures]
     key = line.session
@@ -104,99 +178,202 @@ def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, 
     if reasons:
         item["reason"] = reasons
     item["service"] = [{"reference": ref} for ref in line.procedures]
+    if accounts:
+        item["account"] = [{"reference": ref} for ref in accounts]
     item["note"] = [{"text": line.explanation}]
     return item
 
 
-def build_claim(session: Session, index: ResourceIndex, tables: CodeTables,
-                coverages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    key = session.key
+_BEFORE_DEFINITION = ("extension", "identifier")
+_BEFORE_PRICE = ("status", "code", "subject", "context", "occurrenceDateTime", "performer", "quantity", "bodysite")
+_AFTER_DATE = ("reason", "service", "account", "note")
+
+
+def finish_charge_item(item: dict[str, Any], price: Price | None, units: int, written_at: str) -> dict[str, Any]:
+    """The ChargeItem with its narrative, definition, price and time of writing, elements in R4 order."""
+    out: dict[str, Any] = {"resourceType": "ChargeItem", "text": None}
+    for name in _BEFORE_DEFINITION:
+        if name in item:
+            out[name] = item[name]
+    if price and price.definition:
+        out["definitionCanonical"] = [price.definition]
+    for name in _BEFORE_PRICE:
+        if name in item:
+            out[name] = item[name]
+    if price:
+        out["priceOverride"] = _money(price.unit * units, price.currency)
+        out["overrideReason"] = f"{price.source}; x{units}"
+    out["enteredDate"] = written_at
+    for name in _AFTER_DATE:
+        if name in item:
+            out[name] = item[name]
+    out["text"] = charge_item_text(out)
+    return out
+
+
+@dataclass
+class _Line:
+    line: ChargeLine
+    item: dict[str, Any]
+    price: Price | None
+
+
+def _claim_item(n: int, entry: _Line, pointers: list[int], proc_seq: dict[str, int], pos: PlaceOfService,
+                tables: CodeTables) -> dict[str, Any]:
+    line, key = entry.line, entry.line.session
+    item: dict[str, Any] = {"sequence": n, "careTeamSequence": _CARE_TEAM_SEQUENCE, "diagnosisSequence": pointers,
+                            "procedureSequence": [proc_seq[ref] for ref in line.procedures]}
+    item["productOrService"] = {"coding": [{"system": tables.cpt_system, "code": line.code,
+                                            "display": line.display}]}
+    if line.modifiers:
+        item["modifier"] = [_modifier_concept(m, tables) for m in line.modifiers]
+    item["servicedDate"] = key.date
+    system = tables.billing.place_of_service.system
+    item["locationCodeableConcept"] = _shared_part(("pos", system, pos.code, pos.display), lambda: {
+        "coding": [{"system": system, "code": pos.code, "display": pos.display}]})
+    item["quantity"] = {"value": line.units}
+    if entry.price:
+        item["unitPrice"] = _money(entry.price.unit, entry.price.currency)
+        item["net"] = _money(entry.price.unit * line.units, entry.price.currency)
+    if key.encounter:
+        item["encounter"] = [{"reference": key.encounter}]
+    return item
+
+
+def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: BillingProvider,
+                payer: dict[str, Any], pos: PlaceOfService, diagnoses: list[dict[str, str]],
+                pointers: list[list[int]], coverages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    key, tables = session.key, ctx.tables
     procs = session.procedures
     proc_seq = {p.ref: i for i, p in enumerate(procs, start=1)}
-    diagnoses: list[dict[str, Any]] = []
-    diag_of: dict[str, list[int]] = {}
-    for proc in procs:
-        seqs: list[int] = []
-        entries = [{"diagnosisCodeableConcept": c} for c in _reasons([proc], index) if c.get("coding")]
-        entries += [{"diagnosisReference": {"reference": r}} for r, _ in proc.reasons]
-        for entry in entries:
-            if entry not in diagnoses:
-                diagnoses.append(entry)
-            seq = diagnoses.index(entry) + 1
-            if seq not in seqs:
-                seqs.append(seq)
-        diag_of[proc.ref] = seqs
-    items = []
-    for n, line in enumerate(session.lines, start=1):
-        item: dict[str, Any] = {
-            "sequence": n,
-            "productOrService": {"coding": [{"system": tables.cpt_system, "code": line.code, "display": line.display}]},
-        }
-        diag = sorted({s for ref in line.procedures for s in diag_of.get(ref, [])})
-        if diag:
-            item["diagnosisSequence"] = diag
-        item["procedureSequence"] = [proc_seq[ref] for ref in line.procedures]
-        if line.modifiers:
-            item["modifier"] = [_modifier_concept(m, tables) for m in line.modifiers]
-        item["servicedDate"] = key.date
-        item["quantity"] = {"value": line.units}
-        if key.encounter:
-            item["encounter"] = [{"reference": key.encounter}]
-        items.append(item)
-    claim: dict[str, Any] = {
-        "resourceType": "Claim",
+    claim: dict[str, Any] = {"resourceType": "Claim"}
+    claim.update({
         "identifier": [{"system": tables.settings.claim_identifier_system, "value": claim_identifier(key)}],
         "status": "active",
-        "type": {"coding": [{"system": CLAIM_TYPE, "code": "professional"}]},
+        "type": _CLAIM_TYPE,
         "use": "claim",
         "patient": {"reference": key.patient},
-        "created": key.date,
-        "provider": {"reference": key.performer},
-        "priority": {"coding": [{"system": PRIORITY, "code": "normal"}]},
-    }
-    if diagnoses:
-        claim["diagnosis"] = [{"sequence": i, **d} for i, d in enumerate(diagnoses, start=1)]
+        "created": ctx.written_at,
+        "insurer": payer,
+        "provider": provider.reference,
+        "priority": _PRIORITY,
+    })
+    service_request = referral(procs, ctx.index)
+    if service_request:
+        claim["referral"] = {"reference": service_request}
+    claim["careTeam"] = [{"sequence": 1, "provider": {"reference": key.performer}, "responsible": True,
+                          "role": _PRIMARY_ROLE}]
+    claim["diagnosis"] = [{"sequence": i, "diagnosisCodeableConcept": {"coding": [coding]}}
+                          for i, coding in enumerate(diagnoses, start=1)]
     claim["procedure"] = [{"sequence": proc_seq[p.ref], "date": p.performed_text,
                            "procedureReference": {"reference": p.ref}} for p in procs]
     claim["insurance"] = [{"sequence": i, "focal": i == 1, "coverage": {"reference": ref}}
                           for i, (ref, _) in enumerate(coverages, start=1)]
-    claim["item"] = items
+    claim["item"] = [_claim_item(n, entry, pointers[n - 1], proc_seq, pos, tables)
+                     for n, entry in enumerate(lines, start=1)]
+    if lines and all(entry.price for entry in lines):
+        currencies = {entry.price.currency for entry in lines if entry.price}
+        if len(currencies) == 1:
+            total = sum((entry.price.unit * entry.line.units for entry in lines if entry.price), Decimal(0))
+            claim["total"] = _money(total, currencies.pop())
+    claim = {"resourceType": "Claim", "text": claim_text(claim),
+             **{k: v for k, v in claim.items() if k != "resourceType"}}
     return claim
 
 
-def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables) -> BuildResult:
-    """ChargeItems and Claims for every coded session, each validated with fhir.resources (R4)."""
+def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables,
+                  now: datetime | None = None) -> BuildResult:
+    """ChargeItems and Claims for every coded session, each validated with fhir.resources (R4).
+
+    `now` is the time of writing (default: the clock); give it to reproduce a run byte for byte."""
+    found = index.of_type("ChargeItemDefinition")
+    key_of_definition = {id(res): ref for ref, res in found}
+    definitions = [(index.origins.get(ref, ref), res) for ref, res in found]
+    definitions += list(tables.billing.pricing.definitions)
+    prices = PriceBook(definitions, tables.billing.pricing, tables.cpt_system,
+                       lambda value, definition: index.key_of(value, key_of_definition.get(id(definition))))
+    ctx = _Context(index, tables, instant(now or datetime.now(UTC)), prices, Accounts(index))
     out = BuildResult()
     for session in result.coded_sessions:
         try:
-            built, warning = _build_session(session, index, tables)
+            built, warnings, reviews = _build_session(session, ctx)
         except InvalidOutputError as exc:
             out.reviews.extend(Review(p.ref, p.origin, "invalid-output", str(exc)) for p in session.procedures)
             continue
         out.sessions.append(built)
-        if warning:
-            out.warnings.append(warning)
+        out.warnings += warnings
+        out.reviews += reviews
     return out
 
 
-def _build_session(session: Session, index: ResourceIndex,
-                   tables: CodeTables) -> tuple[SessionOutput, OutputWarning | None]:
+def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list[OutputWarning], list[Review]]:
+    key, tables, index = session.key, ctx.tables, ctx.index
     built = SessionOutput(session)
+    warnings: list[OutputWarning] = []
+    gaps: list[Gap] = []
+    day = date.fromisoformat(key.date)
+    provider = billing_provider(session.procedures, key.performer, key.encounter, index, tables.billing)
+    if isinstance(provider, Gap):
+        gaps.append(provider)
+    else:
+        built.notes.append(f"billing provider: {provider.display} (from {provider.source})")
+    accounts, account_note = ctx.accounts.of_session(key.patient, key.encounter, day)
+    if accounts:
+        built.notes.append(f"account: {', '.join(accounts)}")
+    if account_note:
+        warnings.append(OutputWarning("ambiguous-account", key.patient, account_note))
+    lines: list[_Line] = []
+    unpriced: list[str] = []
     for line in session.lines:
-        charge = build_charge_item(line, session, index, tables)
-        validate_resource(charge, f"ChargeItem {line.label} for {', '.join(line.procedures)}")
-        built.charge_items.append(charge)
-    if not tables.settings.claims:
-        return built, None
-    coverages = index.active_coverages(session.key.patient)
+        item = build_charge_item(line, session, index, tables, accounts)
+        venue = provider.venue if isinstance(provider, BillingProvider) else None
+        price = ctx.prices.price(line.code, line.modifiers, day, item, venue)
+        if isinstance(price, NoPrice):
+            unpriced.append(f"{line.label}: {price.detail}")
+            price = None
+        else:
+            built.notes.append(f"price {line.label}: {price.source}")
+        item = finish_charge_item(item, price, line.units, ctx.written_at)
+        validate_resource(item, f"ChargeItem {line.label} for {', '.join(line.procedures)}")
+        built.charge_items.append(item)
+        lines.append(_Line(line, item, price))
+    claims_on = tables.settings.claims
+    coverages = index.active_coverages(key.patient) if claims_on else []
+    if unpriced and (tables.settings.when_price_missing == "warn" or not coverages):
+        warnings += [OutputWarning("missing-price", key.patient, f"session {key.text()}: {u}; written without "
+                                                                 "a price") for u in unpriced]
+    elif unpriced:
+        gaps.append(Gap("missing-price", "; ".join(unpriced)))
+    if not claims_on:
+        return built, warnings, []
     if not coverages:
-        return built, OutputWarning("no-coverage", session.key.patient,
-                                    f"no active Coverage for {session.key.patient} in the input: ChargeItems "
-                                    f"only, no Claim for session {session.key.text()}")
-    claim = build_claim(session, index, tables, coverages)
-    validate_resource(claim, f"Claim for session {session.key.text()}")
+        warnings.append(OutputWarning("no-coverage", key.patient,
+                                      f"no active Coverage for {key.patient} in the input: ChargeItems "
+                                      f"only, no Claim for session {key.text()}"))
+        return built, warnings, []
+    payer = insurer(coverages[0][1], coverages[0][0], index)
+    pos = place_of_service(key.encounter, index, tables.billing)
+    plan = plan_diagnoses(session, index, tables.billing)
+    if isinstance(payer, dict):
+        built.notes.append(f"payer: {payer.get('display') or payer.get('reference')} (focal {coverages[0][0]})")
+    if isinstance(pos, PlaceOfService):
+        built.notes.append(f"place of service: {pos.code} {pos.display} (from {pos.source})")
+    if plan.codings:
+        built.notes.append("diagnoses: " + ", ".join(c["code"] for c in plan.codings)
+                           + "".join(f"; {note}" for note in plan.mapped))
+    gaps += [g for g in (payer, pos) if isinstance(g, Gap)]
+    if plan.problems:
+        gaps.append(Gap("missing-diagnosis", "; ".join(plan.problems)))
+    if gaps:
+        reviews = [Review(p.ref, p.origin, gap.reason, f"Claim for session {key.text()} waits (ChargeItems "
+                                                         f"written): {gap.detail}")
+                   for gap in gaps for p in session.procedures]
+        return built, warnings, reviews
+    assert isinstance(provider, BillingProvider) and isinstance(pos, PlaceOfService) and isinstance(payer, dict)
+    claim = build_claim(session, lines, ctx, provider, payer, pos, plan.codings, plan.pointers, coverages)
+    validate_resource(claim, f"Claim for session {key.text()}")
     built.claim = claim
-    return built, None
+    return built, warnings, []
 
 
 def conditional_url(resource: dict[str, Any]) -> str:

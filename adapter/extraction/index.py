@@ -211,6 +211,10 @@ class ResourceIndex:
     def entry(self, key: str) -> Entry | None:
         return self.entries.get(key)
 
+    def key_of(self, value: Any, referrer: str | None = None) -> str | None:
+        """The canonical key of a Reference written inside the resource `referrer` (a key), in any form."""
+        return self.resolve(value, self.entries.get(referrer) if referrer else None).key
+
     def of_type(self, resource_type: str) -> list[tuple[str, dict[str, Any]]]:
         prefix = resource_type + "/"
         return [(ref, res) for ref, res in self.by_ref.items() if ref.startswith(prefix)]

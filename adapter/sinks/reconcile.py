@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.building.resources import SessionOutput, transaction_entry
+from adapter.building.resources import WRITE_TIME_FIELDS, SessionOutput, transaction_entry
 from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
@@ -64,9 +64,15 @@ def _identifier(resource: dict[str, Any], system: str) -> str | None:
     return None
 
 
+def _compared(resource: dict[str, Any]) -> dict[str, Any]:
+    skip = (*IGNORED, WRITE_TIME_FIELDS.get(resource.get("resourceType", ""), ""))
+    return {k: v for k, v in resource.items() if k not in skip}
+
+
 def same_content(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Equal but for server-managed elements (id, meta, narrative)."""
-    return {k: v for k, v in existing.items() if k not in IGNORED} == wanted
+    """Equal but for server-managed elements (id, meta), the narrative (generated from the rest) and the time
+    of writing (`ChargeItem.enteredDate`, `Claim.created`): re-coding the same input is never a change."""
+    return _compared(existing) == _compared(wanted)
 
 
 def _billed_procedures(resource: dict[str, Any]) -> set[str]:

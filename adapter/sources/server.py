@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.client import FhirClient
+from adapter.client import FhirClient, SearchParams
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
 from adapter.extraction.procedures import body_structure_extensions
@@ -20,6 +20,13 @@ from adapter.sources.files import SourcedResource
 BATCH = 100
 """References per search: keeps form bodies and server-side OR lists reasonable."""
 PAGE = 500
+PROCEDURE_INCLUDES = (
+    ("_include", "Procedure:encounter"), ("_include", "Procedure:performer"),
+    ("_include:iterate", "PractitionerRole:organization"), ("_include:iterate", "Encounter:location"),
+    ("_include:iterate", "Encounter:account"), ("_include:iterate", "Encounter:service-provider"),
+)
+"""What billing needs of each Procedure comes with it: its Encounter (with locations, accounts and service
+provider), its performers (Practitioners, PractitionerRoles with their organizations)."""
 
 
 def chunks(items: list[str], size: int = BATCH) -> Iterator[list[str]]:
@@ -45,7 +52,7 @@ class ServerSource:
         codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures))
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
-    def _search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _search(self, resource_type: str, params: SearchParams) -> Iterator[dict[str, Any]]:
         # POST _search keeps patient references out of URLs and access logs (and out of URL length limits)
         for resource, mode in self.client.search_all_with_mode(resource_type, params, via_post=True):
             if mode in (None, "match", "include") and resource.get("resourceType") != "OperationOutcome":
@@ -81,53 +88,104 @@ class ServerSource:
         return sorted(set(deleted))
 
     def context(self, patients: Iterable[str]) -> PatientContext:
-        """All FNA Procedures of these patients and what they reference, plus our earlier output."""
+        """All FNA Procedures of these patients and what they reference, plus our earlier output.
+
+        Coding needs the BodyStructures, Conditions, Encounters (a performer may only be named there),
+        PractitionerRoles (their practitioner renders), `partOf` parents that are not FNAs and Coverages.
+        Billing also reads the Encounters' Locations, accounts and service provider, the role organizations,
+        payors and onBehalfOf Organizations, the patients' Accounts, and the active ChargeItemDefinitions.
+        References are followed a few levels deep (Encounter -> participant role -> organization)."""
         ctx = PatientContext()
         wanted = sorted(set(patients))
         origin = self.client.base_url
         procedures: list[dict[str, Any]] = []
+        first: list[dict[str, Any]] = []
         for batch in chunks(wanted):
-            procedures += self._search("Procedure", {"patient": ",".join(batch), "code": self.code_param,
-                                                     "_count": str(PAGE)})
-        fetched = list(procedures)
-        parents = _ids((r for proc in procedures for r in proc.get("partOf") or []), "Procedure")
-        parents -= {str(proc.get("id")) for proc in procedures}
-        fetched += self._by_id("Procedure", parents)  # a parent that is not an FNA: its child is billed alone
-        structures = _ids((v for proc in procedures for _, v, _ in body_structure_extensions(proc)), "BodyStructure")
-        conditions = _ids((r for proc in procedures for r in proc.get("reasonReference") or []), "Condition")
-        encounters = _ids((proc.get("encounter") for proc in procedures), "Encounter")
-        fetched += self._by_id("BodyStructure", structures) + self._by_id("Condition", conditions)
-        found_encounters = self._by_id("Encounter", encounters)
-        fetched += found_encounters
-        roles = _ids((perf.get("actor") for proc in procedures for perf in proc.get("performer") or []
-                      if isinstance(perf, dict)), "PractitionerRole")
-        roles |= _ids((part.get("individual") for enc in found_encounters for part in enc.get("participant") or []
-                       if isinstance(part, dict)), "PractitionerRole")
-        fetched += self._by_id("PractitionerRole", roles)  # its practitioner is the rendering provider
+            for res in self._search("Procedure", [("patient", ",".join(batch)), ("code", self.code_param),
+                                                  ("_count", str(PAGE)), *PROCEDURE_INCLUDES]):
+                (procedures if res.get("resourceType") == "Procedure" else first).append(res)
         for batch in chunks(wanted):
             joined = ",".join(batch)
-            fetched += self._search("Coverage", {"beneficiary": joined, "status": "active", "_count": str(PAGE)})
+            first += self._search("Coverage", [("beneficiary", joined), ("status", "active"), ("_count", str(PAGE)),
+                                               ("_include", "Coverage:payor")])
+            first += self._search("Account", {"patient": joined, "status": "active", "_count": str(PAGE)})
             ctx.charge_items += self._search("ChargeItem", {
                 "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
                 "_count": str(PAGE)})
             ctx.claims += self._search("Claim", {
                 "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
                 "_count": str(PAGE)})
-        ctx.resources = [SourcedResource(r, f"{origin}/{r['resourceType']}/{r.get('id')}") for r in fetched]
+        have = {_key(r) for r in (*procedures, *first)}
+        fetched = [*procedures, *first]
+        pending = list(fetched)
+        for _ in range(FOLLOW_DEPTH):
+            refs = _References()
+            for res in pending:
+                refs.add_from(res)
+            refs.discard(have)
+            pending = self._fetch(refs)
+            if not pending:
+                break
+            have |= {_key(r) for r in pending}
+            fetched += pending
+        fetched += self._search("ChargeItemDefinition", {"status": "active", "_count": str(PAGE)})
+        unique = {_key(r): r for r in fetched}  # an include can repeat across pages
+        ctx.resources = [SourcedResource(r, f"{origin}/{ref}") for ref, r in unique.items()]
         return ctx
 
-    def _by_id(self, kind: str, ids: set[str]) -> list[dict[str, Any]]:
+    def _fetch(self, refs: _References) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
-        for batch in chunks(sorted(ids)):
-            found += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        for kind in sorted(refs.ids):
+            for batch in chunks(sorted(refs.ids[kind])):
+                found += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
         return found
 
 
-def _ids(references: Iterable[Any], kind: str) -> set[str]:
-    """Ids of the `kind/id` references among `references` (server data: references are relative)."""
-    out: set[str] = set()
-    for value in references:
-        ref = reference_of(value)
-        if ref and ref.startswith(kind + "/") and "?" not in ref:
-            out.add(ref.split("/", 1)[1])
-    return out
+FOLLOW_DEPTH = 3
+"""Rounds of reference following: Procedure -> Encounter -> participant PractitionerRole -> Organization."""
+
+
+def _key(resource: dict[str, Any]) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+class _References:
+    """Ids to read, by resource type, from the literal references of the resources read so far."""
+
+    FOLLOWED = frozenset({"BodyStructure", "Condition", "Encounter", "PractitionerRole", "Practitioner",
+                          "Organization", "Location", "Account", "Procedure"})
+
+    def __init__(self) -> None:
+        self.ids: dict[str, set[str]] = {}
+
+    def add(self, *values: Any) -> None:
+        for value in values:
+            ref = reference_of(value)
+            if ref and "/" in ref and "?" not in ref:
+                kind, rid = ref.split("/", 1)
+                if kind in self.FOLLOWED:
+                    self.ids.setdefault(kind, set()).add(rid)
+
+    def add_from(self, res: dict[str, Any]) -> None:
+        """What coding and billing read of `res`."""
+        kind = res.get("resourceType")
+        if kind == "Procedure":
+            self.add(*(value for _, value, _ in body_structure_extensions(res)))
+            self.add(*(res.get("reasonReference") or []), res.get("encounter"), *(res.get("partOf") or []))
+            for performer in res.get("performer") or []:
+                if isinstance(performer, dict):
+                    self.add(performer.get("actor"), performer.get("onBehalfOf"))
+        elif kind == "Encounter":
+            self.add(res.get("serviceProvider"), *(res.get("account") or []),
+                     *((loc or {}).get("location") for loc in res.get("location") or [] if isinstance(loc, dict)),
+                     *((part or {}).get("individual") for part in res.get("participant") or []
+                       if isinstance(part, dict)))
+        elif kind == "PractitionerRole":
+            self.add(res.get("organization"), res.get("practitioner"))
+        elif kind == "Coverage":
+            self.add(*(res.get("payor") or []))
+
+    def discard(self, refs: set[str]) -> None:
+        for ref in refs:
+            kind, _, rid = ref.partition("/")
+            self.ids.get(kind, set()).discard(rid)

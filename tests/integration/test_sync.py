@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from adapter import conformance
 from adapter.cli import cli
 from adapter.client import FhirClient
 from adapter.config import load_tables
@@ -35,8 +37,9 @@ def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[d
 
 
 def strip(resource: dict[str, Any]) -> dict[str, Any]:
-    """Without server-managed elements and without the identifier value (a hash of the namespaced ids)."""
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    """Without server-managed elements, the time of writing and the identifier value (a hash of the
+    namespaced ids)."""
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text", "created", "enteredDate")}
     out["identifier"] = [{k: v for k, v in i.items() if k != "value"} for i in out.get("identifier", [])]
     return out
 
@@ -91,6 +94,41 @@ def test_every_written_resource_passes_hapi_validate(client: FhirClient, loaded:
         outcome = client.validate(resource)
         errors = [i for i in outcome.get("issue", []) if i.get("severity") in ("error", "fatal")]
         assert not errors, f"{resource['resourceType']}/{resource['id']}: {errors}"
+
+
+def test_the_official_hl7_validator_finds_no_error_in_golden_or_synced_output(
+        client: FhirClient, loaded: dict[str, Any], tmp_path: Path) -> None:
+    """The HL7 FHIR Validator (R4 4.0.1, our conformance package loaded) on every golden output, on a sample of
+    what sync wrote to HAPI, and on one broken ChargeItem that proves it really checks."""
+    package = conformance.export(tmp_path / "package", TABLES.settings.canonical_base)
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    for folder in SCENARIOS:
+        (golden / f"{folder.name}.json").write_text((folder / "output.json").read_text())
+    patients = [p for b in loaded["bundles"].values() for p in patients_of(b)]
+    written = ours_on_server(client, "ChargeItem", patients) + ours_on_server(client, "Claim", patients)
+    sample = written[::3]
+    assert len(sample) > 20
+    synced = tmp_path / "synced.json"
+    synced.write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                  "entry": [{"resource": r} for r in sample]}))
+    broken = copy.deepcopy(sample[0] if sample[0]["resourceType"] == "ChargeItem" else written[0])
+    broken.update(status="charged-twice", extension=[{"url": "http://fhir-charge-adapter.org/fhir/nowhere",
+                                                       "valueString": "x"}])
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    report = tmp_path / "report.json"
+    run = subprocess.run(["bash", str(ROOT / "scripts/validator"), "run", "--report", str(report), "--ig",
+                          str(package), str(golden), str(synced), str(tmp_path / "broken.json")],
+                         capture_output=True, text=True, timeout=1500, check=False)
+    assert report.exists(), run.stdout + run.stderr
+    result = json.loads(report.read_text())
+    # a Bundle is validated entry by entry; an empty one (nothing coded) as itself
+    assert result["resources"] == sum(len(json.loads(f.read_text()).get("entry", [])) or 1
+                                      for f in golden.iterdir()) + len(sample) + 1
+    errors = [i for i in result["issues"] if i["severity"] in ("error", "fatal")]
+    assert [e for e in errors if not e["file"].endswith("broken.json")] == []
+    assert len([e for e in errors if e["file"].endswith("broken.json")]) >= 2  # bad status, unknown extension
+    assert run.returncode == 1  # errors (the broken resource) make the launcher fail
 
 
 def test_second_sync_writes_nothing_and_versions_stay(client: FhirClient, loaded: dict[str, Any]) -> None:
@@ -188,3 +226,20 @@ def test_dry_run_writes_nothing(client: FhirClient, fhir_ns: str) -> None:
     summary = Syncer(client, TABLES, dry_run=True).sync_patients(patients_of(bundle))
     assert summary.lines == 2 and summary.written == 0
     assert lines_on_server(client, patients_of(bundle)) == []
+
+
+def test_a_claim_waiting_for_a_diagnosis_still_writes_its_charge_items(client: FhirClient, fhir_ns: str) -> None:
+    bundle = namespaced("83", fhir_ns)
+    client.transaction(bundle)
+    patients = patients_of(bundle)
+    summary = Syncer(client, TABLES).sync_patients(patients)
+    assert {(r.procedure, r.reason) for r in summary.reviews} == {(f"Procedure/{fhir_ns}-s83-fna-1",
+                                                                  "missing-diagnosis")}
+    assert summary.written == 2 and not summary.failures
+    codes = sorted(c["code"]["coding"][0]["code"] for c in ours_on_server(client, "ChargeItem", patients))
+    assert codes == ["10005", "10006"]
+    assert ours_on_server(client, "Claim", patients) == []
+    (outcome,) = summary.outcomes
+    assert outcome.outcome == "review" and len(outcome.written) == 2  # the audit keeps what was written
+    again = Syncer(client, TABLES).sync_patients(patients)
+    assert again.written == 0 and again.unchanged == 2

@@ -85,7 +85,14 @@ def test_unguided_setting_codes_every_synthea_fna(population: Path) -> None:
     assert not report.reviews
     assert sorted(ln.procedures[0] for ln in report.coding.lines) == sorted(f.ref for f in fnas)
     assert {ln.code for ln in report.coding.lines} == {"10021"}
-    assert {w.code for w in report.built.warnings} == {"no-coverage"}  # Synthea's R4 export has no Coverage
+    # Synthea's R4 export has no Coverage; its FNAs are dated before the chargemaster's effective period
+    # (config/chargemaster.yaml), so they are written without a price and say so
+    assert {w.code for w in report.built.warnings} <= {"no-coverage", "missing-price"}
+    assert any(w.code == "no-coverage" for w in report.built.warnings)
+    for warning in report.built.warnings:
+        if warning.code == "missing-price":
+            assert "config/chargemaster.yaml has no row for 10021 on " in warning.detail
+            assert not warning.detail.split("10021 on ", 1)[1].startswith("2026-")
 
 
 def test_sync_codes_the_population_like_dry_run(client: FhirClient, population: Path) -> None:

@@ -19,6 +19,7 @@ CPT = "http://www.ama-assn.org/go/cpt"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 GUIDANCE = "http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance"
 EXT = "http://hl7.org/fhir/StructureDefinition/"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 MODALITY = {"none": (GUIDANCE, "none"), "us": (SCT, "61593002"), "fluoro": (SCT, "44491008"),
             "ct": (DCM, "CT"), "mr": (SCT, "258177008")}
 TABLES = load_tables()
@@ -36,7 +37,8 @@ def procedure(pid: str, modality: str | None = "us", lesions: tuple[str, ...] = 
             for b in lesions]
     res: dict[str, Any] = {"resourceType": "Procedure", "id": pid, "status": status,
                            "code": {"coding": [{"system": code[0], "code": code[1]}]},
-                           "subject": {"reference": f"Patient/{patient}"}, "performedDateTime": when}
+                           "subject": {"reference": f"Patient/{patient}"}, "performedDateTime": when,
+                           "reasonCode": [{"coding": [{"system": ICD10CM, "code": "R59.0"}]}]}
     if ext:
         res["extension"] = ext
     if performer:

@@ -178,10 +178,41 @@ def engine_post(resource: dict[str, Any]) -> Received:
         shown = bundle_type if isinstance(bundle_type, str) else "(none)"
         raise ReceiveError(422, "not-supported", f"Bundle type {shown[:40]!r} is not handled; send a transaction, "
                            "batch, collection, searchset or message Bundle")
-    resources = [entry["resource"] for entry in _entries(resource) if "resource" in entry]
+    resources = local_references([entry for entry in _entries(resource) if "resource" in entry])
     if not any(r.get("resourceType") == "Procedure" for r in resources):
         raise ReceiveError(400, "invalid", "the Bundle contains no Procedure")
     return Received("engine-bundle", [WorkItem("resources", {"resources": resources}, SOURCE_ENGINE)])
+
+
+def local_references(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries' resources, with references to other entries of the Bundle written as `Type/id`.
+
+    Engines write references between the entries of a pushed Bundle as `urn:uuid:` (or other absolute)
+    `fullUrl`s; the queue keeps resources without their entries, so such a reference is resolved here, per
+    the FHIR Bundle rules, to the target's `Type/id`. A reference to an entry without an id (a transaction
+    create: only the server will give it one) is kept as written and goes to review when a rule needs it."""
+    targets: dict[str, str] = {}
+    for entry in entries:
+        full_url, res = entry.get("fullUrl"), entry["resource"]
+        if isinstance(full_url, str) and full_url.strip() and isinstance(res.get("id"), str) and res["id"]:
+            targets[full_url.strip().split("/_history/", 1)[0]] = f"{res['resourceType']}/{res['id']}"
+    if not targets:
+        return [entry["resource"] for entry in entries]
+    return [_rewrite(entry["resource"], targets) for entry in entries]
+
+
+def _rewrite(value: Any, targets: dict[str, str]) -> Any:
+    if isinstance(value, list):
+        return [_rewrite(item, targets) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {key: _rewrite(item, targets) for key, item in value.items()}
+    reference = value.get("reference")
+    if isinstance(reference, str):
+        local = targets.get(reference.strip().split("/_history/", 1)[0])
+        if local is not None:
+            out["reference"] = local
+    return out
 
 
 def _type_name(resource: dict[str, Any]) -> str:

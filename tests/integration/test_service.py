@@ -22,9 +22,11 @@ import requests
 
 from adapter.client import FhirClient
 from adapter.errors import FhirError
+from adapter.pipeline import process
+from adapter.sources.files import SourcedResource
 from adapter.state.sqlite import SqliteState
 
-from .adapter_process import TOKEN, Adapter, billed, charges, expected_identifiers
+from .adapter_process import TABLES, TOKEN, Adapter, billed, charges, expected_identifiers
 from .helpers import namespaced, patients_of, resources_of, server_now, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +186,28 @@ def test_an_engine_bundle_push_is_coded(client: FhirClient, serving: Adapter, fh
               "entry": [{"resource": r} for r in resources_of(bundle)]}
     assert notify(serving, pushed).status_code == 200
     wait_for(lambda: billed(client, patients_of(bundle)) == [("10005", 1), ("10006", 2)], 60, "the pushed charges")
+
+
+def test_an_engine_bundle_with_urn_uuid_references_is_coded(client: FhirClient, serving: Adapter,
+                                                            fhir_ns: str) -> None:
+    """Engines write references between the entries of a pushed Bundle as urn:uuid fullUrls."""
+    bundle = namespaced("13", fhir_ns)  # three modalities in one session
+    client.transaction(bundle)
+    resources = resources_of(bundle)
+    urn = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, fhir_ns + r['id'])}"
+           for r in resources}
+    text = json.dumps(resources)
+    for ref, full_url in urn.items():
+        text = text.replace(f'"reference": "{ref}"', f'"reference": "{full_url}"')
+    rewritten = json.loads(text)
+    assert "urn:uuid:" in json.dumps([r.get("subject") for r in rewritten if r["resourceType"] == "Procedure"])
+    pushed = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": urn[f"{r['resourceType']}/{r['id']}"], "resource": r} for r in rewritten]}
+    offline = process([SourcedResource(r, "fixture") for r in resources], TABLES)
+    expected = sorted((line.label, line.units) for line in offline.coding.lines)
+    assert len(expected) == 3  # 10005, 10007-59, 10009-59 (three modalities)
+    assert notify(serving, pushed).status_code == 200
+    wait_for(lambda: billed(client, patients_of(bundle)) == expected, 60, "the charges pushed with urn:uuid references")
 
 
 def test_topic_notifications_id_only_and_empty(client: FhirClient, serving: Adapter, fhir_ns: str) -> None:

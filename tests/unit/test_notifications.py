@@ -189,6 +189,25 @@ def test_engine_bundle_is_one_resources_item(bundle_type: str) -> None:
     assert received.items == [WorkItem("resources", {"resources": [proc, body_site]}, "engine")]
 
 
+def test_engine_bundle_references_between_entries_become_type_and_id() -> None:
+    """urn:uuid (and other absolute) fullUrls are resolved inside the Bundle before the entries are queued."""
+    proc = dict(procedure("fna-1"), subject={"reference": "urn:uuid:0b3c"},
+                extension=[{"url": "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure",
+                            "valueReference": {"reference": "http://engine/fhir/BodyStructure/bs1/_history/2"}}],
+                encounter={"reference": "urn:uuid:no-such-entry"}, performer=[{"actor": {"reference": "urn:uuid:9f1"}}])
+    payload = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:fna", "resource": proc},
+        {"fullUrl": "urn:uuid:0b3c", "resource": {"resourceType": "Patient", "id": "p1"}},
+        {"fullUrl": "http://engine/fhir/BodyStructure/bs1", "resource": {"resourceType": "BodyStructure", "id": "bs1"}},
+        {"fullUrl": "urn:uuid:9f1", "resource": {"resourceType": "Practitioner"}}]}  # a create: no id yet
+    queued = engine_post(payload).items[0].payload["resources"][0]
+    assert queued["subject"] == {"reference": "Patient/p1"}
+    assert queued["extension"][0]["valueReference"] == {"reference": "BodyStructure/bs1"}
+    assert queued["encounter"] == {"reference": "urn:uuid:no-such-entry"}  # not in the Bundle: kept as written
+    assert queued["performer"][0]["actor"] == {"reference": "urn:uuid:9f1"}  # no id: the server will give one
+    assert payload["entry"][0]["resource"]["subject"] == {"reference": "urn:uuid:0b3c"}  # the input is not changed
+
+
 @pytest.mark.parametrize(("payload", "status", "code"), [
     ({"resourceType": "Observation", "id": "o1"}, 422, "not-supported"),
     ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient"}}]},

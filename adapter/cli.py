@@ -182,6 +182,15 @@ def _client(server: str, auth_file: str | None, ca_bundle: str | None, client_ce
     return make_client(settings, auth_file or "--server", auth_key="" if auth_file else "server.auth")
 
 
+def _server_client(ctx: click.Context, server: str | None, auth_file: str | None, ca_bundle: str | None,
+                   client_cert: str | None) -> FhirClient:
+    """The client of --server and its options when given, else of the config file's `server:`."""
+    if server:
+        return _client(server, auth_file, ca_bundle, client_cert)
+    settings = _settings(ctx)
+    return make_client(settings.server, settings.source)
+
+
 def server_options(func: Any) -> Any:
     """--server, --auth-file, --ca-bundle, --client-cert: how to reach the FHIR server."""
     func = click.option("--client-cert", type=click.Path(exists=True, dir_okay=False),
@@ -209,11 +218,7 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     review or the server rejected charges.
     """
     tables = _tables(ctx)
-    if server:
-        client = _client(server, auth_file, ca_bundle, client_cert)
-    else:
-        settings = _settings(ctx)
-        client = make_client(settings.server, settings.source)
+    client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
     syncer = Syncer(client, tables, dry_run=dry_run)
     client.check_server()
     total = syncer.source.count_changed(since) if sys.stderr.isatty() else None
@@ -491,11 +496,7 @@ def conformance_install(ctx: click.Context, server: str | None, auth_file: str |
     from adapter import conformance
 
     tables = _tables(ctx)
-    if server:
-        client = _client(server, auth_file, ca_bundle, client_cert)
-    else:
-        settings = _settings(ctx)
-        client = make_client(settings.server, settings.source)
+    client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
     client.check_server()
     result = conformance.install(client, tables.settings.canonical_base)
     for label in result.written:

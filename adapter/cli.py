@@ -130,8 +130,9 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 
 @cli.command("dry-run")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
-              help="json: one FHIR transaction Bundle; table: the charges for humans.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table", "hl7v2"]), default="json", show_default=True,
+              help="json: one FHIR transaction Bundle; table: the charges for humans; hl7v2: the DFT^P03 charge "
+                   "messages (one segment per line, a blank line between messages).")
 @click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
@@ -145,12 +146,28 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
     if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
         now = now.replace(tzinfo=UTC)
     report = process_paths(paths, tables, now)
+    exit_code = report.exit_code
     if fmt == "json":
         sys.stdout.write(json.dumps(output_bundle(report), indent=None if compact else 2, ensure_ascii=False) + "\n")
+    elif fmt == "hl7v2":
+        exit_code = _print_hl7v2(report, tables, now)
     else:
         click.echo(charges_table(report))
     _emit_diagnostics(report, quiet)
-    ctx.exit(report.exit_code)
+    ctx.exit(exit_code)
+
+
+def _print_hl7v2(report: RunReport, tables: CodeTables, now: datetime | None) -> int:
+    """The messages on stdout, what keeps a session out of them on stderr; the exit code with those counted."""
+    from adapter.hl7v2.messages import dry_run_messages, readable
+    from adapter.report import free_text_of
+
+    messages, reviews = dry_run_messages(report, tables, now or datetime.now(UTC))
+    sys.stdout.write("\n".join(readable(text) for text in messages))
+    text = free_text_of(report)
+    for review in reviews:
+        click.echo(f"review: {review.procedure}: {review.reason}: {text.mask(review.detail)}", err=True)
+    return max(report.exit_code, ExitCode.REVIEW if reviews else ExitCode.OK)
 
 
 @cli.command("explain")

@@ -30,6 +30,8 @@ class ActiveCharge:
     visit: dict[str, Any]
     session: str
     seq: int
+    position: int
+    """Its FT1's place in the charging message: credits list lines in the order they were charged."""
 
 
 @dataclass
@@ -47,10 +49,10 @@ def active_charges(history: Iterable[LedgerMessage]) -> dict[str, ActiveCharge]:
     for message in history:
         if message.status not in (MessageStatus.SENT, MessageStatus.PENDING):
             continue
-        for entry in message.charges:
+        for position, entry in enumerate(message.charges):
             if message.kind == CHARGE:
                 active[entry["line"]] = ActiveCharge(entry["line"], entry["version"], entry["charge"], message.visit,
-                                                     message.session, message.seq)
+                                                     message.session, message.seq, position)
             else:
                 active.pop(entry["line"], None)
     return active
@@ -77,7 +79,7 @@ def plan_patient(patient: str, sessions: list[SessionCharges], history: list[Led
         for charge in sc.charges:
             wanted[charge.line] = (sc, charge, charge.version(sc.visit))
     to_credit: list[ActiveCharge] = []
-    for line, held in sorted(active.items(), key=lambda item: (item[1].seq, item[0])):
+    for line, held in sorted(active.items(), key=lambda item: (item[1].seq, item[1].position)):
         now = wanted.get(line)
         if now is not None and now[2] == held.version:
             result.unchanged += 1

@@ -45,7 +45,8 @@ class Hl7v2Tables:
     visit_number: IdentifierRule = IdentifierRule("VN")
     patient_class: dict[str, str] = field(default_factory=lambda: {"AMB": "O", "IMP": "I", "EMER": "E"})
     coding_systems: dict[str, str] = field(default_factory=lambda: {
-        "http://www.ama-assn.org/go/cpt": "C4", "http://hl7.org/fhir/sid/icd-10-cm": "I10"})
+        "http://www.ama-assn.org/go/cpt": "C4", "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets": "HCPCS",
+        "http://hl7.org/fhir/sid/icd-10-cm": "I10"})
     charge_code_system: str = "99CDM"
     credit_sign: str = "negative"
 

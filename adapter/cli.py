@@ -230,6 +230,7 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
         client = _client(server, auth_file, ca_bundle, client_cert)
     else:
         settings = _settings(ctx)
+        _sync_sinks(settings, dry_run)
         client = make_client(settings.server, settings.source)
     syncer = Syncer(client, tables, dry_run=dry_run)
     client.check_server()
@@ -247,6 +248,16 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     if result.to_retry:
         ctx.exit(ExitCode.UNAVAILABLE)
     ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
+
+
+def _sync_sinks(settings: AppSettings, dry_run: bool) -> None:
+    """`sync` writes to the FHIR server only: HL7 v2 messages need the state's ledger (run, serve)."""
+    if not settings.sinks.fhir and not dry_run:
+        raise ConfigError(settings.source, "sinks.fhir", "is false and `sync` only writes to the FHIR server: use "
+                                                         "`run --once`, which sends HL7 v2 messages")
+    if settings.sinks.hl7v2.enabled:
+        click.echo("note: sync writes to the FHIR server only; HL7 v2 charge messages are sent by run and serve "
+                   "(they keep the message ledger in the state)", err=True)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> threading.Event:

@@ -461,6 +461,9 @@ def render(kind: str, visit: Visit, charges: list[Charge], control: str, now: da
             if n == 1:
                 dg1.dg1_15 = "1"  # table 0359: the primary diagnosis
         text = msg.to_er7()
+        if not text.isascii():  # names with accents: say how the bytes are encoded (table 0211)
+            msh.msh_18 = "UNICODE" if tables.version in ("2.3.1", "2.4") else "UNICODE UTF-8"
+            text = msg.to_er7()
     except HL7apyException as exc:
         raise InvalidMessageError(f"DFT^P03 {control} cannot be built for HL7 v{tables.version}: {exc}") from None
     validate(text, tables.version, f"DFT^P03 {control}")

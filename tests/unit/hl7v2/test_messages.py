@@ -57,6 +57,18 @@ def test_values_are_escaped_and_times_keep_their_offset() -> None:
         hl7_time("yesterday")
 
 
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_a_name_beyond_ascii_says_its_encoding(version: str) -> None:
+    from adapter.hl7v2.messages import render
+
+    tables = dataclasses.replace(TABLES.hl7v2, version=version)
+    visit = dataclasses.replace(VISIT, family="Núñez|Ortiz", given="José")
+    text = render(CHARGE, visit, [charge("10005", 1, 100)], "C1", NOW, tables)
+    parsed = validate(text, version)
+    assert parsed.msh.msh_18.to_er7() in ("UNICODE", "UNICODE UTF-8")
+    assert parsed.pid.pid_5.to_er7() == "Núñez\\F\\Ortiz^José"
+
+
 def test_an_ack_is_read_with_its_error_text() -> None:
     ack = parse_ack(b"MSH|^~\\&|BILLING|NR|CHARGE-ADAPTER|NR|20260401||ACK^P03|1|P|2.5.1\rMSA|AE|C1|bad visit\r"
                     b"ERR||PV1^1^19|103^Table value not found^HL70357|E\r")

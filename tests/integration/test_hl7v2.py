@@ -88,7 +88,8 @@ def hl7v2_adapter(tmp_path: Path, hapi_url: str, listener: Listener, *, fhir: bo
     return Adapter(tmp_path, hapi_url, sinks={"fhir": fhir, "hl7v2": {
         "enabled": True, "host": "127.0.0.1", "port": listener.port, "ack_timeout_seconds": ack_timeout,
         "attempts": 2, "connect_timeout_seconds": 2}},
-        worker={"retry_initial_seconds": 0.2, "retry_max_seconds": 1})
+        worker={"retry_initial_seconds": 0.2, "retry_max_seconds": 1},
+        poll={"interval_seconds": 1, "overlap_seconds": 0, "page_size": 25})  # only what this test writes
 
 
 def segments(text: str, name: str) -> list[list[str]]:
@@ -149,8 +150,8 @@ def test_charges_arrive_once_in_order_and_a_change_is_credited_then_charged(
 
 def test_refusals_go_to_review_with_the_acks_text(client: FhirClient, hapi_url: str, tmp_path: Path,
                                                    listener: Listener, fhir_ns: str) -> None:
-    listener.set_rules([{"match": "NR-1000101", "answer": "AE", "text": "PV1-19 account is closed"},
-                        {"match": "NR-1000505", "answer": "AR", "text": "unknown sending facility"}])
+    listener.set_rules([{"match": f"V-{fhir_ns}-s01-enc", "answer": "AE", "text": "PV1-19 account is closed"},
+                        {"match": f"V-{fhir_ns}-s05-enc", "answer": "AR", "text": "unknown sending facility"}])
     listener.stop()
     listener.start()
     adapter = hl7v2_adapter(tmp_path, hapi_url, listener, fhir=False)  # HL7 v2 only: nothing written to FHIR
@@ -162,12 +163,37 @@ def test_refusals_go_to_review_with_the_acks_text(client: FhirClient, hapi_url: 
     assert result.returncode == 1, result.stderr
     answers = {mrn(r): r["answer"] for r in listener.records(fhir_ns)}
     assert answers == {"NR-1000101": "AE", "NR-1000505": "AR", "NR-1000707": "AA"}
-    entries = [e for e in adapter.store().reviews() if e.reason == "hl7v2-rejected"]
+    entries = [e for e in adapter.store().reviews() if e.reason == "hl7v2-rejected" and fhir_ns in e.procedure]
     assert sorted(e.procedure.split("-", 1)[1] for e in entries) == ["s01-fna-1", "s05-fna-1"]
     details = " ".join(e.detail for e in entries)
     assert "answered AE" in details and "PV1-19 account is closed" in details
     assert "answered AR" in details and "unknown sending facility" in details
     assert billed(client, [p for b in bundles for p in patients_of(b)]) == []  # sinks.fhir: false
+
+    listener.set_rules([])  # the analyst had the accounts fixed at the receiver: replay sends them again
+    listener.stop()
+    listener.start()
+    replay = adapter.cmd("review", "replay", "--all")
+    assert replay.returncode == 0, replay.stderr
+    resent = [r for r in listener.records(fhir_ns) if r["answer"] == "AA" and mrn(r) != "NR-1000707"]
+    assert sorted(mrn(r) for r in resent) == ["NR-1000101", "NR-1000505"]
+    refused = {r["control_id"] for r in listener.records(fhir_ns) if r["answer"] != "AA"}
+    assert not refused & {r["control_id"] for r in resent}  # a refused content comes back with a new control id
+    assert not [e for e in adapter.store().reviews() if e.reason == "hl7v2-rejected" and fhir_ns in e.procedure]
+
+
+def test_the_folder_transport_through_run(client: FhirClient, hapi_url: str, tmp_path: Path, fhir_ns: str) -> None:
+    outbox = tmp_path / "outbox"
+    adapter = Adapter(tmp_path, hapi_url, sinks={"hl7v2": {"enabled": True, "transport": "file",
+                                                           "folder": str(outbox)}},
+                      poll={"interval_seconds": 1, "overlap_seconds": 0, "page_size": 25})
+    adapter.start_cursor_at(server_now(client))
+    client.transaction(namespaced("03", fhir_ns))
+    assert adapter.cmd("run", "--once").returncode == 0
+    mine = [p for p in sorted(outbox.iterdir()) if fhir_ns in p.read_bytes().decode()]
+    assert len(mine) == 1 and mine[0].name.endswith(".hl7") and not mine[0].name.startswith(".")
+    parsed = validate(mine[0].read_bytes().decode(), TABLES.hl7v2.version)
+    assert [g.ft1.ft1_25.to_er7().split("^")[0] for g in parsed.children.get("DFT_P03_FINANCIAL")] == ["10021"]
 
 
 def test_a_receiver_killed_mid_backlog_gets_every_message_and_resends_keep_their_control_id(

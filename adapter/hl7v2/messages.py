@@ -466,7 +466,7 @@ def render(kind: str, visit: Visit, charges: list[Charge], control: str, now: da
             text = msg.to_er7()
     except HL7apyException as exc:
         raise InvalidMessageError(f"DFT^P03 {control} cannot be built for HL7 v{tables.version}: {exc}") from None
-    validate(text, tables.version, f"DFT^P03 {control}")
+    _strictly_valid(msg, tables.version, f"DFT^P03 {control}")  # the structure the text was written from
     return text
 
 
@@ -476,24 +476,33 @@ def validate(text: str, version: str, what: str = "message") -> Any:
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.exceptions import HL7apyException
     from hl7apy.parser import parse_message
-    from hl7apy.validation import Validator
 
     try:
         parsed = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
-        if parsed.version != version:
-            raise InvalidMessageError(f"{what} is HL7 v{parsed.version}, not v{version}")
-        with tempfile.TemporaryDirectory() as folder:
-            report = Path(folder) / "report.txt"
-            try:
-                Validator.validate(parsed, report_file=str(report))
-            finally:
-                problems = report.read_text().splitlines() if report.exists() else []
     except HL7apyException as exc:
         raise InvalidMessageError(f"{what} is not a valid HL7 v{version} DFT^P03: {exc}") from None
+    if parsed.version != version:
+        raise InvalidMessageError(f"{what} is HL7 v{parsed.version}, not v{version}")
+    _strictly_valid(parsed, version, what)
+    return parsed
+
+
+def _strictly_valid(message: Any, version: str, what: str) -> None:
+    """hl7apy's validation of a message structure, its warnings (table values) counted as errors."""
+    from hl7apy.exceptions import HL7apyException
+    from hl7apy.validation import Validator
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report.txt"
+        try:
+            Validator.validate(message, report_file=str(report))
+        except HL7apyException as exc:
+            raise InvalidMessageError(f"{what} is not a valid HL7 v{version} DFT^P03: {exc}") from None
+        finally:
+            problems = report.read_text().splitlines() if report.exists() else []
     problems = [p for p in problems if not _LOCAL_SYSTEM_WARNING.search(p)]
     if problems:
         raise InvalidMessageError(f"{what} is not a valid HL7 v{version} DFT^P03: {'; '.join(problems)}")
-    return parsed
 
 
 def readable(text: str) -> str:

@@ -69,6 +69,13 @@ def test_a_name_beyond_ascii_says_its_encoding(version: str) -> None:
     assert parsed.pid.pid_5.to_er7() == "Núñez\\F\\Ortiz^José"
 
 
+def test_a_value_outside_its_hl7_table_is_never_sent() -> None:
+    from adapter.hl7v2.messages import InvalidMessageError, render
+
+    with pytest.raises(InvalidMessageError, match="not in table HL70001"):
+        render(CHARGE, dataclasses.replace(VISIT, sex="X"), [charge("10005", 1, 100)], "C1", NOW, TABLES.hl7v2)
+
+
 def test_an_ack_is_read_with_its_error_text() -> None:
     ack = parse_ack(b"MSH|^~\\&|BILLING|NR|CHARGE-ADAPTER|NR|20260401||ACK^P03|1|P|2.5.1\rMSA|AE|C1|bad visit\r"
                     b"ERR||PV1^1^19|103^Table value not found^HL70357|E\r")

@@ -130,8 +130,9 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 
 @cli.command("dry-run")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
-              help="json: one FHIR transaction Bundle; table: the charges for humans.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table", "hl7v2"]), default="json", show_default=True,
+              help="json: one FHIR transaction Bundle; table: the charges for humans; hl7v2: the DFT^P03 charge "
+                   "messages (one segment per line, a blank line between messages).")
 @click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
@@ -145,12 +146,28 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
     if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
         now = now.replace(tzinfo=UTC)
     report = process_paths(paths, tables, now)
+    exit_code = report.exit_code
     if fmt == "json":
         sys.stdout.write(json.dumps(output_bundle(report), indent=None if compact else 2, ensure_ascii=False) + "\n")
+    elif fmt == "hl7v2":
+        exit_code = _print_hl7v2(report, tables, now)
     else:
         click.echo(charges_table(report))
     _emit_diagnostics(report, quiet)
-    ctx.exit(report.exit_code)
+    ctx.exit(exit_code)
+
+
+def _print_hl7v2(report: RunReport, tables: CodeTables, now: datetime | None) -> int:
+    """The messages on stdout, what keeps a session out of them on stderr; the exit code with those counted."""
+    from adapter.hl7v2.messages import dry_run_messages, readable
+    from adapter.report import free_text_of
+
+    messages, reviews = dry_run_messages(report, tables, now or datetime.now(UTC))
+    sys.stdout.write("\n".join(readable(text) for text in messages))
+    text = free_text_of(report)
+    for review in reviews:
+        click.echo(f"review: {review.procedure}: {review.reason}: {text.mask(review.detail)}", err=True)
+    return max(report.exit_code, ExitCode.REVIEW if reviews else ExitCode.OK)
 
 
 @cli.command("explain")
@@ -218,6 +235,8 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     review or the server rejected charges.
     """
     tables = _tables(ctx)
+    if not server:
+        _sync_sinks(_settings(ctx), dry_run)
     client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
     syncer = Syncer(client, tables, dry_run=dry_run)
     client.check_server()
@@ -235,6 +254,16 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     if result.to_retry:
         ctx.exit(ExitCode.UNAVAILABLE)
     ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
+
+
+def _sync_sinks(settings: AppSettings, dry_run: bool) -> None:
+    """`sync` writes to the FHIR server only: HL7 v2 messages need the state's ledger (run, serve)."""
+    if not settings.sinks.fhir and not dry_run:
+        raise ConfigError(settings.source, "sinks.fhir", "is false and `sync` only writes to the FHIR server: use "
+                                                         "`run --once`, which sends HL7 v2 messages")
+    if settings.sinks.hl7v2.enabled:
+        click.echo("note: sync writes to the FHIR server only; HL7 v2 charge messages are sent by run and serve "
+                   "(they keep the message ledger in the state)", err=True)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> threading.Event:

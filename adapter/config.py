@@ -16,8 +16,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, BillingTables, load_billing_tables
+from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
 from adapter.errors import ConfigError
+from adapter.hl7v2.tables import FILE as HL7V2_FILE
+from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -110,6 +112,8 @@ class CodeTables:
     known_modifier_extensions: frozenset[str] = frozenset()
     mue_sources: dict[str, str] = field(default_factory=dict)
     """Where each MUE value comes from (a source, or `site decision: ...`)."""
+    hl7v2: Hl7v2Tables = field(default_factory=Hl7v2Tables)
+    """HL7 v2 charge messages: sender, receiver, version, value maps (config/hl7v2.yaml)."""
 
     def display_of(self, modality: str) -> str:
         return self.modalities.get(modality, modality)
@@ -334,17 +338,20 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
     billing = load_billing_tables(base, _read_yaml)
+    needed = {cpt_system: f"{cpt_file.name} system", ICD10CM: "ICD-10-CM diagnoses",
+              **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
+    hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
 
     digest = hashlib.sha256()
     definitions = sorted((base / DEFINITIONS_DIR).glob("*.json")) if (base / DEFINITIONS_DIR).is_dir() else []
-    for path in [*(base / name for name in (*TABLE_FILES, *BILLING_FILES)), *definitions]:
+    for path in [*(base / name for name in (*TABLE_FILES, *BILLING_FILES, HL7V2_FILE)), *definitions]:
         if path.exists():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return CodeTables(
         fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
-        guidance_procedures=guidance_procedures, mue_sources=mue_sources, **reading,
+        guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, **reading,
     )
 
 

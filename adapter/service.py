@@ -28,6 +28,7 @@ from adapter.config import CodeTables
 from adapter.errors import AdapterError, ConfigError, StateError, StateUnavailable
 from adapter.extraction.index import reference_of, version_of
 from adapter.health import Health
+from adapter.hl7v2.sink import from_settings as hl7v2_sink
 from adapter.metrics import Metrics
 from adapter.runner import LogOnce, WorkPolicy, backoff, failure_kind, is_transient
 from adapter.settings import AppSettings, ServerSettings
@@ -48,7 +49,7 @@ from adapter.state.base import (
     WorkKind,
     patient_work,
 )
-from adapter.sync import Syncer, SyncSummary, split_by_patient
+from adapter.sync import Syncer, SyncSummary, WriteFailure, split_by_patient
 
 log = logging.getLogger("adapter.service")
 
@@ -145,7 +146,9 @@ class Service:
         self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
                                          lease_seconds=settings.worker.lease_seconds)
         self.owner = self.state.instance_id
-        self.syncer = Syncer(self.client, tables)
+        self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
+            if settings.sinks.hl7v2.enabled else None
+        self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
         worker = settings.worker
@@ -217,9 +220,9 @@ class Service:
                                             patients, content(patients)))
         for failure in summary.rejected:
             for proc in failure.procedures:
-                record.keep.add((proc, ReviewKind.WRITE_REJECTED))
+                record.keep.add((proc, failure.review_reason))
                 patients = failure.patients or _refs(patient_of.get(proc))
-                record.reviews.append(NewReview(proc, ReviewKind.WRITE_REJECTED, ReviewKind.WRITE_REJECTED,
+                record.reviews.append(NewReview(proc, ReviewKind.WRITE_REJECTED, failure.review_reason,
                                                 failure.reason, patients, content(patients)))
         record.resolve = sorted({o.procedure for o in final})
         record.audit = [AuditRecord(o.procedure, o.version, o.session, o.codes, self.tables.version, o.written)
@@ -242,6 +245,8 @@ class Service:
         self.metrics.inc("charge_adapter_review_total", len({r.procedure for r in summary.reviews}))
         self.metrics.inc("charge_adapter_failed_total", len(summary.failures))
         self.metrics.inc("charge_adapter_verified_total", summary.verified)
+        if self.hl7v2 is not None:
+            self.metrics.inc("charge_adapter_hl7v2_messages_total", summary.hl7v2_sent)
         for failure in summary.failures:
             self.metrics.inc("charge_adapter_failures_total", kind=failure.kind)
         if summary.to_retry:
@@ -281,7 +286,7 @@ class Service:
     def _poll(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
         cursor = self.state.cursor()
         deletes_from = self.state.cursor("deletes") or cursor
-        total = SyncSummary()
+        total = self.drain_hl7v2()
         for page in self.syncer.source.changed_pages(self._since(cursor)):
             record = PassRecord(owner=self.owner)
             fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
@@ -326,6 +331,31 @@ class Service:
         self.state.record_pass(record)
         return summary
 
+    def drain_hl7v2(self) -> SyncSummary:
+        """Send the HL7 v2 messages left pending (a crash between recording and the ACK, a receiver that was
+        down), oldest first, before anything new; what still fails is retried through the queue as usual."""
+        summary = SyncSummary()
+        if self.hl7v2 is None:
+            return summary
+        wanted = self.hl7v2.pending_patients()
+        if not wanted:
+            return summary
+        with self.write_lock:
+            claimed = self.state.claim_patients(wanted, self.owner, self.settings.worker.lease_seconds)
+            try:
+                result = self.hl7v2.drain([p for p in wanted if p in claimed])
+            except BaseException:
+                with suppress(StateError):
+                    self.state.release_patients(claimed, self.owner)
+                raise
+        summary.hl7v2_sent, summary.hl7v2_credits = result.sent, result.credits
+        summary.failures = [WriteFailure(f.session, f.procedures, f.reason, f.patients, f.retryable, f.kind, f.kind)
+                            for f in result.failures]
+        record, failing = self.pass_record(PassResult(summary, claimed))
+        record.due += self.retry_work(failing)
+        self.state.record_pass(record)
+        return summary
+
     def _since(self, cursor: str | None) -> str | None:
         """Where a poll starts: the cursor minus the overlap window (commits become visible out of order)."""
         if not cursor:
@@ -339,7 +369,10 @@ class Service:
         """Whose charges bill this (deleted) Procedure: their sessions need recoding."""
         items = self.client.search_all("ChargeItem", {
             "service": reference, "identifier": f"{self.tables.settings.charge_identifier_system}|"})
-        return {r for r in (reference_of(i.get("subject")) for i in items) if r}
+        billed = {r for r in (reference_of(i.get("subject")) for i in items) if r}
+        if self.hl7v2 is not None:  # charges sent only as HL7 v2 messages are voided (credited) too
+            billed |= self.hl7v2.ledger.patients_billed_for(reference)
+        return billed
 
     # -- queued work ----------------------------------------------------------------------------------------------
 

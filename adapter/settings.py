@@ -9,6 +9,7 @@ values here: only the names of the environment variables or files that hold them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -271,6 +272,55 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class Hl7v2SinkSettings:
+    """Where DFT^P03 charge messages go; what they say comes from config/hl7v2.yaml (the tables)."""
+
+    enabled: bool = False
+    transport: str = setting("mllp", choices=("mllp", "file"))
+    host: str = ""
+    port: int = setting(0, low=1, high=65535, off=0)
+    connect_timeout_seconds: float = setting(5.0, above=0, high=600)
+    ack_timeout_seconds: float = setting(30.0, above=0, high=3600)
+    """No ACK within this long: the same message again (same control id), up to `attempts` times per pass."""
+    attempts: int = setting(3, low=1, high=100)
+    tls: bool = False
+    ca_bundle: str = ""
+    client_cert: str = ""
+    server_name: str = ""
+    """The name the receiver's certificate must carry (default: host)."""
+    folder: str = ""
+    """transport file: where each message is written as one file, for an engine to pick up."""
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.transport == "mllp":
+            if not self.host.strip():
+                raise SettingError("host", "the MLLP receiver's host name or address is needed (transport mllp)")
+            if not self.port:
+                raise SettingError("port", "the MLLP receiver's port is needed (transport mllp)")
+        elif not self.folder.strip():
+            raise SettingError("folder", "the folder the engine picks messages up from is needed (transport file)")
+        if (self.ca_bundle or self.client_cert or self.server_name) and not self.tls:
+            key = "ca_bundle" if self.ca_bundle else "client_cert" if self.client_cert else "server_name"
+            raise SettingError(key, "only used with tls: true")
+        _check_file(self.ca_bundle, "ca_bundle", "CA bundle")
+        _check_file(self.client_cert, "client_cert", "TLS client certificate")
+
+
+@dataclass(frozen=True)
+class SinksSettings:
+    """Where charges go: the FHIR server (ChargeItems and Claims), a billing system (HL7 v2), or both."""
+
+    fhir: bool = True
+    hl7v2: Hl7v2SinkSettings = field(default_factory=Hl7v2SinkSettings)
+
+    def __post_init__(self) -> None:
+        if not self.fhir and not self.hl7v2.enabled:
+            raise SettingError("fhir", "no sink left: keep fhir: true or set hl7v2.enabled: true")
+
+
+@dataclass(frozen=True)
 class AppSettings:
     source: str = "(defaults)"
     tables: str = ""
@@ -281,6 +331,7 @@ class AppSettings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    sinks: SinksSettings = field(default_factory=SinksSettings)
 
     @property
     def state_path(self) -> str:
@@ -290,7 +341,7 @@ class AppSettings:
 
 SECTIONS: dict[str, type] = {"state": StateSettings, "server": ServerSettings, "poll": PollSettings,
                              "serve": ServeSettings, "worker": WorkerSettings, "health": HealthSettings,
-                             "logging": LoggingSettings}
+                             "logging": LoggingSettings, "sinks": SinksSettings}
 TOP_LEVEL = ("tables", "state_path")
 SHORTHAND = {"state": "location"}
 """A section that may be given as one string: `state: /var/lib/charge-adapter/state.sqlite`."""
@@ -314,6 +365,11 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str, origins: di
             rule = dict(known[key].metadata)
             if value is None and known[key].default is not MISSING:
                 continue  # an empty YAML value keeps the default
+            if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. sinks.hl7v2
+                if not isinstance(value, dict):
+                    raise ConfigError(source(key), f"{prefix}{key}", "must be a mapping")
+                values[key] = _build(hints[key], value, where, f"{prefix}{key}.", origins)
+                continue
             values[key] = _coerce(value, hints[key], rule, key)
         return cls(**values)
     except SettingError as exc:
@@ -351,13 +407,17 @@ def _apply_environment(raw: dict[str, Any], env: dict[str, str], where: str) -> 
             origins["state.location"] = name
         if len(parts) == 1 and (parts[0] in TOP_LEVEL or parts[0] in SHORTHAND):
             raw[parts[0]] = value
-        elif len(parts) == 2 and parts[0] in SECTIONS:
+        elif len(parts) >= 2 and parts[0] in SECTIONS:
             section = raw.setdefault(parts[0], {})
             if isinstance(section, str) and parts[0] in SHORTHAND:
                 section = raw[parts[0]] = {SHORTHAND[parts[0]]: section}
+            for depth, part in enumerate(parts[1:-1], start=1):  # nested sections: SINKS__HL7V2__HOST
+                if not isinstance(section, dict):
+                    raise ConfigError(where, ".".join(parts[:depth]), "must be a mapping")
+                section = section.setdefault(part, {})
             if not isinstance(section, dict):
-                raise ConfigError(where, parts[0], "must be a mapping")
-            section[parts[1]] = value
+                raise ConfigError(where, ".".join(parts[:-1]), "must be a mapping")
+            section[parts[-1]] = value
         else:
             raise ConfigError(name, "", "unknown setting (use CHARGE_ADAPTER__SECTION__KEY, e.g. "
                                         "CHARGE_ADAPTER__SERVER__URL)")

@@ -27,6 +27,7 @@ from adapter.config import CodeTables
 from adapter.errors import FhirError
 from adapter.extraction.index import reference_of, version_of
 from adapter.extraction.procedures import Disposition, Kind
+from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, process
 from adapter.redact import FreeText
 from adapter.runner import failure_kind
@@ -50,6 +51,8 @@ class WriteFailure:
     retryable: bool = False
     kind: str = "fhir-rejected"
     """`adapter.runner.failure_kind` of the error: a metric label and the unit of "log once"."""
+    review_reason: str = "write-rejected"
+    """The reason of the review entry a rejection opens (the HL7 v2 sink's: `hl7v2-rejected`)."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,15 @@ class SyncSummary:
     outcomes: list[ProcedureOutcome] = field(default_factory=list)
     verified: int = 0
     """Sessions whose answer was lost (or was a conflict on a retry) and that the server holds exactly."""
+    hl7v2_sent: int = 0
+    """HL7 v2 messages the receiver acknowledged (adapter/hl7v2), of which `hl7v2_credits` credited earlier charges."""
+    hl7v2_credits: int = 0
     free_text: FreeText = field(default_factory=FreeText)
     """The free text of the resources coded, to mask it wherever a detail is printed or logged."""
 
     def add(self, other: SyncSummary) -> None:
         for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected",
-                     "verified"):
+                     "verified", "hl7v2_sent", "hl7v2_credits"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reviews += other.reviews
         self.failures += other.failures
@@ -112,7 +118,9 @@ class SyncSummary:
         return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
                 f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
-                f"{verified}")
+                f"{verified}"
+                + (f"; HL7 v2 messages sent {self.hl7v2_sent} ({self.hl7v2_credits} credits)"
+                   if self.hl7v2_sent else ""))
 
 
 def outcome_unknown(exc: FhirError) -> bool:
@@ -170,10 +178,15 @@ def split_by_patient(procedures: Iterable[dict[str, Any]]) -> tuple[set[str], li
 class Syncer:
     """Codes and writes back per patient: all of a patient's FNA Procedures are always coded together."""
 
-    def __init__(self, client: FhirClient, tables: CodeTables, *, dry_run: bool = False) -> None:
+    def __init__(self, client: FhirClient, tables: CodeTables, *, dry_run: bool = False, fhir: bool = True,
+                 hl7v2: Hl7v2Sink | None = None) -> None:
         self.client = client
         self.tables = tables
         self.dry_run = dry_run
+        self.fhir = fhir
+        """Write ChargeItems and Claims back to the server (`sinks.fhir`)."""
+        self.hl7v2 = hl7v2
+        """Send DFT^P03 messages to a billing system (`sinks.hl7v2`)."""
         self.source = ServerSource(client, tables)
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
@@ -194,10 +207,26 @@ class Syncer:
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
         failed: dict[str, WriteFailure] = {}
-        if not self.dry_run:
+        if not self.dry_run and self.fhir:
             failed = self._write(writes, summary, should_stop)
-        summary.outcomes = self._outcomes(report, writes, failed)
+        if not self.dry_run and self.hl7v2 is not None:
+            self._send_hl7v2(report, wanted, summary, failed, should_stop)
+        summary.outcomes = self._outcomes(report, writes, failed, summary.reviews)
         return summary
+
+    def _send_hl7v2(self, report: RunReport, patients: list[str], summary: SyncSummary,
+                    failed: dict[str, WriteFailure], should_stop: Callable[[], bool] | None) -> None:
+        """The HL7 v2 sink's pass (adapter/hl7v2/sink.py): its reviews and failures join the FHIR side's."""
+        assert self.hl7v2 is not None
+        result = self.hl7v2.deliver(report, patients, should_stop)
+        summary.reviews += result.reviews
+        summary.hl7v2_sent += result.sent
+        summary.hl7v2_credits += result.credits
+        for f in result.failures:
+            failure = WriteFailure(f.session, f.procedures, f.reason, f.patients, f.retryable, f.kind, f.kind)
+            summary.failures.append(failure)
+            if f.session not in failed or not failure.retryable:
+                failed[f.session] = failure
 
     def sync(self, since: str | None = None,
              progress: Callable[[int], None] | None = None) -> SyncSummary:
@@ -306,9 +335,10 @@ class Syncer:
             locations.append(f"{current['resourceType']}/{current['id']}" + (f"/_history/{version}" if version else ""))
         return True
 
-    def _outcomes(self, report: RunReport, writes: Plan, failed: dict[str, WriteFailure]) -> list[ProcedureOutcome]:
+    def _outcomes(self, report: RunReport, writes: Plan, failed: dict[str, WriteFailure],
+                  reviews: Iterable[Review] = ()) -> list[ProcedureOutcome]:
         by_label = {s.label: s for s in writes.sessions}
-        reviewed = {r.procedure for r in report.reviews}
+        reviewed = {r.procedure for r in [*report.reviews, *reviews]}
         held = {p.ref for s in report.coding.sessions if s.held for p in s.procedures}
         coded = {p.ref: s for s in report.coding.coded_sessions for p in s.procedures}
         out = []

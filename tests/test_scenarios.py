@@ -1,5 +1,6 @@
 """Table-driven: every scenario in fixtures/fhir/scenarios is coded as its hand-written expected.json says,
-and its full output is byte-identical to the reviewed golden file `output.json` beside it.
+and its full output is byte-identical to the reviewed golden files beside it: `output.json` (the FHIR
+transaction) and `hl7v2.txt` (the DFT^P03 messages, one segment per line, re-parsed and validated strictly).
 
 Regenerate the golden files after a deliberate change with `UPDATE_GOLDEN=1 ./scripts/test tests/test_scenarios.py`
 and review the diff like code.
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from adapter.cli import cli, output_bundle
 from adapter.config import load_tables
+from adapter.hl7v2.messages import validate
 from adapter.pipeline import RunReport, process_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +114,27 @@ def test_scenario_output_matches_the_reviewed_golden_file(folder: Path) -> None:
         golden.write_text(result.stdout)
     assert result.stdout == golden.read_text()
     assert result.exit_code == json.loads((folder / "expected.json").read_text())["exit_code"]
+
+
+@pytest.mark.parametrize("folder", SCENARIOS, ids=[p.name for p in SCENARIOS])
+def test_scenario_hl7v2_messages_match_the_reviewed_golden_file(folder: Path) -> None:
+    result = CliRunner().invoke(cli, ["dry-run", "--format", "hl7v2", "--now", GOLDEN_CLOCK,
+                                      str(folder / "input.json")])
+    golden = folder / "hl7v2.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(result.stdout)
+    assert result.stdout == golden.read_text()
+    messages = [m for m in golden.read_text().split("\n\n") if m.strip()]
+    coded = json.loads((folder / "expected.json").read_text())
+    sessions = {tuple(sorted(line["procedures"])) for line in coded["lines"]}
+    held = [line for line in result.stderr.splitlines() if line.startswith("review:") and ": hl7v2-" in line]
+    assert len(messages) <= len(sessions) and (len(messages) > 0 or not sessions or held)
+    for text in messages:  # what the golden file holds is a valid message in the configured version
+        parsed = validate(text.strip().replace("\n", "\r"), TABLES.hl7v2.version)
+        assert parsed.msh.msh_9.to_er7().startswith("DFT^P03")
+        assert {ft1.ft1_6.to_er7() for ft1 in parsed.children.get("DFT_P03_FINANCIAL") or []
+                for ft1 in [ft1.ft1]} == {"CG"}
+    assert result.exit_code == max(coded["exit_code"], 1 if held else 0)
 
 
 def feed_files(folder: Path) -> list[Path]:

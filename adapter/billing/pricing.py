@@ -11,7 +11,7 @@ surcharges and taxes, minus deductions and discounts (each an amount or a factor
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
@@ -143,9 +143,7 @@ class PriceBook:
                        f"{'-'.join((code, *modifiers))} on {day}{said}")
 
     def _row(self, code: str, modifiers: tuple[str, ...], day: date) -> ChargemasterRow | None:
-        rows = [r for r in self.rows.get(code, []) if r.applies(code, modifiers, day)]
-        exact = [r for r in rows if r.modifiers is not None]
-        return (exact or rows or [None])[0]
+        return chargemaster_row(self.rows.get(code, []), code, modifiers, day)
 
     def _applies(self, definition: dict[str, Any], day: date, charge_item: dict[str, Any],
                  billing_org: str | None) -> int | None:
@@ -203,6 +201,14 @@ class PriceBook:
         canonical = canonical_of(definition)
         return Price(unit, currency, f"ChargeItemDefinition {canonical}: {' '.join(steps)} = {unit} {currency}",
                      canonical)
+
+
+def chargemaster_row(rows: Iterable[ChargemasterRow], code: str, modifiers: tuple[str, ...],
+                     day: date) -> ChargemasterRow | None:
+    """The chargemaster row of a line on `day`: one naming exactly its modifiers wins over one for any."""
+    found = [r for r in rows if r.applies(code, modifiers, day)]
+    exact = [r for r in found if r.modifiers is not None]
+    return (exact or found or [None])[0]
 
 
 def _decimal(value: Any) -> Decimal | None:

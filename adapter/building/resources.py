@@ -62,6 +62,8 @@ class SessionOutput:
     session: Session
     charge_items: list[dict[str, Any]] = field(default_factory=list)
     claim: dict[str, Any] | None = None
+    prices: list[Price | None] = field(default_factory=list)
+    """Per line (line order): its price, or None when unpriced (the HL7 v2 sink sends its amounts and charge code)."""
     notes: list[str] = field(default_factory=list)
     """Where each billing decision came from (payer, billing provider, place of service, diagnoses, prices),
     for `explain`."""
@@ -336,6 +338,7 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
         item = finish_charge_item(item, price, line.units, ctx.written_at)
         validate_resource(item, f"ChargeItem {line.label} for {', '.join(line.procedures)}")
         built.charge_items.append(item)
+        built.prices.append(price)
         lines.append(_Line(line, item, price))
     claims_on = tables.settings.claims
     coverages = index.active_coverages(key.patient) if claims_on else []

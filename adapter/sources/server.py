@@ -21,12 +21,13 @@ BATCH = 100
 """References per search: keeps form bodies and server-side OR lists reasonable."""
 PAGE = 500
 PROCEDURE_INCLUDES = (
-    ("_include", "Procedure:encounter"), ("_include", "Procedure:performer"),
+    ("_include", "Procedure:encounter"), ("_include", "Procedure:performer"), ("_include", "Procedure:patient"),
     ("_include:iterate", "PractitionerRole:organization"), ("_include:iterate", "Encounter:location"),
     ("_include:iterate", "Encounter:account"), ("_include:iterate", "Encounter:service-provider"),
 )
 """What billing needs of each Procedure comes with it: its Encounter (with locations, accounts and service
-provider), its performers (Practitioners, PractitionerRoles with their organizations)."""
+provider), its performers (Practitioners, PractitionerRoles with their organizations), its Patient (the MRN, name,
+birth date and sex an HL7 v2 charge message carries)."""
 
 
 def chunks(items: list[str], size: int = BATCH) -> Iterator[list[str]]:
@@ -153,7 +154,7 @@ class _References:
     """Ids to read, by resource type, from the literal references of the resources read so far."""
 
     FOLLOWED = frozenset({"BodyStructure", "Condition", "Encounter", "PractitionerRole", "Practitioner",
-                          "Organization", "Location", "Account", "Procedure"})
+                          "Organization", "Location", "Account", "Procedure", "ServiceRequest"})
 
     def __init__(self) -> None:
         self.ids: dict[str, set[str]] = {}
@@ -171,7 +172,8 @@ class _References:
         kind = res.get("resourceType")
         if kind == "Procedure":
             self.add(*(value for _, value, _ in body_structure_extensions(res)))
-            self.add(*(res.get("reasonReference") or []), res.get("encounter"), *(res.get("partOf") or []))
+            self.add(*(res.get("reasonReference") or []), res.get("encounter"), *(res.get("partOf") or []),
+                     *(res.get("basedOn") or []))
             for performer in res.get("performer") or []:
                 if isinstance(performer, dict):
                     self.add(performer.get("actor"), performer.get("onBehalfOf"))
@@ -184,6 +186,8 @@ class _References:
             self.add(res.get("organization"), res.get("practitioner"))
         elif kind == "Coverage":
             self.add(*(res.get("payor") or []))
+        elif kind == "ServiceRequest":  # the ordering provider of an HL7 v2 charge (FT1-21)
+            self.add(res.get("requester"))
 
     def discard(self, refs: set[str]) -> None:
         for ref in refs:

@@ -157,6 +157,39 @@ def test_the_example_config_holds_the_defaults() -> None:
     """config/service.example.yaml documents every key: it must load, and say what the defaults are."""
     example = load_settings(Path(__file__).resolve().parents[2] / "config" / "service.example.yaml", env={})
     defaults = load_settings(None, env={})
-    for section in ("state", "poll", "serve", "worker", "health", "logging"):
+    for section in ("state", "poll", "serve", "worker", "health", "logging", "sinks"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.server.url and dataclasses.replace(example.server, url="", auth={}) == defaults.server
+
+
+def test_the_sinks_section_nested_keys_and_their_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "sinks:\n  fhir: false\n  hl7v2:\n    enabled: true\n    host: engine.local\n"
+                           "    port: 6661\n")
+    sinks = load_settings(path, env={"CHARGE_ADAPTER__SINKS__HL7V2__ACK_TIMEOUT_SECONDS": "12"}).sinks
+    assert (sinks.fhir, sinks.hl7v2.enabled, sinks.hl7v2.host, sinks.hl7v2.port) == (False, True, "engine.local", 6661)
+    assert sinks.hl7v2.ack_timeout_seconds == 12.0 and sinks.hl7v2.transport == "mllp"
+    defaults = load_settings(None, env={}).sinks
+    assert defaults.fhir is True and defaults.hl7v2.enabled is False
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    ("sinks:\n  fhir: false\n", "sinks.fhir", "no sink left"),
+    ("sinks:\n  hl7v2: {enabled: true, port: 6661}\n", "sinks.hl7v2.host", "host name"),
+    ("sinks:\n  hl7v2: {enabled: true, host: h}\n", "sinks.hl7v2.port", "port is needed"),
+    ("sinks:\n  hl7v2: {enabled: true, host: h, port: 70000}\n", "sinks.hl7v2.port", "at most 65535"),
+    ("sinks:\n  hl7v2: {enabled: true, transport: file}\n", "sinks.hl7v2.folder", "folder"),
+    ("sinks:\n  hl7v2: {enabled: true, transport: kafka, folder: x}\n", "sinks.hl7v2.transport", "mllp, file"),
+    ("sinks:\n  hl7v2: {enabled: true, host: h, port: 1, ca_bundle: x.pem}\n", "sinks.hl7v2.ca_bundle",
+     "only used with tls"),
+    ("sinks:\n  hl7v2: {enabled: true, host: h, port: 1, tls: true, ca_bundle: /nope.pem}\n",
+     "sinks.hl7v2.ca_bundle", "not found"),
+    ("sinks:\n  hl7v2: {enabled: true, host: h, port: 1, ack_timeout_seconds: 0}\n",
+     "sinks.hl7v2.ack_timeout_seconds", "above 0"),
+    ("sinks:\n  hl7v2: {enabeld: true}\n", "sinks.hl7v2.enabeld", "unknown key"),
+    ("sinks:\n  hl7v2: true\n", "sinks.hl7v2", "must be a mapping"),
+])
+def test_every_bad_sink_value_names_the_file_and_the_key(tmp_path: Path, text: str, key: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert caught.value.file == str(path) and caught.value.entry == key and message in caught.value.reason

@@ -1,0 +1,395 @@
+"""The message ledger: the durable record of every HL7 v2 message, behind its own small contract.
+
+The rules the sink relies on (every implementation keeps them; tests/unit/hl7v2/test_ledger_contract.py
+checks them for each):
+
+- `record` stores messages before they are sent, in one transaction, each with the next sequence number.
+  A control id (MSH-10) is stored once: recording it again returns the stored message unchanged.
+- A message stays `pending` until the receiver acknowledges it (`acknowledged`: AA, or the file was
+  written). A process that dies in between finds it pending and sends the stored text again, byte for byte,
+  with the same control id.
+- `rejected` (AE/AR) closes a message and, in the same transaction, cancels every later pending message of
+  the same patient: those were planned on the rejected one going through.
+- `history(patient)` is the patient's messages in sequence order: what each carried (the Visit and the
+  charges with their versions) is what corrections are planned from.
+
+Every method is one transaction. Implementations: SQLite (the state file of the SQLite state backend, in
+tables of its own with their own schema step) and memory (tests, `state: memory:`). A PostgreSQL ledger
+follows the same contract. Driver errors become `StateError`s at this boundary, as in adapter/state.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from adapter.errors import StateCorrupt, StateError, StateSchemaError, StateUnavailable
+
+
+class MessageStatus(StrEnum):
+    PENDING = "pending"
+    """Recorded, not yet acknowledged: sent (again) with the same bytes until it is."""
+    SENT = "sent"
+    """The receiver answered AA, or the file was written."""
+    REJECTED = "rejected"
+    """The receiver answered AE or AR: its charges did not go through (a review entry says why)."""
+    CANCELLED = "cancelled"
+    """Never sent: an earlier message of the same patient was rejected, and this one was planned on it."""
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to record. `charges`: one entry per FT1, `{"line", "version", "charge"}` (charge as JSON)."""
+
+    control_id: str
+    patient: str
+    session: str
+    kind: str
+    """FT1-6 of every line: CG (charges) or CD (credits of earlier charges)."""
+    text: str
+    """The message as sent (segments separated by CR)."""
+    visit: dict[str, Any]
+    charges: tuple[dict[str, Any], ...]
+    procedures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LedgerMessage(NewMessage):
+    seq: int = 0
+    status: str = MessageStatus.PENDING
+    attempts: int = 0
+    """Sends that got no usable answer."""
+    created_at: float = 0.0
+    finished_at: float | None = None
+    ack_code: str | None = None
+    ack_text: str | None = None
+    last_error: str | None = None
+
+    @property
+    def versions(self) -> list[tuple[str, str]]:
+        return [(c["line"], c["version"]) for c in self.charges]
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    location: str
+
+    def record(self, messages: Sequence[NewMessage], now: float | None = None) -> list[LedgerMessage]:
+        """Store new messages as pending, in order, in one transaction; known control ids are returned as stored."""
+
+    def pending(self, patient: str | None = None, limit: int = 1000) -> list[LedgerMessage]:
+        """Pending messages (of one patient, or all), in sequence order."""
+
+    def history(self, patient: str) -> list[LedgerMessage]:
+        """Every message of a patient, in sequence order."""
+
+    def message(self, control_id: str) -> LedgerMessage | None: ...
+
+    def attempt_failed(self, control_id: str, error: str) -> None:
+        """A send got no usable answer (no connection, no ACK in time): counted, the message stays pending."""
+
+    def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
+        """The receiver took the message: `sent`."""
+
+    def rejected(self, control_id: str, code: str, text: str, now: float | None = None) -> list[str]:
+        """The receiver refused it: `rejected`, and the patient's later pending messages `cancelled` (their
+        control ids are returned), in one transaction."""
+
+    def patients_billed_for(self, procedure: str) -> set[str]:
+        """Patients with a message whose charges bill `procedure` (a deleted Procedure's charges to reverse)."""
+
+    def counts(self) -> dict[str, int]:
+        """Messages by status."""
+
+    def close(self) -> None: ...
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+
+class MemoryLedger:
+    """Thread-safe and process-local: one lock makes every method atomic."""
+
+    def __init__(self) -> None:
+        self.location = "memory:"
+        self._lock = threading.RLock()
+        self._seq = itertools.count(1)
+        self._messages: dict[str, LedgerMessage] = {}
+
+    def record(self, messages: Sequence[NewMessage], now: float | None = None) -> list[LedgerMessage]:
+        now = time.time() if now is None else now
+        out = []
+        with self._lock:
+            for new in messages:
+                stored = self._messages.get(new.control_id)
+                if stored is None:
+                    stored = LedgerMessage(**_fields_of(new), seq=next(self._seq), created_at=now)
+                    self._messages[new.control_id] = stored
+                out.append(stored)
+        return out
+
+    def _sorted(self, keep: Callable[[LedgerMessage], bool]) -> list[LedgerMessage]:
+        with self._lock:
+            return sorted((m for m in self._messages.values() if keep(m)), key=lambda m: m.seq)
+
+    def pending(self, patient: str | None = None, limit: int = 1000) -> list[LedgerMessage]:
+        return self._sorted(lambda m: m.status == MessageStatus.PENDING
+                            and (patient is None or m.patient == patient))[:limit]
+
+    def history(self, patient: str) -> list[LedgerMessage]:
+        return self._sorted(lambda m: m.patient == patient)
+
+    def message(self, control_id: str) -> LedgerMessage | None:
+        with self._lock:
+            return self._messages.get(control_id)
+
+    def attempt_failed(self, control_id: str, error: str) -> None:
+        with self._lock:
+            stored = self._messages.get(control_id)
+            if stored is not None and stored.status == MessageStatus.PENDING:
+                self._messages[control_id] = replace(stored, attempts=stored.attempts + 1, last_error=error)
+
+    def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
+        self._finish(control_id, MessageStatus.SENT, code, text, now)
+
+    def rejected(self, control_id: str, code: str, text: str, now: float | None = None) -> list[str]:
+        with self._lock:
+            stored = self._finish(control_id, MessageStatus.REJECTED, code, text, now)
+            if stored is None:
+                return []
+            later = [m for m in self._sorted(lambda m: m.patient == stored.patient and m.seq > stored.seq
+                                             and m.status == MessageStatus.PENDING)]
+            for other in later:
+                self._messages[other.control_id] = replace(
+                    other, status=MessageStatus.CANCELLED, finished_at=time.time() if now is None else now,
+                    last_error=f"cancelled: {control_id} before it was rejected")
+            return [m.control_id for m in later]
+
+    def _finish(self, control_id: str, status: str, code: str, text: str, now: float | None) -> LedgerMessage | None:
+        with self._lock:
+            stored = self._messages.get(control_id)
+            if stored is None or stored.status != MessageStatus.PENDING:
+                return None
+            self._messages[control_id] = replace(stored, status=status, ack_code=code, ack_text=text,
+                                                 finished_at=time.time() if now is None else now)
+            return stored
+
+    def patients_billed_for(self, procedure: str) -> set[str]:
+        return {m.patient for m in self._sorted(lambda m: procedure in m.procedures)}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self._sorted(lambda _m: True):
+            out[m.status] = out.get(m.status, 0) + 1
+        return out
+
+    def close(self) -> None:
+        return None
+
+
+def _fields_of(new: NewMessage) -> dict[str, Any]:
+    return {name: getattr(new, name) for name in NewMessage.__dataclass_fields__}
+
+
+# -- SQLite ----------------------------------------------------------------------------------------------------
+
+LEDGER_SCHEMA_VERSION = 1
+_SCHEMA = {
+    1: [
+        "CREATE TABLE IF NOT EXISTS hl7v2_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS hl7v2_message (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "control_id TEXT NOT NULL UNIQUE, patient TEXT NOT NULL, session TEXT NOT NULL, kind TEXT NOT NULL, "
+        "status TEXT NOT NULL, text TEXT NOT NULL, visit TEXT NOT NULL, charges TEXT NOT NULL, "
+        "procedures TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, "
+        "finished_at REAL, ack_code TEXT, ack_text TEXT, last_error TEXT)",
+        "CREATE INDEX IF NOT EXISTS hl7v2_message_patient ON hl7v2_message (patient, seq)",
+        "CREATE INDEX IF NOT EXISTS hl7v2_message_status ON hl7v2_message (status, seq)",
+    ],
+}
+"""Schema steps of the ledger's own tables (`hl7v2_meta` holds its version), apart from the state's."""
+_COLUMNS = ("control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, "
+            "created_at, finished_at, ack_code, ack_text, last_error")
+
+T = TypeVar("T")
+
+
+def _translated(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: SqliteLedger, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise
+        except sqlite3.Error as exc:
+            text = str(exc).lower()
+            if isinstance(exc, sqlite3.OperationalError) and "malformed" not in text and "corrupt" not in text:
+                raise StateUnavailable(self.location, f"HL7 v2 ledger: {exc}") from None
+            raise StateCorrupt(self.location, f"HL7 v2 ledger: the file is damaged ({exc})") from None
+        except OSError as exc:
+            raise StateUnavailable(self.location, f"HL7 v2 ledger: {exc.strerror or exc}") from None
+
+    return wrapper
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class SqliteLedger:
+    """The ledger in the SQLite state file (WAL, `synchronous=FULL`), one connection per thread."""
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.location = str(self.path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._migrate()
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA synchronous=FULL")  # a message recorded as pending must survive power loss
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+
+    @_translated
+    def _migrate(self) -> None:
+        self._db().execute("PRAGMA journal_mode=WAL")
+        with self._tx() as db:
+            db.execute(_SCHEMA[1][0])
+            row = db.execute("SELECT value FROM hl7v2_meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > LEDGER_SCHEMA_VERSION:
+                raise StateSchemaError(self.location, f"HL7 v2 ledger schema {version} is newer than this adapter "
+                                                      f"({LEDGER_SCHEMA_VERSION}): upgrade the adapter")
+            for step in range(version + 1, LEDGER_SCHEMA_VERSION + 1):
+                for statement in _SCHEMA[step]:
+                    db.execute(statement)
+            db.execute("INSERT INTO hl7v2_meta VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET "
+                       "value=excluded.value", (str(LEDGER_SCHEMA_VERSION),))
+
+    @staticmethod
+    def _message(row: tuple[Any, ...]) -> LedgerMessage:
+        (control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, created_at,
+         finished_at, ack_code, ack_text, last_error) = row
+        return LedgerMessage(control_id, patient, session, kind, text, json.loads(visit),
+                             tuple(json.loads(charges)), tuple(json.loads(procedures)), seq, status, attempts,
+                             created_at, finished_at, ack_code, ack_text, last_error)
+
+    def _select(self, where: str, args: tuple[Any, ...], db: sqlite3.Connection | None = None) -> list[LedgerMessage]:
+        rows = (db or self._db()).execute(f"SELECT {_COLUMNS} FROM hl7v2_message WHERE {where}", args).fetchall()
+        return [self._message(r) for r in rows]
+
+    @_translated
+    def record(self, messages: Sequence[NewMessage], now: float | None = None) -> list[LedgerMessage]:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            for new in messages:
+                db.execute(
+                    "INSERT INTO hl7v2_message (control_id, patient, session, kind, status, text, visit, charges, "
+                    "procedures, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(control_id) DO NOTHING",
+                    (new.control_id, new.patient, new.session, new.kind, new.text, _json(new.visit),
+                     _json(list(new.charges)), _json(list(new.procedures)), now))
+            stored = {m.control_id: m for m in self._select(
+                f"control_id IN ({','.join('?' * len(messages))})", tuple(m.control_id for m in messages), db)} \
+                if messages else {}
+        return [stored[m.control_id] for m in messages]
+
+    @_translated
+    def pending(self, patient: str | None = None, limit: int = 1000) -> list[LedgerMessage]:
+        if patient is None:
+            return self._select("status='pending' ORDER BY seq LIMIT ?", (limit,))
+        return self._select("status='pending' AND patient=? ORDER BY seq LIMIT ?", (patient, limit))
+
+    @_translated
+    def history(self, patient: str) -> list[LedgerMessage]:
+        return self._select("patient=? ORDER BY seq", (patient,))
+
+    @_translated
+    def message(self, control_id: str) -> LedgerMessage | None:
+        found = self._select("control_id=?", (control_id,))
+        return found[0] if found else None
+
+    @_translated
+    def attempt_failed(self, control_id: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE hl7v2_message SET attempts=attempts+1, last_error=? WHERE control_id=? AND "
+                       "status='pending'", (error, control_id))
+
+    @_translated
+    def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE hl7v2_message SET status='sent', ack_code=?, ack_text=?, finished_at=? "
+                       "WHERE control_id=? AND status='pending'",
+                       (code, text, time.time() if now is None else now, control_id))
+
+    @_translated
+    def rejected(self, control_id: str, code: str, text: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT patient, seq FROM hl7v2_message WHERE control_id=? AND status='pending'",
+                             (control_id,)).fetchone()
+            if row is None:
+                return []
+            db.execute("UPDATE hl7v2_message SET status='rejected', ack_code=?, ack_text=?, finished_at=? "
+                       "WHERE control_id=?", (code, text, now, control_id))
+            later = [r[0] for r in db.execute("SELECT control_id FROM hl7v2_message WHERE patient=? AND seq>? AND "
+                                              "status='pending' ORDER BY seq", row).fetchall()]
+            db.executemany("UPDATE hl7v2_message SET status='cancelled', finished_at=?, last_error=? "
+                           "WHERE control_id=?",
+                           [(now, f"cancelled: {control_id} before it was rejected", c) for c in later])
+        return later
+
+    @_translated
+    def patients_billed_for(self, procedure: str) -> set[str]:
+        rows = self._db().execute("SELECT DISTINCT m.patient FROM hl7v2_message m, json_each(m.procedures) p "
+                                  "WHERE p.value=?", (procedure,)).fetchall()
+        return {r[0] for r in rows}
+
+    @_translated
+    def counts(self) -> dict[str, int]:
+        return dict(self._db().execute("SELECT status, count(*) FROM hl7v2_message GROUP BY status").fetchall())
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def open_ledger(state: Any) -> Ledger:
+    """The ledger beside a state backend: in its SQLite file, or in memory beside the memory state."""
+    from adapter.state.memory import MemoryState
+    from adapter.state.sqlite import SqliteState
+
+    if isinstance(state, SqliteState):
+        return SqliteLedger(state.path, busy_timeout=state.busy_timeout)
+    if isinstance(state, MemoryState):
+        return MemoryLedger()
+    raise StateError(getattr(state, "location", "?"), "the HL7 v2 sink keeps its message ledger in the state, and "
+                                                      "this state backend has no ledger yet: use an SQLite state")

@@ -1,0 +1,194 @@
+"""One pass of the HL7 v2 sink for some patients: flush what is pending, plan corrections, record, send.
+
+Per patient, in this order, so one patient's messages always arrive in the order they were planned:
+
+1. pending messages (recorded earlier, never acknowledged: a crash, a receiver that was down) are sent
+   first, with their stored bytes and control ids. Until they are through nothing new is planned for the
+   patient (the plan needs to know what the receiver holds).
+2. the patient's coded sessions are compared with what earlier messages charged (`plan.plan_patient`):
+   credits of voided or changed charges, then the new charges.
+3. the new messages are recorded in the ledger (one transaction), and only then sent; each is marked sent
+   after its ACK. AE/AR: the message is rejected (its reason goes to review) and the patient's later
+   messages are cancelled. No ACK: it stays pending and the patient is retried later; after one such
+   failure the pass sends nothing more to the receiver (its other patients are retried too), so an outage
+   costs one timeout, not one per patient.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from adapter.coding.engine import Review
+from adapter.config import CodeTables
+from adapter.hl7v2.ledger import Ledger, LedgerMessage
+from adapter.hl7v2.messages import CREDIT, InvalidMessageError, SessionCharges, render, session_charges
+from adapter.hl7v2.mllp import Ack, TransportError
+from adapter.hl7v2.plan import plan_patient
+
+log = logging.getLogger("adapter.hl7v2")
+
+UNREACHABLE, REJECTED, DEFERRED = "hl7v2-unreachable", "hl7v2-rejected", "hl7v2-deferred"
+
+
+def from_settings(conf: Any, source: str, tables: CodeTables, state: Any) -> Hl7v2Sink:
+    """The sink of `sinks.hl7v2` (adapter.settings.Hl7v2SinkSettings), with its ledger in `state`."""
+    import ssl
+
+    from adapter.errors import ConfigError
+    from adapter.hl7v2.files import FolderTransport
+    from adapter.hl7v2.ledger import open_ledger
+    from adapter.hl7v2.mllp import MllpClient, MllpSettings, tls_context
+
+    transport: Transport
+    if conf.transport == "file":
+        transport = FolderTransport(conf.folder)
+    else:
+        context = None
+        if conf.tls:
+            try:
+                context = tls_context(conf.ca_bundle, conf.client_cert)
+            except (OSError, ssl.SSLError) as exc:
+                key = "sinks.hl7v2.client_cert" if conf.client_cert else "sinks.hl7v2.ca_bundle"
+                raise ConfigError(source, key, f"cannot be used for TLS ({exc})") from None
+        transport = MllpClient(MllpSettings(conf.host, conf.port, conf.connect_timeout_seconds,
+                                            conf.ack_timeout_seconds, conf.attempts, context, conf.server_name))
+    return Hl7v2Sink(tables, open_ledger(state), transport)
+
+
+class Transport(Protocol):
+    where: str
+
+    def send(self, text: str, control_id: str, seq: int = 0) -> Ack: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SinkFailure:
+    """Messages that did not go through: `retryable` (no answer: they stay pending) or refused (AE/AR: review)."""
+
+    session: str
+    procedures: tuple[str, ...]
+    reason: str
+    patients: tuple[str, ...]
+    retryable: bool
+    kind: str
+
+
+@dataclass
+class SinkResult:
+    reviews: list[Review] = field(default_factory=list)
+    """Sessions whose message needs what the input lacks (MRN, visit number, NPI, diagnosis ...)."""
+    failures: list[SinkFailure] = field(default_factory=list)
+    sent: int = 0
+    credits: int = 0
+    """Of `sent`: credits (FT1-6 CD) of earlier charges."""
+    unchanged: int = 0
+    protected: int = 0
+
+    @property
+    def messages(self) -> int:
+        return self.sent
+
+
+class Hl7v2Sink:
+    def __init__(self, tables: CodeTables, ledger: Ledger, transport: Transport,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.tables = tables
+        self.ledger = ledger
+        self.transport = transport
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def deliver(self, report: Any, patients: Iterable[str],
+                should_stop: Callable[[], bool] | None = None) -> SinkResult:
+        """Bring the receiver in line with `report` (a RunReport holding every FNA Procedure of `patients`)."""
+        result = SinkResult()
+        sessions, result.reviews = session_charges(report, self.tables)
+        under_review = {r.procedure for r in report.reviews} | {r.procedure for r in result.reviews}
+        by_patient: dict[str, list[SessionCharges]] = {}
+        for sc in sessions:
+            by_patient.setdefault(sc.patient, []).append(sc)
+        now = self.clock()
+
+        def make(kind: str, visit: Any, charges: list[Any], control: str) -> str:
+            return render(kind, visit, charges, control, now, self.tables.hl7v2)
+
+        down: list[str] = []
+        for patient in sorted({*patients, *by_patient}):
+            if should_stop is not None and should_stop():
+                result.failures.append(self._not_sent(patient, by_patient.get(patient, []), DEFERRED,
+                                                      "not sent: the process is stopping"))
+                continue
+            if not self._flush(patient, result, down):
+                continue
+            try:
+                plan = plan_patient(patient, by_patient.get(patient, []), self.ledger.history(patient), under_review,
+                                    make)
+            except InvalidMessageError as exc:
+                result.reviews += [Review(p, p, "hl7v2-invalid-message", str(exc))
+                                   for sc in by_patient.get(patient, []) for p in sc.procedures]
+                continue
+            result.unchanged += plan.unchanged
+            result.protected += plan.protected
+            if plan.messages:
+                self.ledger.record(plan.messages)
+                self._flush(patient, result, down)
+        return result
+
+    def pending_patients(self, limit: int = 10_000) -> list[str]:
+        """Patients with messages recorded and never acknowledged, in ledger order."""
+        return list(dict.fromkeys(m.patient for m in self.ledger.pending(limit=limit)))
+
+    def drain(self, patients: Iterable[str]) -> SinkResult:
+        """Send what is pending for `patients` (a crash, an outage), in ledger order; plans nothing new."""
+        result = SinkResult()
+        down: list[str] = []
+        for patient in patients:
+            self._flush(patient, result, down)
+        return result
+
+    def _not_sent(self, patient: str, sessions: list[SessionCharges] | list[LedgerMessage], kind: str,
+                  reason: str) -> SinkFailure:
+        procedures = tuple(sorted({p for s in sessions for p in s.procedures}))
+        label = sessions[0].session if sessions else f"HL7 v2 messages of {patient}"
+        return SinkFailure(label, procedures, reason, (patient,), True, kind)
+
+    def _flush(self, patient: str, result: SinkResult, down: list[str]) -> bool:
+        """Send the patient's pending messages in order; True when none is left pending."""
+        pending = self.ledger.pending(patient)
+        for n, message in enumerate(pending):
+            if down:
+                result.failures.append(self._not_sent(patient, pending[n:], UNREACHABLE,
+                                                      f"not sent: {down[0]}"))
+                return False
+            try:
+                ack = self.transport.send(message.text, message.control_id, message.seq)
+            except TransportError as exc:
+                self.ledger.attempt_failed(message.control_id, str(exc))
+                down.append(str(exc))
+                log.info("HL7 v2 receiver not reached (DFT^P03 %s stays pending): %s", message.control_id, exc)
+                result.failures.append(self._not_sent(patient, pending[n:], UNREACHABLE, str(exc)))
+                return False
+            if ack.accepted:
+                self.ledger.acknowledged(message.control_id, ack.code, ack.text)
+                result.sent += 1
+                result.credits += message.kind == CREDIT
+                continue
+            cancelled = self.ledger.rejected(message.control_id, ack.code, ack.text)
+            what = "credit of earlier charges" if message.kind == CREDIT else "charges"
+            lines = ", ".join(c["charge"]["code"]["code"] for c in message.charges)
+            after = f"; {len(cancelled)} later message(s) of the patient cancelled" if cancelled else ""
+            reason = (f"HL7 v2 receiver {self.transport.where} answered {ack.code} to DFT^P03 {message.control_id} "
+                      f"({what}: {lines}): {ack.text or 'no reason given'}{after}")
+            log.warning("DFT^P03 %s refused with %s (review)", message.control_id, ack.code)
+            result.failures.append(SinkFailure(message.session, message.procedures, reason, (patient,), False,
+                                               REJECTED))
+            return False
+        return True

@@ -1,0 +1,94 @@
+"""The HL7 v2 message ledger contract (adapter/hl7v2/ledger.py), run against every implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapter.errors import StateSchemaError
+from adapter.hl7v2.ledger import Ledger, MessageStatus, NewMessage, SqliteLedger
+
+from .conftest import MakeLedger
+
+
+def message(control: str, patient: str = "Patient/1", kind: str = "CG", line: str = "fna-a",
+            procedures: tuple[str, ...] = ("Procedure/p1",)) -> NewMessage:
+    return NewMessage(control, patient, f"{patient}|Practitioner/x|Encounter/e|2026-03-02", kind,
+                      f"MSH|^~\\&|A|B|C|D|20260401120000+0000||DFT^P03^DFT_P03|{control}|P|2.5.1\r",
+                      {"mrn": "M1", "visit_number": "V1"}, ({"line": line, "version": "v1", "charge": {"units": 1}},),
+                      procedures)
+
+
+def test_record_keeps_order_and_what_each_message_carried(ledger: Ledger) -> None:
+    stored = ledger.record([message("A1"), message("A2", kind="CD")], now=100.0)
+    assert [m.control_id for m in stored] == ["A1", "A2"] and stored[0].seq < stored[1].seq
+    first = ledger.message("A1")
+    assert first is not None and first.status == MessageStatus.PENDING and first.attempts == 0
+    assert first.visit == {"mrn": "M1", "visit_number": "V1"} and first.created_at == 100.0
+    assert first.versions == [("fna-a", "v1")] and first.procedures == ("Procedure/p1",)
+    assert first.text.startswith("MSH|") and first.text.endswith("\r")
+    assert [m.control_id for m in ledger.pending()] == ["A1", "A2"]
+
+
+def test_a_control_id_is_recorded_once(ledger: Ledger) -> None:
+    [first] = ledger.record([message("A1")])
+    ledger.acknowledged("A1", "AA", "")
+    [again] = ledger.record([message("A1", line="other")])
+    assert again.seq == first.seq and again.status == MessageStatus.SENT and again.versions == [("fna-a", "v1")]
+    assert ledger.counts() == {"sent": 1}
+
+
+def test_pending_until_acknowledged_and_failed_attempts_are_counted(make_ledger: MakeLedger) -> None:
+    ledger = make_ledger()
+    ledger.record([message("A1"), message("B1", patient="Patient/2")])
+    ledger.attempt_failed("A1", "no ACK within 5 s")
+    ledger.attempt_failed("A1", "connection refused")
+    other = make_ledger()  # what a restarted process sees
+    [a, _] = other.pending()
+    assert (a.control_id, a.attempts, a.last_error) == ("A1", 2, "connection refused")
+    assert [m.control_id for m in other.pending("Patient/2")] == ["B1"]
+    other.acknowledged("A1", "AA", "ok", now=200.0)
+    assert [m.control_id for m in ledger.pending()] == ["B1"]
+    sent = ledger.message("A1")
+    assert sent is not None and (sent.status, sent.ack_code, sent.finished_at) == ("sent", "AA", 200.0)
+
+
+def test_a_rejection_cancels_the_patients_later_pending_messages_only(ledger: Ledger) -> None:
+    ledger.record([message("A1"), message("A2"), message("A3"), message("B1", patient="Patient/2")])
+    ledger.acknowledged("A1", "AA", "")
+    cancelled = ledger.rejected("A2", "AE", "unknown visit V1")
+    assert cancelled == ["A3"]
+    assert [(m.control_id, m.status) for m in ledger.history("Patient/1")] == [
+        ("A1", "sent"), ("A2", "rejected"), ("A3", "cancelled")]
+    rejected = ledger.message("A2")
+    assert rejected is not None and (rejected.ack_code, rejected.ack_text) == ("AE", "unknown visit V1")
+    assert [m.control_id for m in ledger.pending()] == ["B1"]
+    assert ledger.counts() == {"sent": 1, "rejected": 1, "cancelled": 1, "pending": 1}
+
+
+def test_a_finished_message_does_not_change_again(ledger: Ledger) -> None:
+    ledger.record([message("A1")])
+    ledger.acknowledged("A1", "AA", "")
+    assert ledger.rejected("A1", "AR", "late") == []
+    ledger.attempt_failed("A1", "late timeout")
+    stored = ledger.message("A1")
+    assert stored is not None and (stored.status, stored.attempts, stored.ack_code) == ("sent", 0, "AA")
+
+
+def test_patients_billed_for_a_procedure(ledger: Ledger) -> None:
+    ledger.record([message("A1", procedures=("Procedure/p1", "Procedure/p2")),
+                   message("B1", patient="Patient/2", procedures=("Procedure/p3",))])
+    assert ledger.patients_billed_for("Procedure/p2") == {"Patient/1"}
+    assert ledger.patients_billed_for("Procedure/p9") == set()
+
+
+def test_sqlite_refuses_a_newer_ledger_schema(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    SqliteLedger(path).close()
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE hl7v2_meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StateSchemaError, match="newer"):
+        SqliteLedger(path)

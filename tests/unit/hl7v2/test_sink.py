@@ -1,0 +1,177 @@
+"""The HL7 v2 sink's decisions (adapter/hl7v2/sink.py, plan.py) with an in-process fake receiver.
+
+The fake stands in for the network only to inject answers a real receiver gives rarely (AE, AR, silence)
+in any order; the real MLLP exchange is tested against a real listener process in
+tests/integration/test_hl7v2.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.config import load_tables
+from adapter.hl7v2.ledger import MemoryLedger, MessageStatus
+from adapter.hl7v2.messages import validate
+from adapter.hl7v2.mllp import Ack, TransportError
+from adapter.hl7v2.sink import REJECTED, UNREACHABLE, Hl7v2Sink
+from adapter.pipeline import RunReport, process
+from adapter.sources.files import SourcedResource
+
+ROOT = Path(__file__).resolve().parents[3]
+TABLES = load_tables()
+NOW = datetime(2026, 4, 1, 12, tzinfo=UTC)
+PATIENT = "Patient/s02-pat"
+
+
+class FakeReceiver:
+    """Answers by rule: `answers` maps a control id to AA/AE/AR/`silence`; the default is AA."""
+
+    where = "fake://receiver"
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self.default = "AA"
+        self.received: list[tuple[str, str]] = []
+
+    def send(self, text: str, control_id: str, seq: int = 0) -> Ack:
+        answer = self.answers.get(control_id, self.default)
+        if answer == "silence":
+            raise TransportError(f"{self.where}: no ACK within 1 s")
+        self.received.append((control_id, text))
+        return Ack(answer, control_id, "" if answer == "AA" else "PV1-19 V-s02-enc is not an open account")
+
+    def close(self) -> None:
+        return None
+
+    def ft1(self, n: int) -> list[tuple[str, str, str]]:
+        """(FT1-6, FT1-25 code, FT1-10) of the n-th message received."""
+        segments = [s.split("|") for s in self.received[n][1].split("\r") if s.startswith("FT1|")]
+        return [(s[6], s[25].split("^")[0], s[10]) for s in segments]
+
+
+def scenario(folder: str = "02-us-three-lesions") -> list[dict[str, Any]]:
+    bundle = json.loads(next((ROOT / "fixtures/fhir/scenarios").glob(f"{folder}/input.json")).read_text())
+    return [e["resource"] for e in bundle["entry"]]
+
+
+def run(resources: list[dict[str, Any]]) -> RunReport:
+    return process([SourcedResource(r, f"test {r['resourceType']}/{r.get('id')}") for r in resources], TABLES, NOW)
+
+
+def procedure(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(r for r in resources if r["resourceType"] == "Procedure")
+
+
+def one_lesion_less(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    changed = copy.deepcopy(resources)
+    proc = procedure(changed)
+    targets = [e for e in proc["extension"] if e["url"].endswith("procedure-targetBodyStructure")]
+    proc["extension"].remove(targets[-1])
+    return changed
+
+
+@pytest.fixture
+def receiver() -> FakeReceiver:
+    return FakeReceiver()
+
+
+@pytest.fixture
+def sink(receiver: FakeReceiver) -> Hl7v2Sink:
+    return Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW)
+
+
+def test_charges_are_sent_once_and_a_rerun_sends_nothing(sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+    first = sink.deliver(run(scenario()), [PATIENT])
+    assert (first.sent, first.failures, first.reviews) == (1, [], [])
+    assert receiver.ft1(0) == [("CG", "10005", "1"), ("CG", "10006", "2")]
+    again = sink.deliver(run(scenario()), [PATIENT])
+    assert (again.sent, again.unchanged) == (0, 2) and len(receiver.received) == 1
+
+
+def test_a_changed_charge_is_credited_then_charged_again_never_edited(sink: Hl7v2Sink,
+                                                                      receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario()), [PATIENT])
+    result = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    assert (result.sent, result.credits, result.unchanged) == (2, 1, 1)
+    # the credit repeats the earlier line (x2, its amounts negated), then the new version (x1) is charged
+    assert receiver.ft1(1) == [("CD", "10006", "-2")]
+    assert receiver.ft1(2) == [("CG", "10006", "1")]
+    credit = next(s.split("|") for s in receiver.received[1][1].split("\r") if s.startswith("FT1|"))
+    assert (credit[11], credit[12]) == ("-412.00&USD", "206.00&USD")
+    for control, text in receiver.received:
+        parsed = validate(text, TABLES.hl7v2.version)
+        assert parsed.msh.msh_10.to_er7() == control
+    assert len({c for c, _ in receiver.received}) == 3  # every message its own control id
+
+
+def test_a_voided_procedure_credits_every_charge_it_had(sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario()), [PATIENT])
+    voided = copy.deepcopy(scenario())
+    procedure(voided)["status"] = "entered-in-error"
+    result = sink.deliver(run(voided), [PATIENT])
+    assert (result.sent, result.credits) == (1, 1)
+    assert receiver.ft1(1) == [("CD", "10005", "-1"), ("CD", "10006", "-2")]
+    assert sink.deliver(run(voided), [PATIENT]).sent == 0
+
+
+def test_no_ack_leaves_the_message_pending_and_it_is_resent_with_the_same_control_id_first(
+        sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+    receiver.default = "silence"
+    failed = sink.deliver(run(scenario()), [PATIENT])
+    [failure] = failed.failures
+    assert failure.retryable and failure.kind == UNREACHABLE and failure.patients == (PATIENT,)
+    [pending] = sink.ledger.pending()
+    assert pending.attempts == 1
+    receiver.default = "AA"
+    result = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    # the pending message goes first, byte for byte; only then is the change planned and sent
+    assert receiver.received[0] == (pending.control_id, pending.text)
+    assert [t[0] for t in receiver.ft1(1)] == ["CD"] and receiver.ft1(2) == [("CG", "10006", "1")]
+    assert result.sent == 3 and not sink.ledger.pending()
+
+
+def test_a_refused_message_goes_to_review_and_cancels_what_was_planned_on_it(
+        sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario()), [PATIENT])
+    receiver.default = "AE"  # the credit is refused: the new charge must not follow (it would double-bill)
+    result = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    [failure] = result.failures
+    assert not failure.retryable and failure.kind == REJECTED
+    assert "answered AE" in failure.reason and "PV1-19 V-s02-enc is not an open account" in failure.reason
+    assert "1 later message(s) of the patient cancelled" in failure.reason
+    assert [m.status for m in sink.ledger.history(PATIENT)] == [
+        MessageStatus.SENT, MessageStatus.REJECTED, MessageStatus.CANCELLED]
+    assert [receiver.ft1(i)[0][0] for i in range(len(receiver.received))] == ["CG", "CD"]
+    # after the analyst's fix, a replay plans again from what the receiver holds, with new control ids
+    receiver.default = "AA"
+    replay = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    assert replay.sent == 2 and receiver.ft1(2) == [("CD", "10006", "-2")] and receiver.ft1(3) == [("CG", "10006", "1")]
+    assert receiver.received[2][0] != receiver.received[1][0]
+
+
+def test_what_the_message_needs_and_the_input_lacks_sends_the_session_to_review(sink: Hl7v2Sink,
+                                                                                receiver: FakeReceiver) -> None:
+    resources = copy.deepcopy(scenario())
+    for r in resources:
+        if r["resourceType"] in ("Patient", "Encounter"):
+            r.pop("identifier")
+    result = sink.deliver(run(resources), [PATIENT])
+    assert {r.reason for r in result.reviews} == {"hl7v2-missing-mrn", "hl7v2-missing-visit-number"}
+    assert all("PID-3" in r.detail or "PV1-19" in r.detail for r in result.reviews)
+    assert receiver.received == [] and result.failures == []
+
+
+def test_charges_of_a_procedure_under_review_are_left_alone(sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario()), [PATIENT])
+    resources = copy.deepcopy(scenario())
+    for r in resources:
+        if r["resourceType"] == "Encounter":
+            r.pop("identifier")  # the session now waits for its visit number: nothing is credited meanwhile
+    result = sink.deliver(run(resources), [PATIENT])
+    assert (result.sent, result.protected) == (0, 2) and len(receiver.received) == 1

@@ -9,6 +9,8 @@ AdapterError
  |    +-- StateCorrupt      the state's storage is damaged: restore a backup or move it aside
  |    +-- StateSchemaError  not an adapter state at all, or one of a newer adapter               exit 3
  |    +-- InstanceLocked    another `run`/`serve` already works on this state
+ |    +-- LeadLost          another replica took over a role (polling) this process held: its pass is not
+ |                          recorded, the new holder redoes it
  +-- ReceiverError          the notification receiver
  |    +-- ReceiveError      one request refused (carries the HTTP status; never leaves the receiver)
  |    +-- ListenError       the receiver cannot listen on its address (port in use ...)
@@ -84,6 +86,10 @@ class StateSchemaError(StateError):
 
 class InstanceLocked(StateError):
     """Another `run` or `serve` already works on this state."""
+
+
+class LeadLost(StateError):
+    """A pass that needed a role (`PassRecord.lead`) found another replica holding it; nothing was recorded."""
 
 
 # the old name, still importable

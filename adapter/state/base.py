@@ -6,9 +6,11 @@ implement each as a single statement batch. Backends translate their driver's er
 `adapter.errors.StateError` family at their boundary; nothing else in the adapter sees a driver exception.
 
 Backends: `adapter.state.sqlite` (one file, one running instance: the default), `adapter.state.memory`
-(tests). A backend for several replicas (PostgreSQL) plugs in behind `open_state`; what it needs is
-already part of the contract: an `instance_id` per process, work leases that expire (`lease`), patient
-claims that expire (`claim_patients`), and a heartbeat per replica.
+(tests), `adapter.state.postgres` (several replicas on one database). What replicas need is part of the
+contract and every backend implements it: an `instance_id` per process, work leases that expire (`lease`),
+patient claims that expire (`claim_patients`), roles held by one replica at a time under a lease (`lead`:
+the poller), and a heartbeat per replica (`replicas` lists them). A backend says with `shared` whether
+several processes may run on it at once.
 
 Times are Unix seconds (`time.time()`); `now` arguments exist so tests need not wait.
 """
@@ -181,6 +183,9 @@ class PassRecord:
     release: list[str] = field(default_factory=list)
     """Patients whose claims by `owner` end."""
     owner: str = ""
+    lead: str | None = None
+    """A role (`lead`) `owner` must still hold when the record commits, else nothing is written (LeadLost): a
+    poller that lost its role while paused never moves the shared cursor under its successor."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,22 @@ class StateStats:
     cursor: str | None
 
 
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One process that worked on this state, as `status` shows it."""
+
+    instance: str
+    started: float
+    last_seen: float
+    """Its last heartbeat (every few seconds while it runs)."""
+    roles: tuple[str, ...] = ()
+    """Roles it holds under an unexpired lease (`poll`)."""
+    claims: int = 0
+    """Patients it holds under an unexpired claim (being recoded now)."""
+    leased: int = 0
+    """Work items it holds under an unexpired lease."""
+
+
 @runtime_checkable
 class StateBackend(Protocol):
     """What every state backend provides (see the module docstring for the transaction rules)."""
@@ -206,6 +227,9 @@ class StateBackend(Protocol):
     """Where the state lives, for messages (a resolved file path, a URL without credentials)."""
     instance_id: str
     """This process's identity among replicas: host, pid and a random part."""
+    shared: bool
+    """True when several `run`/`serve` processes may work on this state at once (replicas): polling then only
+    queues the changed patients, under the `poll` role, and every replica's worker codes them."""
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -233,6 +257,10 @@ class StateBackend(Protocol):
     def enqueue(self, items: list[WorkItem], *, event: tuple[str, int] | None = None,
                 timeout: float | None = None) -> list[int]:
         """Persist received work (durable when this returns: acknowledge the sender only then).
+
+        An item with a `dedupe` key merges into a *pending* item with the same key (its `not_before` moves
+        forward, never back); an item with that key that is leased is being worked on with what was read
+        before, so a new pending item is queued beside it.
 
         `event`: (subscription, event number) stored with the items, never moving back. `timeout`: the longest
         wait for a busy state before StateUnavailable (the receiver's request deadline).
@@ -271,6 +299,18 @@ class StateBackend(Protocol):
 
     def release_patients(self, patients: Collection[str], owner: str) -> None: ...
 
+    # -- roles held by one replica at a time -------------------------------------------------------------------
+
+    def lead(self, role: str, owner: str, seconds: float, now: float | None = None) -> bool:
+        """Take or renew `role` for `seconds`; True when `owner` holds it now (it was free, expired, or its own).
+        A holder that dies loses it when the lease runs out."""
+
+    def resign(self, role: str, owner: str) -> None:
+        """Give `role` up at once (a clean stop), if `owner` holds it."""
+
+    def replicas(self, now: float | None = None) -> list[ReplicaInfo]:
+        """Every instance with a heartbeat, newest first, with the roles, claims and leases it holds now."""
+
     # -- topic subscription event numbers ----------------------------------------------------------------------
 
     def last_event_number(self, subscription: str) -> int | None: ...
@@ -302,8 +342,9 @@ class StateBackend(Protocol):
         """processed, review_open, audit, queue_depth."""
 
     def prune(self, done_before: float, audit_before: float) -> dict[str, int]:
-        """Delete done work finished before `done_before` and audit rows older than `audit_before`; then
-        compact what the backend needs compacting (SQLite: checkpoint and truncate the WAL)."""
+        """Delete done work finished before `done_before`, audit rows older than `audit_before`, expired claims
+        and roles, and replicas silent since before `done_before`; then compact what the backend needs
+        compacting (SQLite: checkpoint and truncate the WAL). Returns counts by kind (queue, audit, claims)."""
 
 
 def new_instance_id() -> str:

@@ -15,11 +15,12 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from adapter.errors import InstanceLocked
+from adapter.errors import InstanceLocked, LeadLost
 from adapter.state.base import (
     AuditRecord,
     NewReview,
     PassRecord,
+    ReplicaInfo,
     Retry,
     ReviewEntry,
     StateStats,
@@ -35,18 +36,23 @@ class _Row:
     status: str = "pending"
     lease_until: float = 0.0
     finished_at: float = 0.0
+    leased_by: str = ""
 
 
 class MemoryState:
-    """Thread-safe, process-local state."""
+    """Thread-safe, process-local state.
 
-    def __init__(self, *, lease_seconds: float = 300.0, instance_id: str | None = None) -> None:
+    `shared=True` plays a replica-capable backend inside one process: `replica()` opens another handle on the
+    same data with an instance id of its own, as another process on a shared database would.
+    """
+
+    def __init__(self, *, lease_seconds: float = 300.0, instance_id: str | None = None, shared: bool = False) -> None:
         self.location = "memory:"
+        self.shared = shared
         self.instance_id = instance_id or new_instance_id()
         self.lease_seconds = lease_seconds
         self._lock = threading.RLock()
         self._installation = uuid.uuid4().hex
-        self._locked = False
         self._cursors: dict[str, str] = {}
         self._processed: dict[tuple[str, str], str] = {}
         self._queue: dict[int, _Row] = {}
@@ -56,13 +62,24 @@ class MemoryState:
         self._audit: list[tuple[float, AuditRecord]] = []
         self._events: dict[str, int] = {}
         self._claims: dict[str, tuple[str, float]] = {}
-        self._replicas: dict[str, float] = {}
+        self._replicas: dict[str, list[float]] = {}
+        self._leads: dict[str, tuple[str, float]] = {}
+        self._lock_holder: list[bool] = [False]
+
+    def replica(self, instance_id: str | None = None) -> MemoryState:
+        """Another handle on the same data, for another replica in the same process."""
+        other = copy.copy(self)  # the containers (and the lock) are shared, not copied
+        other.instance_id = instance_id or new_instance_id()
+        return other
 
     def acquire_instance_lock(self) -> None:
         with self._lock:
-            if self._locked:
+            if self.shared:
+                self._heartbeat(time.time())
+                return
+            if self._lock_holder[0]:
                 raise InstanceLocked(self.location, "another run/serve is using this state")
-            self._locked = True
+            self._lock_holder[0] = True
 
     def close(self) -> None:
         pass
@@ -99,7 +116,7 @@ class MemoryState:
     def _enqueue_one(self, item: WorkItem, now: float) -> int:
         if item.dedupe:
             for rid, row in self._queue.items():
-                if row.item.dedupe == item.dedupe and row.status in ("pending", "leased"):
+                if row.item.dedupe == item.dedupe and row.status == "pending":
                     row.item = replace(row.item, not_before=min(row.item.not_before, item.not_before),
                                        last_error=item.last_error or row.item.last_error)
                     return rid
@@ -119,6 +136,7 @@ class MemoryState:
                 due = row.status == "pending" and row.item.not_before <= now
                 if due or (row.status == "leased" and row.lease_until < now):
                     row.status, row.lease_until = "leased", now + self.lease_seconds
+                    row.leased_by = owner or self.instance_id
                     row.item = replace(row.item, attempts=row.item.attempts + 1)
                     out.append(replace(row.item, payload=copy.deepcopy(row.item.payload)))
         return out
@@ -181,6 +199,8 @@ class MemoryState:
         _check_json([*(item.payload for item in record.due), *(r.resources for r in record.reviews)])
         now = time.time()
         with self._lock:
+            if record.lead and not self._holds(record.lead, record.owner, now):
+                raise LeadLost(self.location, f"{record.owner} no longer holds the {record.lead!r} role")
             for item in record.due:
                 self._enqueue_one(item, now)
             for review in record.reviews:
@@ -218,6 +238,41 @@ class MemoryState:
             for patient in patients:
                 if self._claims.get(patient, ("", 0.0))[0] == owner:
                     del self._claims[patient]
+
+    # -- roles ---------------------------------------------------------------------------------------------------
+
+    def lead(self, role: str, owner: str, seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._lock:
+            holder, until = self._leads.get(role, ("", 0.0))
+            if holder and holder != owner and until >= now:
+                return False
+            self._leads[role] = (owner, now + seconds)
+            return True
+
+    def _holds(self, role: str, owner: str, now: float) -> bool:
+        holder, until = self._leads.get(role, ("", 0.0))
+        return holder == owner and until >= now
+
+    def resign(self, role: str, owner: str) -> None:
+        with self._lock:
+            if self._leads.get(role, ("", 0.0))[0] == owner:
+                del self._leads[role]
+
+    def replicas(self, now: float | None = None) -> list[ReplicaInfo]:
+        now = time.time() if now is None else now
+        with self._lock:
+            def count(pairs: Iterable[tuple[str, float]], instance: str) -> int:
+                return sum(1 for holder, until in pairs if holder == instance and until >= now)
+
+            out = []
+            for instance, (started, seen) in self._replicas.items():
+                roles = tuple(sorted(r for r, (holder, until) in self._leads.items()
+                                     if holder == instance and until >= now))
+                leased = count(((row.leased_by, row.lease_until) for row in self._queue.values()
+                                if row.status == "leased"), instance)
+                out.append(ReplicaInfo(instance, started, seen, roles, count(self._claims.values(), instance), leased))
+            return sorted(out, key=lambda r: (-r.last_seen, r.instance))
 
     # -- topic subscription event numbers --------------------------------------------------------------------------
 
@@ -272,7 +327,11 @@ class MemoryState:
 
     def heartbeat(self, now: float | None = None) -> None:
         with self._lock:
-            self._replicas[self.instance_id] = time.time() if now is None else now
+            self._heartbeat(time.time() if now is None else now)
+
+    def _heartbeat(self, now: float) -> None:
+        started = self._replicas.get(self.instance_id, [now, now])[0]
+        self._replicas[self.instance_id] = [started, now]
 
     def stats(self, now: float | None = None) -> StateStats:
         with self._lock:
@@ -297,11 +356,15 @@ class MemoryState:
             for i in done:
                 del self._queue[i]
             before = len(self._audit)
-            self._audit = [(at, a) for at, a in self._audit if at >= audit_before]
+            self._audit[:] = [(at, a) for at, a in self._audit if at >= audit_before]
             now = time.time()
             expired = [p for p, (_, until) in self._claims.items() if until < now]
             for p in expired:
                 del self._claims[p]
+            for role in [r for r, (_, until) in self._leads.items() if until < now]:
+                del self._leads[role]
+            for instance in [i for i, (_, seen) in self._replicas.items() if seen < done_before]:
+                del self._replicas[instance]
             return {"queue": len(done), "audit": before - len(self._audit), "claims": len(expired)}
 
     # handy for tests: what was processed, by outcome

@@ -24,11 +24,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapter.errors import InstanceLocked, StateCorrupt, StateError, StateSchemaError, StateUnavailable
+from adapter.errors import InstanceLocked, LeadLost, StateCorrupt, StateError, StateSchemaError, StateUnavailable
 from adapter.state.base import (
     AuditRecord,
     NewReview,
     PassRecord,
+    ReplicaInfo,
     Retry,
     ReviewEntry,
     StateStats,
@@ -37,7 +38,7 @@ from adapter.state.base import (
     new_instance_id,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_HEADER = b"SQLite format 3\x00"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +80,13 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE IF NOT EXISTS claims (patient TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
         "CREATE TABLE IF NOT EXISTS replicas (instance TEXT PRIMARY KEY, started REAL NOT NULL, "
         "last_seen REAL NOT NULL)",
+    ],
+    3: [
+        # a dedupe key merges into pending work only: leased work may have read the server before the change
+        "DROP INDEX IF EXISTS queue_dedupe",
+        "CREATE INDEX IF NOT EXISTS queue_dedupe_pending ON queue (dedupe) "
+        "WHERE dedupe IS NOT NULL AND status = 'pending'",
+        "CREATE TABLE IF NOT EXISTS leads (role TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
     ],
 }
 
@@ -134,6 +142,8 @@ def _json(value: Any) -> str:
 
 class SqliteState:
     """The state in one SQLite file; thread-safe (one connection per thread)."""
+
+    shared = False
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, lease_seconds: float = 300.0,
                  instance_id: str | None = None) -> None:
@@ -320,7 +330,7 @@ class SqliteState:
     @staticmethod
     def _enqueue_one(db: sqlite3.Connection, item: WorkItem, now: float) -> int:
         if item.dedupe:
-            row = db.execute("SELECT id FROM queue WHERE dedupe=? AND status IN ('pending', 'leased')",
+            row = db.execute("SELECT id FROM queue WHERE dedupe=? AND status='pending' ORDER BY id LIMIT 1",
                              (item.dedupe,)).fetchone()
             if row:
                 db.execute("UPDATE queue SET not_before=min(not_before, ?), last_error=coalesce(?, last_error) "
@@ -405,6 +415,8 @@ class SqliteState:
         check_kinds(record.due)
         now = time.time()
         with self._tx() as db:
+            if record.lead and not self._holds(db, record.lead, record.owner, now):
+                raise LeadLost(self.location, f"{record.owner} no longer holds the {record.lead!r} role")
             for item in record.due:
                 self._enqueue_one(db, item, now)
             for review in record.reviews:
@@ -446,6 +458,41 @@ class SqliteState:
     def release_patients(self, patients: Collection[str], owner: str) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM claims WHERE patient=? AND owner=?", [(p, owner) for p in patients])
+
+    # -- roles -------------------------------------------------------------------------------------------------
+
+    @_translated
+    def lead(self, role: str, owner: str, seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO leads VALUES (?, ?, ?) ON CONFLICT(role) DO UPDATE SET owner=excluded.owner, "
+                             "until=excluded.until WHERE leads.owner=excluded.owner OR leads.until < ?",
+                             (role, owner, now + seconds, now))
+            return cur.rowcount > 0
+
+    @staticmethod
+    def _holds(db: sqlite3.Connection, role: str, owner: str, now: float) -> bool:
+        row = db.execute("SELECT 1 FROM leads WHERE role=? AND owner=? AND until >= ?", (role, owner, now)).fetchone()
+        return row is not None
+
+    @_translated
+    def resign(self, role: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leads WHERE role=? AND owner=?", (role, owner))
+
+    @_translated
+    def replicas(self, now: float | None = None) -> list[ReplicaInfo]:
+        now = time.time() if now is None else now
+        db = self._db()
+        roles: dict[str, list[str]] = {}
+        for role, owner in db.execute("SELECT role, owner FROM leads WHERE until >= ? ORDER BY role", (now,)):
+            roles.setdefault(owner, []).append(role)
+        claims = dict(db.execute("SELECT owner, count(*) FROM claims WHERE until >= ? GROUP BY owner", (now,)))
+        leased = dict(db.execute("SELECT leased_by, count(*) FROM queue WHERE status='leased' AND lease_until >= ? "
+                                 "GROUP BY leased_by", (now,)))
+        rows = db.execute("SELECT instance, started, last_seen FROM replicas ORDER BY last_seen DESC, instance")
+        return [ReplicaInfo(i, started, seen, tuple(roles.get(i, ())), int(claims.get(i, 0)), int(leased.get(i, 0)))
+                for i, started, seen in rows]
 
     # -- topic subscription event numbers ------------------------------------------------------------------------
 
@@ -551,6 +598,8 @@ class SqliteState:
             done = db.execute("DELETE FROM queue WHERE status='done' AND finished_at < ?", (done_before,)).rowcount
             audit = db.execute("DELETE FROM audit WHERE at < ?", (audit_before,)).rowcount
             claims = db.execute("DELETE FROM claims WHERE until < ?", (time.time(),)).rowcount
+            db.execute("DELETE FROM leads WHERE until < ?", (time.time(),))
+            db.execute("DELETE FROM replicas WHERE last_seen < ?", (done_before,))
         self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"queue": done, "audit": audit, "claims": claims}
 

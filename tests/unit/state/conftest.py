@@ -20,8 +20,8 @@ MakeState = Callable[..., StateBackend]
 
 @pytest.fixture(params=["sqlite", "memory"])
 def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeState]:
-    """Opens the backend under test; a second call opens a second handle on the same state (as another
-    process would, for SQLite) or, in memory, the same object."""
+    """Opens the backend under test; a second call opens a second handle on the same state, with an instance id
+    of its own, as another process would (in memory: a replica handle on the same data)."""
     opened: list[StateBackend] = []
     memory: list[MemoryState] = []
 
@@ -31,7 +31,9 @@ def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
         else:
             if not memory:
                 memory.append(MemoryState(**options))
-            state = memory[0]
+                state = memory[0]
+            else:
+                state = memory[0].replica()
         opened.append(state)
         return state
 

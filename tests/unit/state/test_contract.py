@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from adapter.errors import InstanceLocked
+from adapter.errors import InstanceLocked, LeadLost
 from adapter.state.base import (
     AuditRecord,
     NewReview,
@@ -193,8 +193,72 @@ def test_prune_removes_old_done_work_and_old_audit_only(state: StateBackend) -> 
     assert [i.id for i in state.queued()] == [pending] and state.audit_for("Procedure/a") == []
 
 
-def test_one_running_instance(make_state: MakeState) -> None:
+def test_one_running_instance_unless_the_backend_is_shared(make_state: MakeState) -> None:
     first = make_state()
     first.acquire_instance_lock()
-    with pytest.raises(InstanceLocked, match=r"another (charge-adapter )?run/serve"):
-        make_state().acquire_instance_lock()
+    second = make_state()
+    if not first.shared:
+        with pytest.raises(InstanceLocked, match=r"another (charge-adapter )?run/serve"):
+            second.acquire_instance_lock()
+        return
+    second.acquire_instance_lock()  # replicas: both run, and both are listed
+    assert {r.instance for r in first.replicas()} >= {first.instance_id, second.instance_id}
+
+
+def test_a_role_has_one_holder_until_its_lease_runs_out(state: StateBackend) -> None:
+    now = time.time()
+    assert state.lead("poll", "a", 10, now=now)
+    assert not state.lead("poll", "b", 10, now=now + 1)
+    assert state.lead("poll", "a", 10, now=now + 5)  # renewed: now until now + 15
+    assert not state.lead("poll", "b", 10, now=now + 14)
+    assert state.lead("poll", "b", 10, now=now + 16)  # a died: its lease ran out
+    assert not state.lead("poll", "a", 10, now=now + 17)
+    assert state.lead("other", "a", 10, now=now + 17)  # roles are independent
+    state.resign("poll", "a")  # not a's to give up
+    assert not state.lead("poll", "a", 10, now=now + 18)
+    state.resign("poll", "b")
+    assert state.lead("poll", "a", 10)
+
+
+def test_a_pass_that_needs_a_lost_role_records_nothing(state: StateBackend) -> None:
+    now = time.time()
+    assert state.lead("poll", "a", 60, now=now - 120)  # long expired
+    assert state.lead("poll", "b", 60)
+    with pytest.raises(LeadLost, match="poll"):
+        state.record_pass(PassRecord(due=[patient_work("Patient/1", "changed", 0.0)],
+                                     processed=[Processed("Procedure/a", "1", "coded")],
+                                     cursors={"poll": "2026-11-27T10:00:00Z"}, owner="a", lead="poll"))
+    assert state.cursor() is None and state.queue_depth() == 0 and not state.seen("Procedure/a", "1")
+    state.record_pass(PassRecord(cursors={"poll": "2026-11-27T10:00:00Z"}, owner="b", lead="poll"))
+    assert state.cursor() == "2026-11-27T10:00:00Z"
+
+
+def test_replicas_show_their_roles_claims_and_leases(make_state: MakeState) -> None:
+    a, b = make_state(), make_state()
+    assert a.instance_id != b.instance_id
+    now = time.time()
+    a.heartbeat(now=now - 5)
+    b.heartbeat(now=now)
+    a.heartbeat(now=now - 1)  # a beat again: started stays
+    assert a.lead("poll", a.instance_id, 60)
+    assert a.claim_patients({"Patient/1", "Patient/2"}, a.instance_id, 60) == {"Patient/1", "Patient/2"}
+    b.enqueue([poll("x"), poll("y"), poll("z")])
+    assert len(b.lease(2, owner=b.instance_id)) == 2
+    by_id = {r.instance: r for r in a.replicas()}
+    first, second = by_id[a.instance_id], by_id[b.instance_id]
+    assert (first.roles, first.claims, first.leased) == (("poll",), 2, 0)
+    assert (second.roles, second.claims, second.leased) == ((), 0, 2)
+    assert first.started == pytest.approx(now - 5) and first.last_seen == pytest.approx(now - 1)
+    assert [r.instance for r in a.replicas()][:2] == [b.instance_id, a.instance_id]  # newest heartbeat first
+    assert a.replicas(now=now + 3600)[0].claims == 0  # expired claims and roles are not held
+
+
+def test_dedupe_merges_into_pending_work_only(state: StateBackend) -> None:
+    [first] = state.enqueue([patient_work("Patient/1", "changed", 0.0)])
+    [leased] = state.lease(1)
+    assert leased.id == first
+    # a change arrives while the worker codes what it read before: it must not be folded into the leased item
+    [second] = state.enqueue([patient_work("Patient/1", "changed again", 0.0)])
+    assert second != first and state.queue_depth() == 2
+    [third] = state.enqueue([patient_work("Patient/1", "and again", 0.0)])
+    assert third == second and state.queue_depth() == 2

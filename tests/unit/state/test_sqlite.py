@@ -12,7 +12,7 @@ import pytest
 from adapter.errors import InstanceLocked, StateCorrupt, StateSchemaError, StateUnavailable
 from adapter.state import open_state
 from adapter.state.base import WorkItem
-from adapter.state.sqlite import SCHEMA, SqliteState
+from adapter.state.sqlite import _MIGRATIONS, SCHEMA, SCHEMA_VERSION, SqliteState
 
 
 def test_the_file_is_wal_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -42,6 +42,28 @@ def test_a_state_of_the_first_version_is_migrated(tmp_path: Path) -> None:
     assert (entry.patients, entry.kind) == (("Patient/1",), "write-failed")
     [item] = state.lease(5)
     assert item.kind == "poll" and item.attempts == 1
+
+
+def test_a_state_of_the_previous_version_is_upgraded(tmp_path: Path) -> None:
+    """A file written by the adapter before roles existed (schema 2) opens, keeps its work, and gains them."""
+    path = tmp_path / "v2.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    for statement in _MIGRATIONS[2]:
+        db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO queue (kind, payload, source, received_at, status, dedupe, lease_until) VALUES "
+               "('patient', '{\"reference\": \"Patient/1\"}', 'retry', 1.0, 'leased', 'patient:Patient/1', 2.0)")
+    db.commit()
+    db.close()
+    state = SqliteState(path)
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    check.close()
+    assert state.lead("poll", "me", 60) and not state.lead("poll", "other", 60)
+    # the leased item (its worker died long ago) is kept; new work for the patient queues beside it
+    state.enqueue([WorkItem("patient", {"reference": "Patient/1"}, "poll", dedupe="patient:Patient/1")])
+    assert [i.attempts for i in state.lease(5)] == [1, 1]
 
 
 @pytest.mark.parametrize(("content", "error", "message"), [

@@ -45,7 +45,7 @@ from adapter.sources.receive import (
     serve_app,
     stop_server,
 )
-from adapter.state import StateBackend, open_state
+from adapter.state import ReplicaInfo, StateBackend, open_state
 from adapter.sync import Syncer
 
 log = logging.getLogger("adapter.cli")
@@ -312,6 +312,7 @@ def _serve_until_stopped(service: Service, loops: list[Loop], server: WaitressSe
     stop_server(server)
     if not runner.join(60):
         click.echo("a loop did not stop within 60 s; exiting anyway", err=True)
+    service.stop()
     click.echo("stopped", err=True)
 
 
@@ -427,6 +428,24 @@ def status_cmd(ctx: click.Context) -> None:
                + (f" ({stats.retry_backlog} waiting for a retry)" if stats.retry_backlog else ""))
     click.echo(f"review:    {counts['review_open']} open")
     click.echo(f"processed: {counts['processed']} Procedure versions")
+    if state.shared:
+        _echo_replicas(state.replicas(), time.time())
+
+
+REPLICA_ALIVE_SECONDS = 30.0
+"""A replica beats every few seconds (service.MONITOR_EVERY_SECONDS); silent this long, it is likely gone."""
+
+
+def _echo_replicas(replicas: list[ReplicaInfo], now: float) -> None:
+    """Who works on a shared state: alive (a heartbeat in the last 30 s) or silent, and what each holds."""
+    alive = sum(1 for r in replicas if now - r.last_seen <= REPLICA_ALIVE_SECONDS)
+    click.echo(f"replicas:  {alive} alive, {len(replicas) - alive} silent")
+    for r in replicas:
+        silent = now - r.last_seen
+        state = "alive" if silent <= REPLICA_ALIVE_SECONDS else "silent"
+        roles = f" roles {','.join(r.roles)};" if r.roles else ""
+        click.echo(f"  {r.instance}  {state}, last heartbeat {silent:.0f} s ago, up {now - r.started:.0f} s;"
+                   f"{roles} {r.claims} patient(s) claimed, {r.leased} work item(s) leased")
 
 
 @cli.group("review")

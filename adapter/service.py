@@ -25,7 +25,7 @@ from adapter.client import FhirClient, RetryPolicy
 from adapter.client.auth import auth_from_settings
 from adapter.client.errors import AuthError, FhirGone, FhirNotFound
 from adapter.config import CodeTables
-from adapter.errors import AdapterError, ConfigError, StateError, StateUnavailable
+from adapter.errors import AdapterError, ConfigError, LeadLost, StateError, StateUnavailable
 from adapter.extraction.index import reference_of, version_of
 from adapter.health import Health
 from adapter.hl7v2.sink import from_settings as hl7v2_sink
@@ -41,6 +41,7 @@ from adapter.state.base import (
     Outcome,
     PassRecord,
     Processed,
+    ReplicaInfo,
     Retry,
     ReviewEntry,
     ReviewKind,
@@ -55,6 +56,8 @@ log = logging.getLogger("adapter.service")
 
 PRUNE_EVERY_SECONDS = 3600.0
 MONITOR_EVERY_SECONDS = 5.0
+POLL_ROLE = "poll"
+"""On a shared state, the replica holding this role polls (and queues what changed); every replica works."""
 
 
 def make_client(server: ServerSettings, source: str = "(defaults)", *, auth_key: str = "server.auth",
@@ -98,6 +101,8 @@ class Status:
     reviews_open: int
     processed: int
     retry_backlog: int = 0
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+    """On a shared state: every instance with a heartbeat, and what it holds."""
 
 
 @dataclass
@@ -146,6 +151,8 @@ class Service:
         self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
                                          lease_seconds=settings.worker.lease_seconds)
         self.owner = self.state.instance_id
+        self.shared = self.state.shared
+        """Several replicas on one state: the poller queues changed patients instead of coding them itself."""
         self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
             if settings.sinks.hl7v2.enabled else None
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
@@ -281,7 +288,57 @@ class Service:
         charges could not be written are queued for retry in the same transaction.
         """
         with self.poll_lock:  # the worker's triggered polls and the safety-net poll never overlap
-            return self._poll(stop, progress)
+            if not self.shared:
+                return self._poll(stop, progress)
+            try:
+                return self._poll_to_queue(stop, progress)
+            except LeadLost as exc:  # paused past the role's lease: the replica that took over redoes the page
+                log.warning("stopped polling: %s", exc.reason)
+                return SyncSummary()
+
+    def _hold_poll_role(self) -> bool:
+        return self.state.lead(POLL_ROLE, self.owner, self.settings.worker.lease_seconds)
+
+    def _poll_to_queue(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
+        """The poll of a replica: if it holds the poll role, queue every changed patient, page by page.
+
+        Each page's patients (one item each, merged with any patient item already waiting) and the cursor moved
+        past the page are recorded in one transaction, which commits only while this replica still holds the
+        role: the shared cursor moves only past work that is durably queued, and a replica that dies mid-page
+        leaves the cursor where its successor must start. The workers of every replica code the queue.
+        """
+        total = self.drain_hl7v2()
+        if not self._hold_poll_role():
+            return total  # another replica polls
+        cursor = self.state.cursor()
+        deletes_from = self.state.cursor("deletes") or cursor
+        for page in self.syncer.source.changed_pages(self._since(cursor)):
+            if not self._hold_poll_role():  # renewed each page; lost while reading: the holder starts over
+                return total
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            patients, loose = split_by_patient(fresh)
+            record = PassRecord(owner=self.owner, lead=POLL_ROLE)
+            record.due = [WorkItem(WorkKind.PATIENT, {"reference": p}, "poll", dedupe=f"patient:{p}")
+                          for p in sorted(patients)]
+            record.due += [WorkItem(WorkKind.PROCEDURE, {"resource": r}, "poll") for r in loose]
+            newest = max((p.get("meta") or {}).get("lastUpdated", "") for p in page)
+            if newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
+                record.cursors["poll"] = cursor = newest
+            self.state.record_pass(record)
+            total.queued += len(record.due)
+            if progress:
+                progress(len(page))
+            if stop is not None and stop.is_set():
+                return total
+        if deletes_from and cursor:
+            deleted = [ref for ref in self.syncer.source.deleted_since(self._since(deletes_from) or deletes_from)
+                       if not self.state.seen(ref, "deleted")]
+            record = PassRecord(owner=self.owner, lead=POLL_ROLE, cursors={"deletes": cursor})
+            record.due = [WorkItem(WorkKind.DELETE, {"reference": ref}, "poll", dedupe=f"delete:{ref}")
+                          for ref in deleted]
+            self.state.record_pass(record)
+            total.queued += len(deleted)
+        return total
 
     def _poll(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
         cursor = self.state.cursor()
@@ -430,6 +487,9 @@ class Service:
                 record.retried.append(Retry(item.id, 0.0, "deferred: the process was stopping"))
             else:
                 record.acked.append(item.id)
+                if item.kind == WorkKind.DELETE:  # handled: a poll reading the delete again skips it
+                    record.processed.append(Processed(item.payload["reference"], "deleted", Outcome.DELETED))
+                    record.resolve.append(item.payload["reference"])
         record.due += self.retry_work({p: r for p, r in failing.items() if p not in covered})
         if record.retried:
             self.metrics.inc("charge_adapter_retried_total", len(record.retried))
@@ -610,7 +670,13 @@ class Service:
         cursor = stats.cursor
         lag = max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
         return Status(cursor, lag, self.state.queue_counts(), counts["review_open"], counts["processed"],
-                      stats.retry_backlog)
+                      stats.retry_backlog, self.state.replicas() if self.shared else [])
+
+    def stop(self) -> None:
+        """A clean stop: give the poll role up at once, so another replica need not wait for its lease."""
+        if self.shared:
+            with suppress(StateError):
+                self.state.resign(POLL_ROLE, self.owner)
 
     def subscribe(self, token: str, timeout: float = 90.0) -> dict[str, Any]:
         """Create or update our Subscription for FNA Procedures and wait until the server activates it."""

@@ -88,12 +88,14 @@ class SyncSummary:
     hl7v2_sent: int = 0
     """HL7 v2 messages the receiver acknowledged (adapter/hl7v2), of which `hl7v2_credits` credited earlier charges."""
     hl7v2_credits: int = 0
+    queued: int = 0
+    """Changed patients (and Procedures without one) a poll queued for the replicas' workers (shared state)."""
     free_text: FreeText = field(default_factory=FreeText)
     """The free text of the resources coded, to mask it wherever a detail is printed or logged."""
 
     def add(self, other: SyncSummary) -> None:
         for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected",
-                     "verified", "hl7v2_sent", "hl7v2_credits"):
+                     "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reviews += other.reviews
         self.failures += other.failures
@@ -115,7 +117,8 @@ class SyncSummary:
     def text(self) -> str:
         retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
         verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
-        return (f"{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
+        queued = f"queued {self.queued} changed patient(s) for the workers; " if self.queued else ""
+        return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
                 f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"

@@ -140,7 +140,17 @@ def rest_hook_put(resource_id: str, resource: dict[str, Any]) -> Received:
     if body_id != resource_id:
         found = "has no id" if body_id is None else "has a different id"
         raise ReceiveError(400, "invalid", f"the Procedure in the body {found}; the path says Procedure/{resource_id}")
-    return Received("rest-hook-update", [WorkItem("procedure", {"resource": resource}, SOURCE_REST_HOOK)])
+    return Received("rest-hook-update", [procedure_item(resource, SOURCE_REST_HOOK)])
+
+
+def procedure_item(resource: dict[str, Any], source: str) -> WorkItem:
+    """A Procedure the server sent. The same version sent twice (to two replicas, or retried by the server)
+    merges into one queued item while it waits."""
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    version = meta.get("versionId")
+    dedupe = f"procedure:Procedure/{resource.get('id')}/_history/{version}" \
+        if isinstance(version, str) and isinstance(resource.get("id"), str) else None
+    return WorkItem("procedure", {"resource": resource}, source, dedupe=dedupe)
 
 
 def rest_hook_delete(resource_id: str) -> Received:
@@ -430,7 +440,7 @@ def _event_items(status: _Status, rest: list[dict[str, Any]]) -> list[WorkItem]:
         request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
         if resource is not None:
             if resource.get("resourceType") == "Procedure":
-                items.append(WorkItem("procedure", {"resource": resource}, SOURCE_TOPIC))
+                items.append(procedure_item(resource, SOURCE_TOPIC))
                 if isinstance(resource.get("id"), str):
                     covered.add(f"Procedure/{resource['id']}")
             continue

@@ -99,7 +99,11 @@ def test_rest_hook_put_is_a_procedure_item() -> None:
     proc = procedure("fna-1")
     received = rest_hook_put("fna-1", proc)
     assert received.kind == "rest-hook-update"
-    assert received.items == [WorkItem("procedure", {"resource": proc}, "rest-hook")]
+    # the same version sent again (to another replica, or retried) merges into the queued item
+    assert received.items == [WorkItem("procedure", {"resource": proc}, "rest-hook",
+                                        dedupe="procedure:Procedure/fna-1/_history/1")]
+    unversioned = {k: v for k, v in proc.items() if k != "meta"}
+    assert rest_hook_put("fna-1", unversioned).items[0].dedupe is None
 
 
 def test_rest_hook_delete_and_ping() -> None:

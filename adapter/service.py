@@ -58,6 +58,7 @@ PRUNE_EVERY_SECONDS = 3600.0
 MONITOR_EVERY_SECONDS = 5.0
 POLL_ROLE = "poll"
 """On a shared state, the replica holding this role polls (and queues what changed); every replica works."""
+POLL_ROLE_MIN_SECONDS = 30.0
 
 
 def make_client(server: ServerSettings, source: str = "(defaults)", *, auth_key: str = "server.auth",
@@ -297,7 +298,10 @@ class Service:
                 return SyncSummary()
 
     def _hold_poll_role(self) -> bool:
-        return self.state.lead(POLL_ROLE, self.owner, self.settings.worker.lease_seconds)
+        """Take or renew the poll role. Its lease outlives a few poll intervals, so the holder keeps it from one
+        poll to the next; if the holder dies, another replica's poll takes over once the lease ran out."""
+        seconds = max(3 * self.settings.poll.interval_seconds, POLL_ROLE_MIN_SECONDS)
+        return self.state.lead(POLL_ROLE, self.owner, seconds)
 
     def _poll_to_queue(self, stop: threading.Event | None, progress: Callable[[int], None] | None) -> SyncSummary:
         """The poll of a replica: if it holds the poll role, queue every changed patient, page by page.

@@ -428,7 +428,7 @@ def status_cmd(ctx: click.Context) -> None:
                + (f" ({stats.retry_backlog} waiting for a retry)" if stats.retry_backlog else ""))
     click.echo(f"review:    {counts['review_open']} open")
     click.echo(f"processed: {counts['processed']} Procedure versions")
-    if state.shared:
+    if getattr(state, "shared", False):
         _echo_replicas(state.replicas(), time.time())
 
 

@@ -152,7 +152,7 @@ class Service:
         self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
                                          lease_seconds=settings.worker.lease_seconds)
         self.owner = self.state.instance_id
-        self.shared = self.state.shared
+        self.shared = bool(getattr(self.state, "shared", False))
         """Several replicas on one state: the poller queues changed patients instead of coding them itself."""
         self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
             if settings.sinks.hl7v2.enabled else None

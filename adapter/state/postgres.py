@@ -63,6 +63,8 @@ Steps = Sequence[tuple[int, Sequence[str]]]
 
 VERSION_TABLE = "charge_adapter_schema"
 """One row per applied schema step and component (`state`, `hl7v2-ledger`): the migration history."""
+VERSION_TABLE_DDL = (f"CREATE TABLE {VERSION_TABLE} (component text NOT NULL, version integer NOT NULL, "
+                     "applied_at double precision NOT NULL, adapter text NOT NULL, PRIMARY KEY (component, version))")
 
 MIGRATIONS: Steps = (
     (1, (  # the state as adapters before replica roles had it (the SQLite backend's schema 2)
@@ -283,8 +285,8 @@ class PostgresState:
         target = self.target
         server = target.server
         if "password authentication failed" in lower or "authentication failed" in lower:
-            reason = (f"authentication failed for role {target.user} on {server}: check the password (the variable "
-                      "state.password_env names, PGPASSWORD, or PGPASSFILE / ~/.pgpass)")
+            reason = (f"authentication failed for role {target.user} on {server}: check the role's name and its "
+                      "password (in the variable state.password_env names, PGPASSWORD, or PGPASSFILE / ~/.pgpass)")
         elif "no password supplied" in lower or "password is required" in lower:
             reason = (f"the server wants a password for role {target.user} and none was given: set state.password_env "
                       "to the name of an environment variable holding it (or use PGPASSWORD / PGPASSFILE)")
@@ -322,11 +324,14 @@ class PostgresState:
                                            "replica, or a long transaction): retried later; state.busy_timeout_seconds "
                                            "sets the wait")
         if isinstance(exc, pg_errors.QueryCanceled):
-            return StateUnavailable(where, f"{what}gave up after {waited:g} s: the database is busy ({message})")
+            return StateUnavailable(where, f"{what}waited {waited:g} s for the database in vain ({message}): a lock "
+                                           "held by another connection, or a busy server; retried later")
         if isinstance(exc, pg_errors.InsufficientPrivilege):
+            public = (" (PostgreSQL 15 and later let only the database's owner create tables in schema public: give "
+                      "the adapter a schema of its own with state.schema)") if "schema public" in message else ""
             return StateUnavailable(where, f"{what}permission denied ({message}): role {self.target.user} must own the "
                                            "adapter's schema and tables, or be granted USAGE and CREATE on the schema "
-                                           "and SELECT, INSERT, UPDATE, DELETE on the tables")
+                                           f"and SELECT, INSERT, UPDATE, DELETE on the tables{public}")
         if isinstance(exc, pg_errors.DiskFull):
             return StateUnavailable(where, f"{what}the database server's disk is full ({message}): free space there")
         if isinstance(exc, pg_errors.TooManyConnections):
@@ -378,7 +383,7 @@ class PostgresState:
                 raise StateSchemaError(self.location, f"{label} {version} is newer than this adapter ({known}): "
                                                       "upgrade the adapter (a newer replica upgraded this state)")
 
-        if self.schema is None or self._schema_exists():
+        if self.schema is None or self._schema_usable():
             version = self.transaction(current, readonly=True)
             check(version)
             if version is not None and version >= target:
@@ -395,9 +400,7 @@ class PostgresState:
             check(version)
             if version is None:
                 self._refuse_foreign(cur)
-                cur.execute(f"CREATE TABLE {VERSION_TABLE} (component text NOT NULL, version integer NOT NULL, "
-                            "applied_at double precision NOT NULL, adapter text NOT NULL, "
-                            "PRIMARY KEY (component, version))")
+                cur.execute(VERSION_TABLE_DDL)
                 version = 0
             for step, statements in steps:
                 if version < step <= target:
@@ -408,12 +411,21 @@ class PostgresState:
 
         self.transaction(upgrade, what=f"upgrading the {label}: ")
 
-    def _schema_exists(self) -> bool:
-        def exists(cur: Cursor) -> bool:
-            cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,))
-            return cur.fetchone() is not None
+    def _schema_usable(self) -> bool:
+        """True when the schema exists and this role may use it; False when it is still to be created."""
+        def usable(cur: Cursor) -> bool | None:
+            cur.execute("SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = %s",
+                        (self.schema,))
+            row = cur.fetchone()
+            return None if row is None else bool(row[0])
 
-        return self.transaction(exists, readonly=True)
+        found = self.transaction(usable, readonly=True)
+        if found is False:
+            raise StateUnavailable(self.location, f"permission denied for schema {self.schema}: role "
+                                                  f"{self.target.user} must own it, or be granted USAGE (and CREATE, "
+                                                  "for upgrades) on it and SELECT, INSERT, UPDATE, DELETE on its "
+                                                  "tables")
+        return found is True
 
     def _refuse_foreign(self, cur: Cursor) -> None:
         cur.execute("SELECT current_schema()")

@@ -174,21 +174,21 @@ class PostgresState:
                 text = text.replace(secret, "***")
         return text
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    def _connection(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is not None and (conn.closed or conn.broken):
             conn = None
         if conn is None:
-            conn = self._connect()
+            conn = self._connect(self.busy_timeout if timeout is None else timeout)
             self._local.conn = conn
         return conn
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, wait: float) -> psycopg.Connection[Any]:
         params: dict[str, Any] = dict(self.target.params)
         password = self._password()
         if password is not None:
             params["password"] = password
-        params.setdefault("connect_timeout", str(max(2, math.ceil(self.busy_timeout))))
+        params.setdefault("connect_timeout", str(max(2, math.ceil(wait))))  # libpq's least useful value is 2 s
         params.setdefault("application_name", f"charge-adapter {self.instance_id}"[:63])
         for key, value in (("keepalives", "1"), ("keepalives_idle", "30"), ("keepalives_interval", "10"),
                            ("keepalives_count", "3")):  # a dead server or network is noticed within about a minute
@@ -240,7 +240,7 @@ class PostgresState:
         attempt = 0
         while True:
             attempt += 1
-            conn = self._connection()
+            conn = self._connection(timeout)
             try:
                 with conn.cursor() as cur:
                     cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if readonly else "BEGIN")
@@ -755,8 +755,8 @@ class PostgresState:
                     "ORDER BY id", (sorted(set(procedures)),))
         ids = [rid for rid, proc, reason in cur.fetchall() if (proc, reason) not in keep]
         if ids:
-            cur.execute("UPDATE review SET status = 'resolved', last_seen = %s WHERE id = ANY(%s::bigint[])",
-                        (now, ids))
+            cur.execute("UPDATE review SET status = 'resolved', last_seen = %s WHERE id = ANY(%s::bigint[]) "
+                        "AND status = 'open'", (now, ids))
 
     @staticmethod
     def _review(row: Sequence[Any]) -> ReviewEntry:

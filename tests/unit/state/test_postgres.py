@@ -255,19 +255,6 @@ def test_concurrent_enqueues_of_one_dedupe_key_create_one_pending_item(pg_url: s
     assert PostgresState(pg_url).queue_depth() == 12
 
 
-def test_a_retried_item_beside_a_newer_pending_one_keeps_both(pg_url: str) -> None:
-    """The one case with two pending items for a key, as in SQLite: the next enqueue merges into the older."""
-    state = PostgresState(pg_url)
-    [first] = state.enqueue([patient_work("Patient/1", "changed", 0.0)])
-    [leased] = state.lease(1)
-    [second] = state.enqueue([patient_work("Patient/1", "changed again", 0.0)])
-    from adapter.state.base import Retry
-
-    state.retry([Retry(leased.id, 0.0, "HTTP 503")])
-    assert [i.id for i in state.queued()] == [first, second]
-    assert state.enqueue([patient_work("Patient/1", "and again", 0.0)]) == [first]
-
-
 def test_enqueue_gives_up_within_its_timeout_when_the_key_is_locked(pg_url: str, postgres_url: str) -> None:
     state = PostgresState(pg_url, busy_timeout=0.5)
     [item_id] = state.enqueue([patient_work("Patient/1", "changed", 0.0)])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -57,6 +58,7 @@ from adapter.state.base import (
 )
 from adapter.state.pgurl import PgTarget, parse, safe_location
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Cursor = psycopg.Cursor[Any]
 Steps = Sequence[tuple[int, Sequence[str]]]
@@ -254,6 +256,8 @@ class PostgresState:
                 self._abandon(conn)
                 if lost and not reconnected and time.monotonic() < deadline:
                     reconnected = True  # nothing was committed: run it again on a new connection, once
+                    log.warning("state %s: the connection to the server was lost (%s); reconnecting", self.location,
+                                self._scrub(str(exc)))
                     continue
                 if isinstance(exc, _RETRYABLE) and attempt < TRIES and time.monotonic() < deadline:
                     time.sleep(random.uniform(0.005, 0.05) * attempt)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from adapter.errors import StateSchemaError, StateUnavailable
+from adapter.hl7v2.ledger import open_ledger
 from adapter.hl7v2.pg_ledger import LEDGER_MIGRATIONS, PostgresLedger
 from adapter.state import open_state
 from adapter.state.base import WorkItem, patient_work
@@ -171,6 +172,7 @@ def test_open_state_chooses_postgres_for_both_schemes(pg_url: str) -> None:
         state = open_state(url, busy_timeout=2.0, lease_seconds=30.0)
         assert isinstance(state, PostgresState) and state.shared and state.lease_seconds == 30.0
         state.close()
+    assert isinstance(open_ledger(PostgresState(pg_url)), PostgresLedger)  # the HL7 v2 sink's ledger beside it
 
 
 # -- several replicas at once ------------------------------------------------------------------------------------

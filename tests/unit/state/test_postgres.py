@@ -257,6 +257,31 @@ def test_concurrent_enqueues_of_one_dedupe_key_create_one_pending_item(pg_url: s
     assert PostgresState(pg_url).queue_depth() == 12
 
 
+def test_a_deadlock_victim_is_run_again(pg_url: str) -> None:
+    """Two transactions locking two rows in opposite order: PostgreSQL ends one, which is retried and succeeds."""
+    a, b = PostgresState(pg_url).enqueue([poll("a"), poll("b")])
+    runs: list[int] = []
+
+    def both(index: int, barrier: threading.Barrier) -> str:
+        state = PostgresState(pg_url)
+        first, second = (a, b) if index == 0 else (b, a)
+
+        def body(cur: Any) -> str:
+            runs.append(index)
+            cur.execute("SELECT id FROM queue WHERE id = %s FOR UPDATE", (first,))
+            if runs.count(index) == 1:
+                barrier.wait()  # both hold their first row: each now waits for the other's
+            cur.execute("UPDATE queue SET last_error = %s WHERE id = %s", (f"by {index}", second))
+            return "done"
+
+        result = state.transaction(body)
+        state.close()
+        return result
+
+    assert in_threads(2, both) == ["done", "done"]
+    assert sorted(runs) in ([0, 0, 1], [0, 1, 1])  # one of them ran twice
+
+
 def test_enqueue_gives_up_within_its_timeout_when_the_key_is_locked(pg_url: str, postgres_url: str) -> None:
     state = PostgresState(pg_url, busy_timeout=0.5)
     [item_id] = state.enqueue([patient_work("Patient/1", "changed", 0.0)])

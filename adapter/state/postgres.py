@@ -14,9 +14,11 @@ database's, not ours:
 - schema upgrades run in one transaction under an advisory lock (`migrate`), so replicas starting together
   neither race nor see half an upgrade.
 
-Times are Unix seconds in `double precision` columns, as in the other backends. A method given no `now` takes
-the database server's clock (`transaction_timestamp()`), so replicas on hosts with slightly different clocks
-still agree on when a lease, claim or role ran out.
+Payloads, review resources and audit lists are JSON in `text` columns, byte for byte what the other backends
+store (jsonb would reorder keys and refuse an escaped NUL character). Times are Unix seconds in `double
+precision` columns, as in the other backends. A method given no `now` takes the database server's clock
+(`transaction_timestamp()`), so replicas on hosts with slightly different clocks still agree on when a
+lease, claim or role ran out.
 
 A connection that was lost (server restart, `pg_terminate_backend`, network) is replaced on the next call;
 a call that lost it before committing is run again once on a new connection, one that lost it while

@@ -49,9 +49,11 @@ def postgres_url() -> Iterator[str]:
         return
     already_running = pg.script("status", timeout=60).returncode == 0
     try:
-        url = pg.start()
+        url, failure = pg.start(), ""
     except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        url, failure = "", str(exc)
+    if failure:
+        pytest.fail(failure, pytrace=False)
     try:
         yield url
     finally:

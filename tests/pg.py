@@ -37,9 +37,9 @@ def start(env: dict[str, str] | None = None) -> str:
         raise RuntimeError(f"scripts/postgres start could not run: {exc}") from None
     lines = [line.strip() for line in started.stdout.splitlines() if line.strip()]
     if started.returncode != 0 or not lines or not lines[-1].startswith("postgresql://"):
-        raise RuntimeError(f"scripts/postgres start failed (exit {started.returncode}); PostgreSQL's server package "
-                           f"(Debian: postgresql) is needed, or set {ENV} to a server's URL:\n{started.stdout}\n"
-                           f"{started.stderr}")
+        raise RuntimeError(f"scripts/postgres start failed (exit {started.returncode}): it needs PostgreSQL's server "
+                           f"package (Debian: postgresql) and a free port (PG_PORT); or set {ENV} to a server's "
+                           f"URL:\n{started.stdout}\n{started.stderr}")
     return lines[-1]
 
 

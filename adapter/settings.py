@@ -236,23 +236,49 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class StateSettings:
     location: str = "charge-adapter.sqlite"
-    """A file path (SQLite, the default; relative to the working directory) or `sqlite:///path`."""
+    """A file path (SQLite, the default; relative to the working directory), `sqlite:///path`, or
+    `postgresql://user@host:port/database` (PostgreSQL, for several replicas; never with a password in it)."""
     busy_timeout_seconds: float = setting(5.0, above=0, high=600)
-    """How long a write waits for another connection's transaction before it counts as a failure."""
+    """How long a write waits for another connection's transaction (SQLite) or a lock (PostgreSQL) before it
+    counts as a failure."""
     done_retention_days: float = setting(7.0, low=0, high=36500)
     """Finished queue items are deleted after this long."""
     audit_retention_days: float = setting(2190.0, low=1, high=36500)
     """Audit rows (which codes were written when) are deleted after this long (default six years)."""
+    schema: str = ""
+    """PostgreSQL: the schema that holds the adapter's tables (created when missing), so that several
+    installations can share one database; the same as `?schema=` in the URL."""
+    password_env: str = ""
+    """PostgreSQL: the environment variable holding the role's password (without it libpq reads PGPASSWORD or
+    PGPASSFILE / ~/.pgpass); the same as `?password_env=` in the URL."""
 
     def __post_init__(self) -> None:
         from adapter.state import MEMORY, sqlite_path
+        from adapter.state.pgurl import SECRET_PARAMETERS, is_postgres_url, parse, with_options
 
         if not self.location.strip():
-            raise SettingError("location", "must be a file path (or sqlite:///path)")
+            raise SettingError("location", "must be a file path (or sqlite:///path, or postgresql://...)")
+        if is_postgres_url(self.location):
+            _check_env_name(self.password_env, "password_env")
+            try:
+                location = with_options(self.location, schema=self.schema, password_env=self.password_env)
+                target = parse(location)
+            except ValueError as exc:
+                key = "schema" if self.schema and "schema" in str(exc) else "location"
+                shape = " (postgresql://user@host:port/database)" if key == "location" else ""
+                raise SettingError(key, f"{exc}{shape}") from None
+            if target.password is not None or SECRET_PARAMETERS & set(target.params):
+                raise SettingError("location", "must not contain a password (a config file or an environment "
+                                               "listing would show it): name the variable that holds it in "
+                                               "state.password_env, or use PGPASSWORD or PGPASSFILE (~/.pgpass)")
+            object.__setattr__(self, "location", location)  # the options travel with the URL to open_state
+            return
+        if self.schema or self.password_env:
+            raise SettingError("schema" if self.schema else "password_env", "only for a postgresql:// location")
         if self.location not in MEMORY and sqlite_path(self.location) is None:
             scheme = self.location.split(":", 1)[0]
             raise SettingError("location", f"{scheme}: state is not supported by this adapter version "
-                                           "(use an SQLite file path)")
+                                           "(use an SQLite file path or a postgresql:// URL)")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,40 @@ def _collect_adapter_logs() -> Iterator[None]:
         click.testing.CliRunner.invoke = invoke  # type: ignore[method-assign]
         logger.removeHandler(handler)
         logger.setLevel(previous)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server's URL: CHARGE_ADAPTER_TEST_POSTGRES, or the cluster `scripts/postgres start` runs (and
+    this session stops again if it started it). Fails, naming the reason, when there is none: never a skip."""
+    from tests import pg
+
+    from_env = os.environ.get(pg.ENV, "").strip()
+    if from_env:
+        yield from_env
+        return
+    already_running = pg.script("status", timeout=60).returncode == 0
+    try:
+        url, failure = pg.start(), ""
+    except RuntimeError as exc:
+        url, failure = "", str(exc)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    try:
+        yield url
+    finally:
+        if not already_running:
+            pg.script("stop", timeout=120)
+
+
+@pytest.fixture
+def pg_url(postgres_url: str) -> Iterator[str]:
+    """The URL of an empty state: a schema of its own in the test server, dropped after the test."""
+    from tests import pg
+
+    schema = pg.new_schema()
+    yield pg.with_schema(postgres_url, schema)
+    pg.drop_schema(postgres_url, schema)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

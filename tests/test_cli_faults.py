@@ -156,3 +156,46 @@ def test_a_port_in_use_is_an_environment_error_naming_the_key(tmp_path: Path) ->
                                    f"serve:\n  port: {port}\n", "serve", env={"CHARGE_ADAPTER_RECEIVER_TOKEN": TOKEN})
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use (serve.host, serve.port in " in result.stderr
+
+
+def _config_url(url: str) -> tuple[str, dict[str, str]]:
+    """A PostgreSQL URL fit for a config file (no password in it: the environment carries it), and that env."""
+    from adapter.state.pgurl import parse
+
+    password = parse(url).password
+    if not password:
+        return url, {}
+    return (url.replace(f":{password}@", "@", 1) + "&password_env=CHARGE_TEST_PG_PASSWORD",
+            {"CHARGE_TEST_PG_PASSWORD": password})
+
+
+def test_status_reads_a_postgresql_state(tmp_path: Path, pg_url: str) -> None:
+    from adapter.state.base import WorkItem
+    from adapter.state.postgres import PostgresState
+
+    state = PostgresState(pg_url)
+    state.enqueue([WorkItem("poll", {"reason": "ping"}, "rest-hook")])
+    state.set_cursor("2026-03-01T10:00:00Z")
+    url, env = _config_url(pg_url)
+    result = adapter(tmp_path, f"state: {url}\n", "status", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"state:     {state.location}" in result.stdout
+    assert "cursor:    2026-03-01T10:00:00Z" in result.stdout and "queue:     pending 1" in result.stdout
+
+
+def test_an_unreachable_or_missing_postgresql_state_exits_2_in_one_line(tmp_path: Path, postgres_url: str) -> None:
+    secret = logscan.secret("pg-secret-" + os.urandom(6).hex())
+    port = free_port()
+    config = f"state:\n  location: postgresql://svc@127.0.0.1:{port}/adapter\n  password_env: CHARGE_TEST_PG_PASSWORD\n"
+    result = adapter(tmp_path, config, "status", env={"CHARGE_TEST_PG_PASSWORD": secret})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith(f"error: state postgresql://svc@127.0.0.1:{port}/adapter?password_env="
+                                    f"CHARGE_TEST_PG_PASSWORD: cannot connect to 127.0.0.1:{port} (")
+    assert secret not in result.stderr + result.stdout
+    url, env = _config_url(postgres_url)
+    missing = url.split("?")[0].rsplit("/", 1)[0] + "/no_such_database_x" + url[len(url.split("?")[0]):]
+    result = adapter(tmp_path, f"state: {missing}\n", "status", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "database no_such_database_x does not exist on " in result.stderr and "create it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -14,8 +14,9 @@ checks them for each):
   charges with their versions) is what corrections are planned from.
 
 Every method is one transaction. Implementations: SQLite (the state file of the SQLite state backend, in
-tables of its own with their own schema step) and memory (tests, `state: memory:`). A PostgreSQL ledger
-follows the same contract. Driver errors become `StateError`s at this boundary, as in adapter/state.
+tables of its own with their own schema step), PostgreSQL (`adapter.hl7v2.pg_ledger`: the PostgreSQL state's
+database, its own migration component) and memory (tests, `state: memory:`). Driver errors become
+`StateError`s at this boundary, as in adapter/state.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import functools
 import itertools
 import json
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -383,7 +385,8 @@ class SqliteLedger:
 
 
 def open_ledger(state: Any) -> Ledger:
-    """The ledger beside a state backend: in its SQLite file, or in memory beside the memory state."""
+    """The ledger beside a state backend: in its SQLite file or PostgreSQL database, or in memory beside the
+    memory state (the PostgreSQL driver is imported only for a PostgreSQL state)."""
     from adapter.state.memory import MemoryState
     from adapter.state.sqlite import SqliteState
 
@@ -391,5 +394,11 @@ def open_ledger(state: Any) -> Ledger:
         return SqliteLedger(state.path, busy_timeout=state.busy_timeout)
     if isinstance(state, MemoryState):
         return MemoryLedger()
+    postgres = sys.modules.get("adapter.state.postgres")  # loaded if the state is one of its
+    if postgres is not None and isinstance(state, postgres.PostgresState):
+        from adapter.hl7v2.pg_ledger import PostgresLedger
+
+        return PostgresLedger(state)
     raise StateError(getattr(state, "location", "?"), "the HL7 v2 sink keeps its message ledger in the state, and "
-                                                      "this state backend has no ledger yet: use an SQLite state")
+                                                      "this state backend has no ledger: use an SQLite or PostgreSQL "
+                                                      "state")

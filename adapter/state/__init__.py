@@ -1,12 +1,13 @@
 """Durable state behind one small contract (`base.StateBackend`), opened by `open_state`.
 
 `state.location` in the config selects the backend: a file path (or `sqlite:///path`) is the SQLite backend,
-the default; `memory:` keeps everything in the process (tests only). URLs of other schemes are refused by
-the settings until a backend for them exists (`postgresql://...` is the one planned).
+the default; `postgresql://user@host:port/db` (or `postgres://`) is the PostgreSQL backend, for several
+replicas (its driver, psycopg, is imported only then); `memory:` keeps everything in the process (tests only).
 """
 
 from __future__ import annotations
 
+from adapter.errors import StateUnavailable
 from adapter.state.base import (
     AuditRecord,
     NewReview,
@@ -22,6 +23,7 @@ from adapter.state.base import (
     WorkItem,
     WorkKind,
 )
+from adapter.state.pgurl import is_postgres_url, safe_location
 
 __all__ = [
     "AuditRecord",
@@ -37,6 +39,7 @@ __all__ = [
     "StateStats",
     "WorkItem",
     "WorkKind",
+    "is_postgres_url",
     "open_state",
     "sqlite_path",
 ]
@@ -62,6 +65,14 @@ def open_state(location: str, *, busy_timeout: float = 5.0, lease_seconds: float
         from adapter.state.memory import MemoryState
 
         return MemoryState(lease_seconds=lease_seconds, instance_id=instance_id)
+    if is_postgres_url(location):
+        try:
+            from adapter.state.postgres import PostgresState
+        except ImportError as exc:
+            raise StateUnavailable(safe_location(location), f"the PostgreSQL driver cannot be loaded ({exc}): "
+                                                            "install psycopg (pip install 'psycopg[binary]')") from None
+        return PostgresState(location, busy_timeout=busy_timeout, lease_seconds=lease_seconds,
+                             instance_id=instance_id)
     path = sqlite_path(location)
     if path is None:
         raise ValueError(f"no state backend for {location.split(':', 1)[0]}: URLs (settings reject it first)")

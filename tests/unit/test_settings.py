@@ -40,6 +40,22 @@ def test_the_state_section_and_its_shorthand(tmp_path: Path) -> None:
     assert load_settings(None, env={"CHARGE_ADAPTER__STATE": "y.sqlite"}).state.location == "y.sqlite"
 
 
+def test_a_postgresql_state_carries_its_options_in_the_url(tmp_path: Path) -> None:
+    """`state.schema` and `state.password_env` travel to the backend inside the location, so every caller of
+    open_state gets them."""
+    short = load_settings(write(tmp_path, "state: postgres://svc@db.example:5433/adapter\n"), env={})
+    assert short.state.location == "postgres://svc@db.example:5433/adapter"
+    full = load_settings(write(tmp_path, "state:\n  location: postgresql://svc@db/adapter?sslmode=require\n"
+                                         "  schema: site_a\n  password_env: ADAPTER_PG_PASSWORD\n"
+                                         "  busy_timeout_seconds: 2\n"), env={})
+    assert full.state.location == ("postgresql://svc@db/adapter?sslmode=require&schema=site_a"
+                                   "&password_env=ADAPTER_PG_PASSWORD")
+    assert (full.state.schema, full.state.busy_timeout_seconds) == ("site_a", 2.0)
+    env = load_settings(None, env={"CHARGE_ADAPTER__STATE__LOCATION": "postgresql://svc@db/adapter?schema=b",
+                                   "CHARGE_ADAPTER__STATE__SCHEMA": "b"})
+    assert env.state.location == "postgresql://svc@db/adapter?schema=b"
+
+
 BAD_VALUES = [
     # the values of the issue: accepted before, breaking the service
     ("poll:\n  page_size: 0\n", "poll.page_size", "whole number at least 1 and at most 1000 (got 0)"),
@@ -80,7 +96,21 @@ BAD_VALUES = [
      "file not found: /no/such/token"),
     ("server:\n  auth: {type: smart, client_id: c, refresh_margin: .nan}\n", "server.auth.refresh_margin", "finite"),
     ("server:\n  auth: [bearer]\n", "server.auth", "must be a mapping"),
-    ("state:\n  location: postgresql://db/adapter\n", "state.location", "postgresql: state is not supported"),
+    ("state:\n  location: mysql://db/adapter\n", "state.location", "mysql: state is not supported"),
+    ("state:\n  location: postgresql://svc:hunter22@db/adapter\n", "state.location",
+     "must not contain a password (a config file or an environment listing would show it): name the variable"),
+    ("state:\n  location: postgresql://svc@db/adapter?password=hunter22\n", "state.location",
+     "must not contain a password"),
+    ("state:\n  location: postgresql://svc@db:5432x/adapter\n", "state.location", "port '5432x' must be a number"),
+    ("state:\n  location: postgresql://svc@db/adapter?sslmod=require\n", "state.location",
+     "unknown query parameter 'sslmod'"),
+    ("state:\n  location: postgresql://svc@db/adapter\n  schema: Adapter-1\n", "state.schema",
+     "must be a lower-case name"),
+    ("state:\n  location: postgresql://svc@db/adapter?schema=a\n  schema: b\n", "state.schema",
+     "differs from state.schema (b): give it once"),
+    ("state:\n  location: postgresql://svc@db/adapter\n  password_env: 'PG PASSWORD'\n", "state.password_env",
+     "name of an environment variable"),
+    ("state:\n  location: a.sqlite\n  schema: adapter\n", "state.schema", "only for a postgresql:// location"),
     ("state:\n  location: ''\n", "state.location", "must be a file path"),
     ("state:\n  busy_timeout_seconds: 0\n", "state.busy_timeout_seconds", "above 0"),
     ("state:\n  audit_retention_days: 0\n", "state.audit_retention_days", "at least 1"),
@@ -98,6 +128,7 @@ def test_every_bad_value_names_the_file_and_the_key(tmp_path: Path, text: str, k
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text), env={})
     assert caught.value.file == str(tmp_path / "adapter.yaml") and caught.value.entry == key
+    assert "hunter22" not in str(caught.value)
     assert message in caught.value.reason
 
 

@@ -1,6 +1,6 @@
 """One fixture for every HL7 v2 ledger implementation: the contract suite runs once per implementation.
 
-Add an implementation by adding a param (PostgreSQL: a URL from the environment, a fresh schema per test).
+PostgreSQL: the server of the `postgres_url` fixture (tests/conftest.py), a fresh schema per test.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from adapter.state.sqlite import SqliteState
 MakeLedger = Callable[[], Ledger]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 def make_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeLedger]:
     """Opens the ledger under test; a second call opens a second handle on the same ledger (as another process
-    would, for SQLite: in a state file the state backend created) or, in memory, the same object."""
+    would, for SQLite and PostgreSQL: in a state the state backend created) or, in memory, the same object."""
     opened: list[Ledger] = []
     memory: list[MemoryLedger] = []
 
@@ -29,6 +29,11 @@ def make_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make
             if not path.exists():
                 SqliteState(path).close()
             ledger: Ledger = SqliteLedger(path)
+        elif request.param == "postgres":
+            from adapter.hl7v2.pg_ledger import PostgresLedger
+            from adapter.state.postgres import PostgresState
+
+            ledger = PostgresLedger(PostgresState(request.getfixturevalue("pg_url")))
         else:
             if not memory:
                 memory.append(MemoryLedger())

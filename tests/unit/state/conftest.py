@@ -1,6 +1,7 @@
 """One fixture for every state backend: the contract suite runs once per backend.
 
-Add a backend by adding a param (PostgreSQL: a URL from the environment, a fresh schema per test).
+PostgreSQL: the server of the `postgres_url` fixture (tests/conftest.py), a fresh schema per test; it is started
+only when a postgres test runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from adapter.state.sqlite import SqliteState
 MakeState = Callable[..., StateBackend]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeState]:
     """Opens the backend under test; a second call opens a second handle on the same state, with an instance id
     of its own, as another process would (in memory: a replica handle on the same data)."""
@@ -28,6 +29,10 @@ def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     def make(**options: Any) -> StateBackend:
         if request.param == "sqlite":
             state: StateBackend = SqliteState(tmp_path / "state.sqlite", **options)
+        elif request.param == "postgres":
+            from adapter.state.postgres import PostgresState
+
+            state = PostgresState(request.getfixturevalue("pg_url"), **options)
         else:
             if not memory:
                 memory.append(MemoryState(**options))

@@ -262,3 +262,14 @@ def test_dedupe_merges_into_pending_work_only(state: StateBackend) -> None:
     assert second != first and state.queue_depth() == 2
     [third] = state.enqueue([patient_work("Patient/1", "and again", 0.0)])
     assert third == second and state.queue_depth() == 2
+
+
+def test_a_retried_item_beside_a_newer_pending_one_keeps_both(state: StateBackend) -> None:
+    """The one way to two pending items of a key: the next enqueue merges into the older (every backend alike)."""
+    [first] = state.enqueue([patient_work("Patient/1", "changed", 0.0)])
+    [leased] = state.lease(1)
+    [second] = state.enqueue([patient_work("Patient/1", "changed again", 0.0)])
+    state.retry([Retry(leased.id, 0.0, "HTTP 503")])
+    assert [i.id for i in state.queued()] == [first, second]
+    assert state.enqueue([patient_work("Patient/1", "and again", 0.0)]) == [first]
+    assert state.queue_depth() == 2

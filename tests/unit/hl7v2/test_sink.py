@@ -17,8 +17,9 @@ import pytest
 
 from adapter.config import load_tables
 from adapter.hl7v2.ledger import MemoryLedger, MessageStatus
-from adapter.hl7v2.messages import validate
+from adapter.hl7v2.messages import session_charges, validate
 from adapter.hl7v2.mllp import Ack, TransportError
+from adapter.hl7v2.plan import active_charges, plan_patient
 from adapter.hl7v2.sink import REJECTED, UNREACHABLE, Hl7v2Sink
 from adapter.pipeline import RunReport, process
 from adapter.sources.files import SourcedResource
@@ -175,3 +176,57 @@ def test_charges_of_a_procedure_under_review_are_left_alone(sink: Hl7v2Sink, rec
             r.pop("identifier")  # the session now waits for its visit number: nothing is credited meanwhile
     result = sink.deliver(run(resources), [PATIENT])
     assert (result.sent, result.protected) == (0, 2) and len(receiver.received) == 1
+
+
+def us_instead_of_fluoro_and_self_pay(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scenario 11 edited: fna-2's guidance was ultrasound, not fluoroscopy, and the Coverage is self-pay."""
+    changed = copy.deepcopy(resources)
+    for r in changed:
+        if r.get("id") == "s11-fna-2":
+            r["extension"][0]["valueCodeableConcept"] = {"coding": [{"system": "http://snomed.info/sct",
+                                                                     "code": "61593002"}]}
+        if r["resourceType"] == "Coverage":
+            r["payor"] = [{"reference": "Patient/s11-pat"}]
+    return changed
+
+
+def test_plan_patient_credits_stale_charges_of_a_session_whose_claim_waits() -> None:
+    """The FHIR side's rule: only the Claim waits (missing-payer), the charges are coded with certainty, so the
+    stale 10007-59 is credited and 10006 corrected: the receiver ends with 10005 x1, 10006 x2, nothing twice."""
+    patient = "Patient/s11-pat"
+    ledger = MemoryLedger()
+
+    def make(kind: str, visit: Any, charges: list[Any], control: str) -> str:
+        return f"{kind}|{control}"
+
+    def deliver(report: RunReport) -> Any:
+        sessions, reviews = session_charges(report, TABLES)
+        assert reviews == []
+        plan = plan_patient(patient, sessions, ledger.history(patient), {r.procedure for r in report.reviews}, make)
+        for stored in ledger.record(plan.messages):
+            ledger.acknowledged(stored.control_id, "AA", "")
+        return plan
+
+    deliver(run(scenario("11-mixed-us-then-fluoro")))
+    edited = run(us_instead_of_fluoro_and_self_pay(scenario("11-mixed-us-then-fluoro")))
+    assert {(r.procedure, r.reason) for r in edited.reviews} == {("Procedure/s11-fna-1", "missing-payer"),
+                                                               ("Procedure/s11-fna-2", "missing-payer")}
+    plan = deliver(edited)
+    assert plan.protected == 0 and plan.unchanged == 1
+    assert [(m.kind, [(c["charge"]["code"]["code"], c["charge"]["units"]) for c in m.charges])
+            for m in plan.messages] == [("CD", [("10006", 1), ("10007", 1)]), ("CG", [("10006", 2)])]
+    held = active_charges(ledger.history(patient))
+    assert sorted((a.charge["code"]["code"], a.charge["units"]) for a in held.values()) == [("10005", 1), ("10006", 2)]
+
+
+def test_the_sink_never_bills_a_lesion_twice_when_only_the_claim_waits(sink: Hl7v2Sink,
+                                                                     receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario("11-mixed-us-then-fluoro")), ["Patient/s11-pat"])
+    result = sink.deliver(run(us_instead_of_fluoro_and_self_pay(scenario("11-mixed-us-then-fluoro"))),
+                          ["Patient/s11-pat"])
+    assert (result.sent, result.credits, result.protected) == (2, 1, 0)
+    net: dict[str, int] = {}
+    for n in range(len(receiver.received)):
+        for _, code, units in receiver.ft1(n):
+            net[code] = net.get(code, 0) + int(units)
+    assert {code: units for code, units in net.items() if units} == {"10005": 1, "10006": 2}

@@ -23,6 +23,7 @@ from adapter.hl7v2.plan import active_charges, plan_patient
 from adapter.hl7v2.sink import REJECTED, UNREACHABLE, Hl7v2Sink
 from adapter.pipeline import RunReport, process
 from adapter.sources.files import SourcedResource
+from adapter.state.base import ReviewEntry
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = load_tables()
@@ -149,11 +150,31 @@ def test_a_refused_message_goes_to_review_and_cancels_what_was_planned_on_it(
     assert [m.status for m in sink.ledger.history(PATIENT)] == [
         MessageStatus.SENT, MessageStatus.REJECTED, MessageStatus.CANCELLED]
     assert [receiver.ft1(i)[0][0] for i in range(len(receiver.received))] == ["CG", "CD"]
-    # after the analyst's fix, a replay plans again from what the receiver holds, with new control ids
+    # the receiver would take it now, but nobody has looked: a later pass (the same data, or another edit)
+    # sends nothing for the patient and reports it held, so the review entry stays open
     receiver.default = "AA"
+    for later in (one_lesion_less(scenario()), one_lesion_less(one_lesion_less(scenario()))):
+        held = sink.deliver(run(later), [PATIENT])
+        assert held.sent == 0 and len(receiver.received) == 2
+        [again] = held.failures
+        assert not again.retryable and again.kind == REJECTED and again.procedures == ("Procedure/s02-fna-1",)
+        assert again.reason.startswith("held: nothing more is sent") and "PV1-19 V-s02-enc" in again.reason
+    assert [m.status for m in sink.ledger.history(PATIENT)][3:] == []  # nothing recorded while held
+    # replaying another entry of the patient does not lift the hold; replaying the refusal's entry does
+    assert sink.release_replayed([entry(failure, "missing-diagnosis")]) == set()
+    assert sink.deliver(run(one_lesion_less(scenario())), [PATIENT]).sent == 0
+    assert sink.release_replayed([entry(failure, failure.kind)]) == {PATIENT}
     replay = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    # it plans again from what the receiver holds, with new control ids
     assert replay.sent == 2 and receiver.ft1(2) == [("CD", "10006", "-2")] and receiver.ft1(3) == [("CG", "10006", "1")]
     assert receiver.received[2][0] != receiver.received[1][0]
+    assert sink.ledger.holds(PATIENT) == [] and sink.deliver(run(one_lesion_less(scenario())), [PATIENT]).sent == 0
+
+
+def entry(failure: Any, reason: str) -> ReviewEntry:
+    """The review entry `Service.pass_record` opens for a sink failure (kind write-rejected)."""
+    return ReviewEntry(1, failure.procedures[0], failure.patients, "write-rejected", reason, failure.reason, "open",
+                       1, 0.0, 0.0)
 
 
 def test_what_the_message_needs_and_the_input_lacks_sends_the_session_to_review(sink: Hl7v2Sink,

@@ -647,6 +647,8 @@ class Service:
             self.state.record_pass(PassRecord(resolve_ids=[e.id for e in entries
                                                            if e.kind == ReviewKind.PROCESSING_FAILED]))
             return total
+        if self.hl7v2 is not None:  # a replayed HL7 v2 refusal lifts its patient's hold (adapter/hl7v2/sink.py)
+            self.hl7v2.release_replayed(entries)
         result = self.sync_patients(patients, list(loose.values()))
         record, failing = self.pass_record(result, _pushed_by_patient(entries))
         record.due += self.retry_work(failing)

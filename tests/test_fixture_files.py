@@ -76,6 +76,12 @@ EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def in_period(period: dict | None, day: str) -> bool:
+    """Whether a Coverage period contains an ISO date, to the precision the period gives."""
+    start, end = (period or {}).get("start", ""), (period or {}).get("end", "")
+    return not (start and day[:len(start[:10])] < start[:10]) and not (end and day[:len(end[:10])] > end[:10])
+
+
 def load_json(path: Path):
     with path.open(encoding="utf-8") as f:
         return json.load(f)
@@ -400,8 +406,16 @@ def test_expected_is_complete_and_consistent(sdir: Path):
         assert w["code"] in WARNING_CODES
         assert w["patient"] in idx
     full_urls = full_urls_of(sdir)
+    days_of: dict[str, set[str]] = {}  # patient -> the dates of its Procedures
+    for proc in procedures.values():
+        when = proc.get("performedDateTime") or (proc.get("performedPeriod") or {}).get("start")
+        if when and "reference" in proc.get("subject", {}):
+            days_of.setdefault(target_of(proc["subject"]["reference"], full_urls), set()).add(when[:10])
+    # a Coverage counts on the dates its period contains (contract section 8, [coverage-period])
     patients_with_coverage = {
         target_of(r["beneficiary"]["reference"], full_urls) for r in idx.values() if r["resourceType"] == "Coverage"
+        and any(in_period(r.get("period"), day)
+                for day in days_of.get(target_of(r["beneficiary"]["reference"], full_urls), set()))
     }
     for w in expected["warnings"]:
         if w["code"] == "no-coverage":

@@ -112,6 +112,34 @@ def billing_provider(procedures: list[ProcedureFacts], performer: str, encounter
     return BillingProvider(ref, org.reference, where, org.name)
 
 
+def _period_covers(period: Any, day: date) -> bool:
+    """Whether a Period contains `day`, compared as calendar dates to the precision given (`2026`, `2026-03`,
+    `2026-03-10`, or a dateTime, whose date counts whole): an open end is no limit."""
+    if not isinstance(period, dict):
+        return True
+    iso = day.isoformat()
+    start, end = period.get("start"), period.get("end")
+    if isinstance(start, str) and start and iso[:len(start[:10])] < start[:10]:
+        return False
+    return not (isinstance(end, str) and end and iso[:len(end[:10])] > end[:10])
+
+
+def coverages_on(index: ResourceIndex, patient: str, day: date) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The patient's active Coverages in force on the date of service (`Coverage.period` contains it), in claim
+    order; and the active ones whose period does not (expired, or not yet begun), as `Coverage/x (period)`.
+
+    A Coverage out of its period is never the Claim's insurance: without another, the session has no
+    Coverage (the usual rule: ChargeItems and the `no-coverage` warning)."""
+    found, out_of_period = [], []
+    for ref, cov in index.active_coverages(patient):
+        if _period_covers(cov.get("period"), day):
+            found.append((ref, cov))
+        else:
+            period = cov.get("period") or {}
+            out_of_period.append(f"{ref} ({period.get('start', '...')} to {period.get('end', '...')})")
+    return found, out_of_period
+
+
 def insurer(coverage: dict[str, Any], coverage_ref: str, index: ResourceIndex) -> dict[str, Any] | Gap:
     """The focal Coverage's payor, when it is an Organization (a Patient or RelatedPerson payor is self-pay)."""
     for payor in coverage.get("payor") or []:

@@ -14,13 +14,14 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from adapter.billing.diagnoses import plan_diagnoses
+from adapter.billing.diagnoses import not_a_diagnosis, plan_diagnoses
 from adapter.billing.parties import (
     Accounts,
     BillingProvider,
     Gap,
     PlaceOfService,
     billing_provider,
+    coverages_on,
     insurer,
     place_of_service,
     referral,
@@ -104,14 +105,17 @@ def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _reasons(procs: list[ProcedureFacts], index: ResourceIndex) -> list[dict[str, Any]]:
-    """CodeableConcepts of the Procedures' reasonCode, and of the Conditions in reasonReference."""
+def _reasons(procs: list[ProcedureFacts], day: str) -> list[dict[str, Any]]:
+    """CodeableConcepts of the Procedures' reasonCode, and of the Conditions in reasonReference that may be coded
+    for a service on `day` (not entered in error, refuted, uncertain or over: `diagnoses.not_a_diagnosis`)."""
     concepts: list[dict[str, Any]] = []
     for proc in procs:
         for concept in proc.resource.get("reasonCode") or []:
             if isinstance(concept, dict) and (concept.get("coding") or concept.get("text")):
                 concepts.append({k: v for k, v in concept.items() if k in ("coding", "text")})
         for _, target in proc.reasons:  # reasonReference, resolved in any reference form
+            if not_a_diagnosis(target, day):
+                continue
             code = target.get("code") if target else None
             if isinstance(code, dict) and (code.get("coding") or code.get("text")):
                 concepts.append({k: v for k, v in code.items() if k in ("coding", "text")})
@@ -176,7 +180,7 @@ def build_charge_item(line: ChargeLine, session: Session, index: ResourceIndex, 
     sites = _dedupe([lesion.site for lesion in line.lesions if lesion.site])
     if sites:
         item["bodysite"] = sites
-    reasons = _reasons(procs, index)
+    reasons = _reasons(procs, key.date)
     if reasons:
         item["reason"] = reasons
     item["service"] = [{"reference": ref} for ref in line.procedures]
@@ -341,7 +345,7 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
         built.prices.append(price)
         lines.append(_Line(line, item, price))
     claims_on = tables.settings.claims
-    coverages = index.active_coverages(key.patient) if claims_on else []
+    coverages, out_of_period = coverages_on(index, key.patient, day) if claims_on else ([], [])
     if unpriced and (tables.settings.when_price_missing == "warn" or not coverages):
         warnings += [OutputWarning("missing-price", key.patient, f"session {key.text()}: {u}; written without "
                                                                  "a price") for u in unpriced]
@@ -350,9 +354,10 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     if not claims_on:
         return built, warnings, []
     if not coverages:
+        why = (f"no active Coverage for {key.patient} in force on {key.date} (not in their period: "
+               f"{', '.join(out_of_period)})" if out_of_period else f"no active Coverage for {key.patient}")
         warnings.append(OutputWarning("no-coverage", key.patient,
-                                      f"no active Coverage for {key.patient} in the input: ChargeItems "
-                                      f"only, no Claim for session {key.text()}"))
+                                      f"{why} in the input: ChargeItems only, no Claim for session {key.text()}"))
         return built, warnings, []
     payer = insurer(coverages[0][1], coverages[0][0], index)
     pos = place_of_service(key.encounter, index, tables.billing)
@@ -364,6 +369,7 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     if plan.codings:
         built.notes.append("diagnoses: " + ", ".join(c["code"] for c in plan.codings)
                            + "".join(f"; {note}" for note in plan.mapped))
+    built.notes += [f"not a diagnosis: {note}" for note in plan.excluded]
     gaps += [g for g in (payer, pos) if isinstance(g, Gap)]
     if plan.problems:
         gaps.append(Gap("missing-diagnosis", "; ".join(plan.problems)))

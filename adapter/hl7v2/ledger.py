@@ -12,6 +12,9 @@ checks them for each):
   the same patient: those were planned on the rejected one going through.
 - `history(patient)` is the patient's messages in sequence order: what each carried (the Visit and the
   charges with their versions) is what corrections are planned from.
+- A rejection holds the patient: `holds(patient)` lists the rejected messages not released since, and while
+  it lists any the sink sends nothing new for that patient. `release(patients)` (what `review replay` of the
+  refusal's entry does) releases every rejection recorded so far; a later rejection holds the patient again.
 
 Every method is one transaction. Implementations: SQLite (the state file of the SQLite state backend, in
 tables of its own with their own schema step), PostgreSQL (`adapter.hl7v2.pg_ledger`: the PostgreSQL state's
@@ -28,7 +31,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -110,6 +113,12 @@ class Ledger(Protocol):
     def patients_billed_for(self, procedure: str) -> set[str]:
         """Patients with a message whose charges bill `procedure` (a deleted Procedure's charges to reverse)."""
 
+    def holds(self, patient: str) -> list[LedgerMessage]:
+        """The patient's rejected messages not released since (sequence order): while any, nothing new is sent."""
+
+    def release(self, patients: Collection[str], now: float | None = None) -> None:
+        """Release the patients' rejections recorded so far (their review entries are being replayed)."""
+
     def counts(self) -> dict[str, int]:
         """Messages by status."""
 
@@ -126,6 +135,8 @@ class MemoryLedger:
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
         self._messages: dict[str, LedgerMessage] = {}
+        self._released: dict[str, int] = {}
+        """patient -> the sequence number up to which its rejections are released."""
 
     def record(self, messages: Sequence[NewMessage], now: float | None = None) -> list[LedgerMessage]:
         now = time.time() if now is None else now
@@ -188,6 +199,19 @@ class MemoryLedger:
     def patients_billed_for(self, procedure: str) -> set[str]:
         return {m.patient for m in self._sorted(lambda m: procedure in m.procedures)}
 
+    def holds(self, patient: str) -> list[LedgerMessage]:
+        with self._lock:
+            released = self._released.get(patient, 0)
+            return self._sorted(lambda m: m.patient == patient and m.status == MessageStatus.REJECTED
+                                and m.seq > released)
+
+    def release(self, patients: Collection[str], now: float | None = None) -> None:
+        with self._lock:
+            for patient in patients:
+                seqs = [m.seq for m in self._messages.values() if m.patient == patient]
+                if seqs:
+                    self._released[patient] = max(seqs)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for m in self._sorted(lambda _m: True):
@@ -204,7 +228,7 @@ def _fields_of(new: NewMessage) -> dict[str, Any]:
 
 # -- SQLite ----------------------------------------------------------------------------------------------------
 
-LEDGER_SCHEMA_VERSION = 1
+LEDGER_SCHEMA_VERSION = 2
 _SCHEMA = {
     1: [
         "CREATE TABLE IF NOT EXISTS hl7v2_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -215,6 +239,10 @@ _SCHEMA = {
         "finished_at REAL, ack_code TEXT, ack_text TEXT, last_error TEXT)",
         "CREATE INDEX IF NOT EXISTS hl7v2_message_patient ON hl7v2_message (patient, seq)",
         "CREATE INDEX IF NOT EXISTS hl7v2_message_status ON hl7v2_message (status, seq)",
+    ],
+    2: [  # rejections released by `review replay`: a patient's rejected messages up to `seq` hold nothing
+        "CREATE TABLE IF NOT EXISTS hl7v2_release (patient TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+        "released_at REAL NOT NULL)",
     ],
 }
 """Schema steps of the ledger's own tables (`hl7v2_meta` holds its version), apart from the state's."""
@@ -372,6 +400,20 @@ class SqliteLedger:
         rows = self._db().execute("SELECT DISTINCT m.patient FROM hl7v2_message m, json_each(m.procedures) p "
                                   "WHERE p.value=?", (procedure,)).fetchall()
         return {r[0] for r in rows}
+
+    @_translated
+    def holds(self, patient: str) -> list[LedgerMessage]:
+        return self._select("patient=? AND status='rejected' AND seq > coalesce((SELECT seq FROM hl7v2_release r "
+                            "WHERE r.patient=hl7v2_message.patient), 0) ORDER BY seq", (patient,))
+
+    @_translated
+    def release(self, patients: Collection[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            for patient in sorted(set(patients)):
+                db.execute("INSERT INTO hl7v2_release (patient, seq, released_at) SELECT patient, max(seq), ? "
+                           "FROM hl7v2_message WHERE patient=? GROUP BY patient ON CONFLICT(patient) DO UPDATE "
+                           "SET seq=excluded.seq, released_at=excluded.released_at", (now, patient))
 
     @_translated
     def counts(self) -> dict[str, int]:

@@ -3,8 +3,10 @@
 Pure. A charge already sent is never edited in place: when its line is no longer wanted (voided) or wanted
 in another version (units, price, diagnoses, account changed ...), the earlier line is credited (FT1-6 CD,
 repeating exactly what the earlier message carried, to the account it was posted to) and the new version
-charged (CG) after it. Unchanged charges are not sent again. Charges of Procedures under review are left as
-they are until an analyst has looked (as the FHIR side leaves their ChargeItems).
+charged (CG) after it. Unchanged charges are not sent again. Charges of Procedures whose session's charges
+could not be produced (the Procedure could not be coded, or its message lacks what the input does not give)
+are left as they are until an analyst has looked: the FHIR side's rule (`reconcile.protected_procedures`).
+A session whose charges are here while its Claim waits is corrected like any other.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from adapter.hl7v2.ledger import LedgerMessage, MessageStatus, NewMessage
 from adapter.hl7v2.messages import CHARGE, CREDIT, Charge, SessionCharges, Visit, control_id
+from adapter.sinks.reconcile import protected_procedures
 
 Render = Callable[[str, Visit, list[Charge], str], str]
 """(kind, visit, charges, control id) -> the message text (validated); raises InvalidMessageError."""
@@ -39,7 +42,7 @@ class PatientPlan:
     messages: list[NewMessage] = field(default_factory=list)
     unchanged: int = 0
     protected: int = 0
-    """Charges left alone because a Procedure they bill is under review."""
+    """Charges left alone because a Procedure they bill is under review and its session's charges are not here."""
 
 
 def active_charges(history: Iterable[LedgerMessage]) -> dict[str, ActiveCharge]:
@@ -71,9 +74,13 @@ def _entries(charges: list[tuple[Charge, str]]) -> tuple[dict[str, Any], ...]:
 def plan_patient(patient: str, sessions: list[SessionCharges], history: list[LedgerMessage],
                  under_review: set[str], render: Render) -> PatientPlan:
     """The messages that bring the receiver from `history` to `sessions` (all coded sessions of `patient`):
-    credits first (in the order the credited lines were charged), then each session's new charges."""
+    credits first (in the order the credited lines were charged), then each session's new charges.
+
+    `under_review`: every Procedure with a review (the engine's, a waiting Claim's, the sink's own). Only those
+    whose session is not in `sessions` keep their earlier charges as they are."""
     result = PatientPlan()
     active = active_charges(history)
+    under_review = protected_procedures(under_review, (p for sc in sessions for p in sc.procedures))
     wanted: dict[str, tuple[SessionCharges, Charge, str]] = {}
     for sc in sessions:
         for charge in sc.charges:

@@ -12,6 +12,12 @@ Per patient, in this order, so one patient's messages always arrive in the order
    messages are cancelled. No ACK: it stays pending and the patient is retried later; after one such
    failure the pass sends nothing more to the receiver (its other patients are retried too), so an outage
    costs one timeout, not one per patient.
+
+A refusal holds the patient (`Ledger.holds`): until the refusal's review entry is replayed (`release_replayed`,
+called by `review replay`), later passes send nothing new for that patient, whatever changed: what they
+would have sent is reported as held (a refusal, so the entry stays open) and is planned again, from what the
+receiver holds, by the replay. Re-sending refused content on every recode would only be refused again, under
+new control ids, while the analyst has not looked.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Protocol
 
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
-from adapter.hl7v2.ledger import Ledger, LedgerMessage
+from adapter.hl7v2.ledger import Ledger, LedgerMessage, NewMessage
 from adapter.hl7v2.messages import CREDIT, InvalidMessageError, SessionCharges, render, session_charges
 from adapter.hl7v2.mllp import Ack, TransportError
 from adapter.hl7v2.plan import plan_patient
@@ -135,12 +141,24 @@ class Hl7v2Sink:
                 result.reviews += [Review(p, p, "hl7v2-invalid-message", str(exc))
                                    for sc in by_patient.get(patient, []) for p in sc.procedures]
                 continue
+            holds = self.ledger.holds(patient)
+            if holds:
+                result.failures += self._held(patient, holds, plan.messages)
+                continue
             result.unchanged += plan.unchanged
             result.protected += plan.protected
             if plan.messages:
                 self.ledger.record(plan.messages)
                 self._flush(patient, result, down)
         return result
+
+    def release_replayed(self, entries: Iterable[Any]) -> set[str]:
+        """Lift the hold of the patients whose refusal entries (`hl7v2-rejected` review entries) are being replayed,
+        before the replay's pass: it then plans and sends again. Returns those patients."""
+        patients = {p for e in entries if getattr(e, "reason", None) == REJECTED for p in e.patients}
+        if patients:
+            self.ledger.release(patients)
+        return patients
 
     def pending_patients(self, limit: int = 10_000) -> list[str]:
         """Patients with messages recorded and never acknowledged, in ledger order."""
@@ -159,6 +177,22 @@ class Hl7v2Sink:
         procedures = tuple(sorted({p for s in sessions for p in s.procedures}))
         label = sessions[0].session if sessions else f"HL7 v2 messages of {patient}"
         return SinkFailure(label, procedures, reason, (patient,), True, kind)
+
+    def _held(self, patient: str, holds: list[LedgerMessage], planned: list[NewMessage]) -> list[SinkFailure]:
+        """A refusal (and so a review entry) per session with something to send, and per refused message's session:
+        the entries stay open (their text names the receiver's answer) until they are replayed."""
+        last = holds[-1]
+        reason = (f"held: nothing more is sent to HL7 v2 receiver {self.transport.where} for this patient until the "
+                  f"review entry of the refused DFT^P03 {last.control_id} is replayed (charge-adapter review replay); "
+                  f"it answered {last.ack_code}: {last.ack_text or 'no reason given'}")
+        procedures: dict[str, set[str]] = {}
+        for message in [*holds, *planned]:
+            procedures.setdefault(message.session, set()).update(message.procedures)
+        if planned:
+            log.info("HL7 v2 messages of a patient with a refused DFT^P03 are held until it is replayed (%d not "
+                     "sent)", len(planned))
+        return [SinkFailure(session, tuple(sorted(procs)), reason, (patient,), False, REJECTED)
+                for session, procs in procedures.items()]
 
     def _flush(self, patient: str, result: SinkResult, down: list[str]) -> bool:
         """Send the patient's pending messages in order; True when none is left pending."""

@@ -3,11 +3,14 @@
 Pure: no I/O. Lines are matched on their deterministic identifier. Unchanged lines are not written at all
 (a re-run sends nothing); changed ones are conditional updates; lines no longer wanted become
 `entered-in-error` and Claims no longer wanted `cancelled` (nothing is deleted). Charges that point at a
-Procedure now under review are left exactly as they are until an analyst has looked.
+Procedure whose coding is uncertain (`protected_procedures`: it is under review and no session with it was
+built) are left exactly as they are until an analyst has looked; a session whose ChargeItems are built while
+only its Claim waits is reconciled like any other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +47,7 @@ class SessionPlan:
 class Plan:
     sessions: list[SessionPlan] = field(default_factory=list)
     protected: int = 0
-    """Existing charges left alone because a Procedure they bill is under review."""
+    """Existing charges left alone because the coding of a Procedure they bill is uncertain."""
     unvoidable: list[tuple[str, str]] = field(default_factory=list)
     """(Type/id, why) of stale charges whose voided form fails validation: reported, never sent."""
 
@@ -94,6 +97,19 @@ def void_entry(existing: dict[str, Any]) -> dict[str, Any]:
     return {"fullUrl": f"{kind}/{existing['id']}", "resource": body, "request": request}
 
 
+def protected_procedures(reviewed: Iterable[str], produced: Iterable[str]) -> set[str]:
+    """The Procedures whose earlier charges a sink leaves exactly as they are: those under review (`reviewed`)
+    whose session's charges this sink could not produce (`produced`: the Procedures of every session it did).
+
+    The rule of both sinks. A Procedure the engine could not code (its own review, or its held session), or
+    whose session's output could not be built, keeps what it had: voiding or crediting it now would un-bill a
+    service whose right code is not known yet. A Procedure whose session's charges were produced while only
+    the Claim waits (missing payer, billing provider, place of service, diagnosis, price) is coded with
+    certainty: its stale charges are voided or credited like in any other change, or they would be billed
+    twice beside the new ones."""
+    return set(reviewed) - set(produced)
+
+
 def plan(report: RunReport, existing: list[dict[str, Any]], tables: CodeTables) -> Plan:
     """The writes that bring the server from `existing` (our earlier output) to what `report` wants."""
     settings = tables.settings
@@ -113,7 +129,8 @@ def plan(report: RunReport, existing: list[dict[str, Any]], tables: CodeTables) 
         for ref in sp.procedures:
             session_of[ref] = sp
 
-    under_review = {r.procedure for r in report.reviews}
+    under_review = protected_procedures((r.procedure for r in report.reviews),
+                                        (p.ref for out in report.built.sessions for p in out.session.procedures))
     orphans: dict[str, SessionPlan] = {}
     for key, res in sorted(stored.items()):
         if key in wanted or res.get("status") == VOID_STATUS[key[0]]:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adapter.billing.diagnoses import CLINICAL, VERIFICATION, not_a_diagnosis
 from adapter.billing.pricing import NoPrice, Price, PriceBook
 from adapter.billing.tables import PricingTables, npi_is_valid
 from adapter.config import load_tables
@@ -125,6 +126,124 @@ def test_each_line_points_first_at_its_own_procedures_reason() -> None:
     assert claim is not None
     assert [d["diagnosisCodeableConcept"]["coding"][0]["code"] for d in claim["diagnosis"]] == ["E04.1", "R91.1"]
     assert [i["diagnosisSequence"] for i in claim["item"]] == [[1], [2]]
+
+
+def condition(cid: str = "c9", code: str = "C50.912", verification: str | None = "confirmed",
+              clinical: str | None = "active", **extra: Any) -> dict[str, Any]:
+    cond: dict[str, Any] = {"resourceType": "Condition", "id": cid, "subject": {"reference": "Patient/p1"},
+                            "code": {"coding": [{"system": ICD10CM, "code": code}]}, **extra}
+    if verification:
+        cond["verificationStatus"] = {"coding": [{"system": VERIFICATION, "code": verification}]}
+    if clinical:
+        cond["clinicalStatus"] = {"coding": [{"system": CLINICAL, "code": clinical}]}
+    return cond
+
+
+def diagnoses_of(*conditions: dict[str, Any], when: str = "2026-03-04T09:00:00Z",
+                 reason_code: str | None = "R59.0") -> tuple[list[str] | None, list[str], Any]:
+    """(the Claim's diagnosis codes or None, every ChargeItem.reason code, the run) for a Procedure whose
+    reasons are `reason_code` (if any) and `conditions` (reasonReference)."""
+    extra: dict[str, Any] = {"reasonReference": [{"reference": f"Condition/{c['id']}"} for c in conditions]}
+    if reason_code is None:
+        extra["reasonCode"] = None
+    else:
+        extra["reasonCode"] = [{"coding": [{"system": ICD10CM, "code": reason_code}]}]
+    proc = procedure("f1", "us", ("a",), when=when, **extra)
+    if reason_code is None:
+        del proc["reasonCode"]
+    report = run(proc, coverage(), *conditions)
+    claim = claim_of(report)
+    codes = None if claim is None else [d["diagnosisCodeableConcept"]["coding"][0]["code"] for d in claim["diagnosis"]]
+    reasons = [c["coding"][0]["code"] for s in report.built.sessions for ci in s.charge_items
+               for c in ci.get("reason", [])]
+    return codes, reasons, report
+
+
+@pytest.mark.parametrize(("verification", "clinical", "billed"), [
+    ("confirmed", "active", True), (None, None, True), (None, "recurrence", True), ("confirmed", "relapse", True),
+    ("entered-in-error", None, False), ("refuted", "inactive", False), ("refuted", None, False),
+    ("provisional", "active", False), ("differential", "active", False), ("unconfirmed", "active", False)])
+def test_a_condition_is_a_diagnosis_only_when_it_is_established(verification: str | None, clinical: str | None,
+                                                                billed: bool) -> None:
+    codes, reasons, _ = diagnoses_of(condition(verification=verification, clinical=clinical))
+    assert codes == (["R59.0", "C50.912"] if billed else ["R59.0"])
+    assert reasons == (["R59.0", "C50.912"] if billed else ["R59.0"])  # ChargeItem.reason follows the same rule
+
+
+@pytest.mark.parametrize(("abatement", "billed"), [
+    ({"abatementDateTime": "2026-03-20"}, True),  # resolved after the procedure: it was its reason
+    ({"abatementDateTime": "2026-03-04T08:00:00Z"}, True),  # the same day (the FNA may be what resolved it)
+    ({"abatementDateTime": "2026-03"}, True),  # month precision: March is not over before 4 March
+    ({"abatementDateTime": "2026-03-03"}, False),  # over the day before
+    ({"abatementDateTime": "2026-02"}, False),
+    ({"abatementPeriod": {"start": "2026-02-20", "end": "2026-03-10"}}, True),  # still abating: the end counts
+    ({"abatementPeriod": {"start": "2026-02-01", "end": "2026-02-20"}}, False),
+    ({"abatementPeriod": {"start": "2026-03-01"}}, False),  # began to abate before, end unknown
+    ({"abatementString": "after surgery"}, False),  # no date: unknown, a coder decides
+    ({}, False)])
+@pytest.mark.parametrize("clinical", ["resolved", "inactive", "remission"])
+def test_a_condition_that_ended_is_a_diagnosis_only_for_a_procedure_done_while_it_was_present(
+        abatement: dict[str, Any], billed: bool, clinical: str) -> None:
+    codes, _, report = diagnoses_of(condition(clinical=clinical, **abatement), reason_code=None)
+    assert codes == (["C50.912"] if billed else None)
+    if not billed:
+        assert reviews(report) == {("f1", "missing-diagnosis")}
+        assert f"clinicalStatus {clinical}" in report.reviews[0].detail
+        assert "may not be coded" in report.reviews[0].detail
+
+
+def test_an_invalid_condition_is_named_in_the_review_and_in_explain_never_in_hl7v2() -> None:
+    from adapter.hl7v2.messages import session_charges
+
+    codes, reasons, report = diagnoses_of(condition(verification="entered-in-error", clinical=None),
+                                          reason_code=None)
+    assert codes is None and reasons == []
+    assert reviews(report) == {("f1", "missing-diagnosis")}
+    assert "Condition/c9: verificationStatus entered-in-error: never a diagnosis" in report.reviews[0].detail
+    assert any("not a diagnosis" in n and "entered-in-error" in n for n in report.built.sessions[0].notes)
+    sessions, hl7_reviews = session_charges(report, TABLES)  # FT1-19 needs a diagnosis: nothing is sent
+    [missing] = [r for r in hl7_reviews if r.reason == "hl7v2-missing-diagnosis"]
+    assert sessions == [] and "entered-in-error" in missing.detail
+
+
+def test_not_a_diagnosis_reads_only_conditions_in_their_code_systems() -> None:
+    assert not_a_diagnosis({"resourceType": "Observation", "status": "entered-in-error"}, "2026-03-04") is None
+    assert not_a_diagnosis(None, "2026-03-04") is None
+    other_system = {"resourceType": "Condition", "verificationStatus": {"coding": [
+        {"system": "http://example.org/local", "code": "refuted"}]}}
+    assert not_a_diagnosis(other_system, "2026-03-04") is None
+
+
+@pytest.mark.parametrize(("period", "in_force"), [
+    (None, True), ({}, True), ({"start": "2026-01-01"}, True), ({"end": "2026-12-31"}, True),
+    ({"start": "2026-03-04", "end": "2026-03-04"}, True), ({"start": "2026-03-04T23:59:00-05:00"}, True),
+    ({"end": "2026-03-04T00:00:00Z"}, True), ({"start": "2026", "end": "2026"}, True), ({"end": "2026-03"}, True),
+    ({"end": "2026-03-03"}, False), ({"end": "2025-12-31"}, False), ({"end": "2026-02"}, False),
+    ({"start": "2026-03-05"}, False), ({"start": "2027"}, False), ({"start": "2026-04"}, False)])
+def test_a_coverage_is_the_claims_insurance_only_within_its_period(period: dict[str, Any] | None,
+                                                                   in_force: bool) -> None:
+    cov = coverage() | ({"period": period} if period is not None else {})
+    report = run(procedure("f1", "us", ("a",)), cov)
+    claim = claim_of(report)
+    if in_force:
+        assert claim is not None and claim["insurance"][0]["coverage"] == {"reference": "Coverage/c1"}
+    else:  # no other Coverage: the usual rule, ChargeItems and the no-coverage warning naming why
+        assert claim is None and not report.reviews
+        [warning] = report.built.warnings
+        assert warning.code == "no-coverage" and "Coverage/c1" in warning.detail and "in force on 2026-03-04" in \
+            warning.detail
+
+
+def test_an_expired_coverage_gives_way_to_the_one_in_force_and_is_left_off_the_claim() -> None:
+    expired = coverage(cid="c-old", order=1) | {"period": {"end": "2025-12-31"},
+                                                "payor": [{"reference": "Organization/o-old"}]}
+    current = coverage(cid="c-new", order=2) | {"period": {"start": "2026-01-01"}}
+    claim = claim_of(run(procedure("f1", "us", ("a",)), expired, current))
+    assert claim is not None and claim["insurer"] == {"reference": "Organization/o1"}
+    assert claim["insurance"] == [{"sequence": 1, "focal": True, "coverage": {"reference": "Coverage/c-new"}}]
+    self_pay = coverage(cid="c-self") | {"payor": [{"reference": "Patient/p1"}]}
+    still = run(procedure("f1", "us", ("a",)), expired, self_pay)  # in force but self-pay: the payer rule
+    assert reviews(still) == {("f1", "missing-payer")}
 
 
 # -------------------------------------------------------------------------------------------- prices

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapter.errors import StateSchemaError
+from adapter.hl7v2 import ledger as ledger_module
 from adapter.hl7v2.ledger import Ledger, MessageStatus, NewMessage, SqliteLedger
 
 from .conftest import MakeLedger
@@ -81,6 +82,48 @@ def test_patients_billed_for_a_procedure(ledger: Ledger) -> None:
                    message("B1", patient="Patient/2", procedures=("Procedure/p3",))])
     assert ledger.patients_billed_for("Procedure/p2") == {"Patient/1"}
     assert ledger.patients_billed_for("Procedure/p9") == set()
+
+
+def test_a_rejection_holds_the_patient_until_released(make_ledger: MakeLedger) -> None:
+    ledger = make_ledger()
+    ledger.record([message("A1"), message("A2"), message("B1", patient="Patient/2")])
+    assert ledger.holds("Patient/1") == []
+    ledger.acknowledged("A1", "AA", "")
+    ledger.rejected("A2", "AE", "unknown visit V1")
+    assert [m.control_id for m in ledger.holds("Patient/1")] == ["A2"]
+    assert ledger.holds("Patient/2") == []  # patients are independent
+    again = make_ledger()  # a hold survives a restart
+    assert [(m.control_id, m.ack_text) for m in again.holds("Patient/1")] == [("A2", "unknown visit V1")]
+    again.release(["Patient/1", "Patient/9"], now=300.0)  # a patient without messages is no error
+    assert ledger.holds("Patient/1") == []
+    assert [m.status for m in ledger.history("Patient/1")] == ["sent", "rejected"]  # the history is unchanged
+    # what the replay sends is refused again: held again, by the new rejection only
+    ledger.record([message("A3")])
+    ledger.rejected("A3", "AR", "still closed")
+    assert [m.control_id for m in ledger.holds("Patient/1")] == ["A3"]
+    ledger.release(["Patient/1"])
+    ledger.record([message("A4")])
+    ledger.acknowledged("A4", "AA", "")
+    assert ledger.holds("Patient/1") == []
+
+
+def test_sqlite_upgrades_a_ledger_of_schema_1_and_keeps_its_holds(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    with sqlite3.connect(path) as db:  # a ledger written by the adapter before schema 2
+        for statement in ledger_module._SCHEMA[1]:
+            db.execute(statement)
+        db.execute("INSERT INTO hl7v2_meta VALUES ('schema_version', '1')")
+        db.execute("INSERT INTO hl7v2_message (control_id, patient, session, kind, status, text, visit, charges, "
+                   "procedures, created_at, ack_code, ack_text) VALUES ('A1', 'Patient/1', 's', 'CG', 'rejected', "
+                   "'MSH|', '{}', '[]', '[]', 1.0, 'AE', 'closed')")
+    ledger = SqliteLedger(path)
+    assert [m.control_id for m in ledger.holds("Patient/1")] == ["A1"]  # a refusal from before still holds
+    ledger.release(["Patient/1"])
+    assert ledger.holds("Patient/1") == []
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM hl7v2_meta WHERE key='schema_version'").fetchone() == ("2",)
 
 
 def test_sqlite_refuses_a_newer_ledger_schema(tmp_path: Path) -> None:

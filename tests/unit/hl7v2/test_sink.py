@@ -17,11 +17,13 @@ import pytest
 
 from adapter.config import load_tables
 from adapter.hl7v2.ledger import MemoryLedger, MessageStatus
-from adapter.hl7v2.messages import validate
+from adapter.hl7v2.messages import session_charges, validate
 from adapter.hl7v2.mllp import Ack, TransportError
+from adapter.hl7v2.plan import active_charges, plan_patient
 from adapter.hl7v2.sink import REJECTED, UNREACHABLE, Hl7v2Sink
 from adapter.pipeline import RunReport, process
 from adapter.sources.files import SourcedResource
+from adapter.state.base import ReviewEntry
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = load_tables()
@@ -148,11 +150,31 @@ def test_a_refused_message_goes_to_review_and_cancels_what_was_planned_on_it(
     assert [m.status for m in sink.ledger.history(PATIENT)] == [
         MessageStatus.SENT, MessageStatus.REJECTED, MessageStatus.CANCELLED]
     assert [receiver.ft1(i)[0][0] for i in range(len(receiver.received))] == ["CG", "CD"]
-    # after the analyst's fix, a replay plans again from what the receiver holds, with new control ids
+    # the receiver would take it now, but nobody has looked: a later pass (the same data, or another edit)
+    # sends nothing for the patient and reports it held, so the review entry stays open
     receiver.default = "AA"
+    for later in (one_lesion_less(scenario()), one_lesion_less(one_lesion_less(scenario()))):
+        held = sink.deliver(run(later), [PATIENT])
+        assert held.sent == 0 and len(receiver.received) == 2
+        [again] = held.failures
+        assert not again.retryable and again.kind == REJECTED and again.procedures == ("Procedure/s02-fna-1",)
+        assert again.reason.startswith("held: nothing more is sent") and "PV1-19 V-s02-enc" in again.reason
+    assert [m.status for m in sink.ledger.history(PATIENT)][3:] == []  # nothing recorded while held
+    # replaying another entry of the patient does not lift the hold; replaying the refusal's entry does
+    assert sink.release_replayed([entry(failure, "missing-diagnosis")]) == set()
+    assert sink.deliver(run(one_lesion_less(scenario())), [PATIENT]).sent == 0
+    assert sink.release_replayed([entry(failure, failure.kind)]) == {PATIENT}
     replay = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
+    # it plans again from what the receiver holds, with new control ids
     assert replay.sent == 2 and receiver.ft1(2) == [("CD", "10006", "-2")] and receiver.ft1(3) == [("CG", "10006", "1")]
     assert receiver.received[2][0] != receiver.received[1][0]
+    assert sink.ledger.holds(PATIENT) == [] and sink.deliver(run(one_lesion_less(scenario())), [PATIENT]).sent == 0
+
+
+def entry(failure: Any, reason: str) -> ReviewEntry:
+    """The review entry `Service.pass_record` opens for a sink failure (kind write-rejected)."""
+    return ReviewEntry(1, failure.procedures[0], failure.patients, "write-rejected", reason, failure.reason, "open",
+                       1, 0.0, 0.0)
 
 
 def test_what_the_message_needs_and_the_input_lacks_sends_the_session_to_review(sink: Hl7v2Sink,
@@ -175,3 +197,57 @@ def test_charges_of_a_procedure_under_review_are_left_alone(sink: Hl7v2Sink, rec
             r.pop("identifier")  # the session now waits for its visit number: nothing is credited meanwhile
     result = sink.deliver(run(resources), [PATIENT])
     assert (result.sent, result.protected) == (0, 2) and len(receiver.received) == 1
+
+
+def us_instead_of_fluoro_and_self_pay(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scenario 11 edited: fna-2's guidance was ultrasound, not fluoroscopy, and the Coverage is self-pay."""
+    changed = copy.deepcopy(resources)
+    for r in changed:
+        if r.get("id") == "s11-fna-2":
+            r["extension"][0]["valueCodeableConcept"] = {"coding": [{"system": "http://snomed.info/sct",
+                                                                     "code": "61593002"}]}
+        if r["resourceType"] == "Coverage":
+            r["payor"] = [{"reference": "Patient/s11-pat"}]
+    return changed
+
+
+def test_plan_patient_credits_stale_charges_of_a_session_whose_claim_waits() -> None:
+    """The FHIR side's rule: only the Claim waits (missing-payer), the charges are coded with certainty, so the
+    stale 10007-59 is credited and 10006 corrected: the receiver ends with 10005 x1, 10006 x2, nothing twice."""
+    patient = "Patient/s11-pat"
+    ledger = MemoryLedger()
+
+    def make(kind: str, visit: Any, charges: list[Any], control: str) -> str:
+        return f"{kind}|{control}"
+
+    def deliver(report: RunReport) -> Any:
+        sessions, reviews = session_charges(report, TABLES)
+        assert reviews == []
+        plan = plan_patient(patient, sessions, ledger.history(patient), {r.procedure for r in report.reviews}, make)
+        for stored in ledger.record(plan.messages):
+            ledger.acknowledged(stored.control_id, "AA", "")
+        return plan
+
+    deliver(run(scenario("11-mixed-us-then-fluoro")))
+    edited = run(us_instead_of_fluoro_and_self_pay(scenario("11-mixed-us-then-fluoro")))
+    assert {(r.procedure, r.reason) for r in edited.reviews} == {("Procedure/s11-fna-1", "missing-payer"),
+                                                               ("Procedure/s11-fna-2", "missing-payer")}
+    plan = deliver(edited)
+    assert plan.protected == 0 and plan.unchanged == 1
+    assert [(m.kind, [(c["charge"]["code"]["code"], c["charge"]["units"]) for c in m.charges])
+            for m in plan.messages] == [("CD", [("10006", 1), ("10007", 1)]), ("CG", [("10006", 2)])]
+    held = active_charges(ledger.history(patient))
+    assert sorted((a.charge["code"]["code"], a.charge["units"]) for a in held.values()) == [("10005", 1), ("10006", 2)]
+
+
+def test_the_sink_never_bills_a_lesion_twice_when_only_the_claim_waits(sink: Hl7v2Sink,
+                                                                     receiver: FakeReceiver) -> None:
+    sink.deliver(run(scenario("11-mixed-us-then-fluoro")), ["Patient/s11-pat"])
+    result = sink.deliver(run(us_instead_of_fluoro_and_self_pay(scenario("11-mixed-us-then-fluoro"))),
+                          ["Patient/s11-pat"])
+    assert (result.sent, result.credits, result.protected) == (2, 1, 0)
+    net: dict[str, int] = {}
+    for n in range(len(receiver.received)):
+        for _, code, units in receiver.ft1(n):
+            net[code] = net.get(code, 0) + int(units)
+    assert {code: units for code, units in net.items() if units} == {"10005": 1, "10006": 2}

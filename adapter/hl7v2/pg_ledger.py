@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from adapter.hl7v2.ledger import LedgerMessage, NewMessage
@@ -24,6 +24,10 @@ LEDGER_MIGRATIONS: Steps = (
         "finished_at double precision, ack_code text, ack_text text, last_error text)",
         "CREATE INDEX hl7v2_message_patient ON hl7v2_message (patient, seq)",
         "CREATE INDEX hl7v2_message_status ON hl7v2_message (status, seq)",
+    )),
+    (2, (  # rejections released by `review replay`: a patient's rejected messages up to `seq` hold nothing
+        "CREATE TABLE hl7v2_release (patient text PRIMARY KEY, seq bigint NOT NULL, "
+        "released_at double precision NOT NULL)",
     )),
 )
 COMPONENT = "hl7v2-ledger"
@@ -126,6 +130,21 @@ class PostgresLedger:
             return {row[0] for row in cur.fetchall()}
 
         return self.state.transaction(run, readonly=True, what=_WHAT)
+
+    def holds(self, patient: str) -> list[LedgerMessage]:
+        return self._read("patient = %s AND status = 'rejected' AND seq > coalesce((SELECT r.seq FROM hl7v2_release r "
+                          "WHERE r.patient = hl7v2_message.patient), 0) ORDER BY seq", (patient,))
+
+    def release(self, patients: Collection[str], now: float | None = None) -> None:
+        at = time.time() if now is None else now
+
+        def run(cur: Cursor) -> None:
+            for patient in sorted(set(patients)):
+                cur.execute("INSERT INTO hl7v2_release (patient, seq, released_at) SELECT patient, max(seq), %s "
+                            "FROM hl7v2_message WHERE patient = %s GROUP BY patient ON CONFLICT (patient) DO UPDATE "
+                            "SET seq = excluded.seq, released_at = excluded.released_at", (at, patient))
+
+        self.state.transaction(run, what=_WHAT)
 
     def counts(self) -> dict[str, int]:
         def run(cur: Cursor) -> dict[str, int]:

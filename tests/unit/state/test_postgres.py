@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from adapter.errors import StateSchemaError, StateUnavailable
-from adapter.hl7v2.ledger import open_ledger
+from adapter.hl7v2.ledger import NewMessage, open_ledger
 from adapter.hl7v2.pg_ledger import LEDGER_MIGRATIONS, PostgresLedger
 from adapter.state import open_state
 from adapter.state.base import WorkItem, patient_work
@@ -132,9 +132,24 @@ def test_a_newer_ledger_schema_is_refused(pg_url: str, postgres_url: str) -> Non
     PostgresLedger(PostgresState(pg_url))
     with pg.admin(postgres_url) as conn:
         conn.execute(f"INSERT INTO \"{parse(pg_url).schema}\".{VERSION_TABLE} VALUES ('hl7v2-ledger', 7, 1.0, '9')")
-    with pytest.raises(StateSchemaError, match=r"HL7 v2 ledger schema 7 is newer than this adapter \(1\)"):
+    newest = LEDGER_MIGRATIONS[-1][0]
+    with pytest.raises(StateSchemaError, match=rf"HL7 v2 ledger schema 7 is newer than this adapter \({newest}\)"):
         PostgresLedger(PostgresState(pg_url))
-    assert LEDGER_MIGRATIONS[-1][0] == 1
+
+
+def test_a_ledger_of_the_first_version_is_upgraded_and_keeps_its_refusals(pg_url: str) -> None:
+    """Ledger schema 1 (before refusals held a patient) opens; a refusal recorded then holds the patient."""
+    state = PostgresState(pg_url)
+    state.migrate("hl7v2-ledger", LEDGER_MIGRATIONS, upto=1, label="HL7 v2 ledger schema")
+    old = PostgresLedger.__new__(PostgresLedger)  # the version-1 ledger: no migration on opening
+    old.state, old.location = state, state.location
+    [message] = old.record([NewMessage("c1", "Patient/1", "s", "CG", "MSH|...", {}, (), ("Procedure/a",))])
+    old.rejected(message.control_id, "AE", "unknown account")
+    ledger = PostgresLedger(state)
+    assert state.schema_versions()["hl7v2-ledger"] == LEDGER_MIGRATIONS[-1][0]
+    assert [m.control_id for m in ledger.holds("Patient/1")] == ["c1"]
+    ledger.release(["Patient/1"])
+    assert ledger.holds("Patient/1") == []
 
 
 def test_a_schema_of_something_else_is_refused_untouched(postgres_url: str) -> None:
@@ -164,7 +179,8 @@ def test_replicas_starting_at_once_upgrade_once(pg_url: str) -> None:
         return installation
 
     assert len(set(in_threads(6, start))) == 1
-    assert PostgresState(pg_url).schema_versions() == {"state": SCHEMA_VERSION, "hl7v2-ledger": 1}
+    assert PostgresState(pg_url).schema_versions() == {"state": SCHEMA_VERSION,
+                                                       "hl7v2-ledger": LEDGER_MIGRATIONS[-1][0]}
 
 
 def test_open_state_chooses_postgres_for_both_schemes(pg_url: str) -> None:

@@ -165,6 +165,8 @@ class ProcedureFacts:
     merged_into: str | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(rule, sentence): every decision taken for this Procedure, for `explain`."""
+    reference_forms: list[str] = field(default_factory=list)
+    """How each reference in a form other than plain `Type/id` was resolved (rule references)."""
 
     @property
     def id(self) -> str:
@@ -176,6 +178,11 @@ class ProcedureFacts:
 
     def note(self, rule: Rule, text: str) -> None:
         self.notes.append((str(rule), text))
+
+    def resolved(self, element: str, target: Resolved) -> None:
+        """Remember how a reference written in a form other than plain `Type/id` was resolved (for `explain`)."""
+        if target.how:
+            self.reference_forms.append(f"{element} {target.written} is {target.key} ({target.how})")
 
     def sort_key(self) -> tuple[datetime, str]:
         return (self.performed or datetime.max.replace(tzinfo=UTC), self.ref)
@@ -370,10 +377,7 @@ def _structure_lesion(target: Resolved, element: str, site: dict[str, Any] | Non
     signature, sides = site_signature([location] if location else [], qualifiers, tables)
     if signature is None and site:
         signature, sides = site_signature([site], [], tables)
-    owner = index.resolve(found.get("patient"), target.entry).key if found.get("patient") else None
-    if owner and facts.patient and owner != facts.patient:
-        facts.flag("other-patient", f"{element} {key} belongs to {owner}, not to the Procedure's subject "
-                                    f"{facts.patient}: wrong-patient data is never billed")
+    check_owner(facts, element, target, "patient", index)
     return Lesion(key, element, f"{key} ({label})" if label else key, position, key,
                   (_strip_extensions(location) if location else None) or site, signature, "bilateral" in sides)
 
@@ -457,7 +461,8 @@ def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str |
                                   "on the server): its practitioner is the rendering provider")
     practitioner = index.resolve(role.get("practitioner"), target.entry)
     if practitioner.key is None or practitioner.type != "Practitioner":
-        return None, target.key, f"{element} {target.key} names no resolvable practitioner"
+        why = f" ({practitioner.written}: {practitioner.problem})" if practitioner.problem else ""
+        return None, target.key, f"{element} {target.key} names no resolvable practitioner{why}"
     return practitioner.key, target.key, ""
 
 
@@ -533,6 +538,10 @@ def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTab
             continue
         element = f"{facts.encounter} participant[{i}].individual"
         target = index.resolve(part.get("individual"), encounter)
+        if target.key is None and target.type is None:
+            facts.flag("unresolved-reference", f"no performer, and {element} {target.written or '(empty)'}: "
+                                               f"{target.problem}")
+            return
         if target.type not in tables.rendering_actor_types:
             continue
         person, role, problem = _person(target, element, index)
@@ -574,6 +583,34 @@ def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, 
     return modifier_extensions(resource, path, tables.known_modifier_extensions)
 
 
+def check_owner(facts: ProcedureFacts, element: str, target: Resolved, field_name: str,
+                index: ResourceIndex) -> None:
+    """Flag a resource linked from the Procedure's data (`element` -> `target`) whose patient (`field_name`:
+    BodyStructure.patient, Condition/Encounter/ServiceRequest.subject, Coverage.beneficiary, Account.subject)
+    is another patient (`other-patient`), or cannot be told (`unresolved-reference`). A resource that names no
+    patient, or (Account.subject) only non-patients, is not another patient's."""
+    found = target.resource
+    value = found.get(field_name) if found is not None else None
+    if value is None or not facts.patient:
+        return
+    many = isinstance(value, list)
+    owners = [index.resolve(v, target.entry) for v in (value if many else [value])]
+    if any(o.key == facts.patient for o in owners):
+        return
+    where = f"{element} {target.key}.{field_name}"
+    for owner in owners:
+        logical = owner.key is not None and ("?" in owner.key or "?" in facts.patient)
+        if owner.key is None or (logical and (not many or owner.type == "Patient")):
+            facts.flag("unresolved-reference", f"{where} {owner.written or '(empty)'}: "
+                                               f"{owner.problem or 'known only by identifier'}; whether it is "
+                                               f"{facts.patient}'s cannot be told")
+            return
+    others = [o.key for o in owners if o.key and (not many or o.type == "Patient")]
+    if others:
+        facts.flag("other-patient", f"{element} {target.key} belongs to {', '.join(others)} ({field_name}), not to "
+                                    f"the Procedure's subject {facts.patient}: wrong-patient data is never billed")
+
+
 def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: ResourceIndex,
                       field_name: str) -> Resolved:
     """Resolve a reference the Procedure makes, and flag a target that belongs to another patient."""
@@ -581,12 +618,8 @@ def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: Re
     if target.key is None:
         facts.flag("unresolved-reference", f"{element} {target.written or '(empty)'}: {target.problem}")
         return target
-    found = target.resource
-    if found is not None and facts.patient and found.get(field_name):
-        owner = index.resolve(found.get(field_name), target.entry).key
-        if owner and owner != facts.patient:
-            facts.flag("other-patient", f"{element} {target.key} belongs to {owner}, not to the Procedure's "
-                                        f"subject {facts.patient}: wrong-patient data is never billed")
+    facts.resolved(element, target)
+    check_owner(facts, element, target, field_name, index)
     return target
 
 

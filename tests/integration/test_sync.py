@@ -243,3 +243,26 @@ def test_a_claim_waiting_for_a_diagnosis_still_writes_its_charge_items(client: F
     assert outcome.outcome == "review" and len(outcome.written) == 2  # the audit keeps what was written
     again = Syncer(client, TABLES).sync_patients(patients)
     assert again.written == 0 and again.unchanged == 2
+
+
+def test_absolute_references_are_local_only_on_the_servers_own_base(client: FhirClient, fhir_ns: str) -> None:
+    """HAPI refuses absolute references, so they arrive pushed (serve): on the server's base (any spelling of
+    it) they name its resources; on another server's base the same ids are someone else's: review."""
+    bundle = namespaced("01", fhir_ns)
+    client.transaction(bundle)
+    patients = patients_of(bundle)
+    proc = entry(bundle, f"{fhir_ns}-s01-fna-1")
+    proc["meta"] = {"versionId": "2"}  # newer than the server's copy (version 1), so the pushed copy is coded
+    scheme, rest = client.base_url.split("://", 1)
+    on_base = copy.deepcopy(proc)
+    on_base["subject"] = {"reference": f"{scheme.upper()}://{rest}/{patients[0]}"}
+    on_base["performer"][0]["actor"] = {"reference": f"{client.base_url}/{proc['performer'][0]['actor']['reference']}/"}
+    coded = Syncer(client, TABLES, dry_run=True).sync_patients(patients, [on_base])
+    assert not coded.reviews and coded.lines == 1
+    assert [o.outcome for o in coded.outcomes] == ["coded"]
+    elsewhere = copy.deepcopy(proc)
+    elsewhere["subject"] = {"reference": f"https://other-hospital.example.org/fhir/{patients[0]}"}
+    held = Syncer(client, TABLES, dry_run=True).sync_patients(patients, [elsewhere])
+    assert [(r.procedure, r.reason) for r in held.reviews] == [(f"Procedure/{proc['id']}", "unresolved-reference")]
+    assert "https://other-hospital.example.org/fhir/" in held.reviews[0].detail and held.lines == 0
+    assert [(o.outcome, o.patient) for o in held.outcomes] == [("review", None)]  # never our patient's review

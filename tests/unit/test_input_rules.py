@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from adapter.config import load_tables
-from adapter.extraction.index import ResourceIndex
+from adapter.extraction.index import ResourceIndex, normalize_bases
 from adapter.pipeline import RunReport, process
 from adapter.report import diagnostics, explain
 from adapter.sources.files import SourcedResource
+from adapter.sync import split_by_patient
 
 from .test_engine_rules import SCT, coverage, lines, procedure, reviews
 
@@ -76,6 +77,94 @@ def test_relative_references_resolve_against_a_restful_full_url_base() -> None:
         assert index.resolve({"reference": form}, referrer).key == "Patient/p1"
     missing = index.resolve({"reference": "#nope"}, referrer)
     assert missing.key is None and "#nope" in missing.problem
+
+
+OTHER = "https://other-hospital.example/fhir"
+EHR = "https://ehr.example.org/fhir"
+
+
+def local(*bases: str) -> Any:
+    return dataclasses.replace(TABLES, local_bases=normalize_bases(bases))
+
+
+def test_an_absolute_reference_to_another_server_is_not_the_local_resource() -> None:
+    """Another hospital's Patient/p1 is not our Patient/p1: review, with the reference in the reason."""
+    foreign = procedure("f1")
+    foreign["subject"] = {"reference": f"{OTHER}/Patient/p1"}
+    report = run(foreign, procedure("f2", patient="p2"), {"resourceType": "Patient", "id": "p1"}, coverage())
+    assert reviews(report) == {("f1", "unresolved-reference")}
+    detail = next(r.detail for r in report.reviews if r.procedure == "Procedure/f1")
+    assert detail.startswith(f"subject {OTHER}/Patient/p1:") and "another server" in detail
+    assert lines(report) == [("10005", (), 1, ("f2",))]
+    assert report.facts[0].patient is None
+
+
+@pytest.mark.parametrize("element", ["performer", "target", "encounter", "reason"])
+def test_every_needed_target_on_another_server_is_reviewed(element: str) -> None:
+    proc = procedure("f1")
+    if element == "performer":
+        proc["performer"] = [{"actor": {"reference": f"{OTHER}/Practitioner/d1"}}]
+    elif element == "target":
+        proc["extension"][1]["valueReference"] = {"reference": f"{OTHER}/BodyStructure/bs1"}
+    elif element == "encounter":
+        proc["encounter"] = {"reference": f"{OTHER}/Encounter/e1"}
+    else:
+        proc["reasonReference"] = [{"reference": f"{OTHER}/Condition/c1"}]
+    structure = {"resourceType": "BodyStructure", "id": "bs1", "patient": {"reference": "Patient/p1"}}
+    enc = {"resourceType": "Encounter", "id": "e1", "status": "finished", "subject": {"reference": "Patient/p1"}}
+    report = run(proc, structure, enc, {"resourceType": "Practitioner", "id": "d1"})
+    assert reviews(report) == {("f1", "unresolved-reference")}
+    assert f"{OTHER}/" in report.reviews[0].detail and not lines(report)
+
+
+def test_an_absolute_reference_on_a_local_base_is_local_whatever_its_spelling() -> None:
+    proc = procedure("f1")
+    proc["subject"] = {"reference": "HTTPS://EHR.Example.org:443/fhir/Patient/p1"}
+    proc["performer"] = [{"actor": {"reference": f"{EHR}/Practitioner/d1/_history/2"}}]
+    assert reviews(run(proc)) == {("f1", "unresolved-reference")}  # not configured: another server
+    report = run(proc, procedure("f2", lesions=("bs2",), when="2026-03-04T10:00:00Z"), tables=local(EHR + "/"))
+    assert not reviews(report)
+    assert lines(report) == [("10005", (), 1, ("f1",)), ("10006", (), 1, ("f2",))]  # one patient, one session
+    other_port = procedure("f1")
+    other_port["subject"] = {"reference": "https://ehr.example.org:8443/fhir/Patient/p1"}
+    assert reviews(run(other_port, tables=local(EHR))) == {("f1", "unresolved-reference")}
+
+
+def test_online_the_servers_own_base_is_local() -> None:
+    proc = procedure("f1")
+    proc["subject"] = {"reference": "http://127.0.0.1:8094/fhir/Patient/p1"}
+    items = [SourcedResource(proc, "server")]
+    assert reviews(process(items, TABLES)) == {("f1", "unresolved-reference")}
+    online = process(items, TABLES, server_base="http://127.0.0.1:8094/fhir/")
+    assert not online.reviews and lines(online) == [("10005", (), 1, ("f1",))]
+
+
+def test_an_exact_full_url_resolves_but_a_relative_reference_in_a_foreign_entry_is_on_that_server() -> None:
+    """FHIR Bundle rules: a relative reference inside an entry whose fullUrl is RESTful means ENTRY_BASE/Type/id."""
+    proc = procedure("f1")
+    patient = {"resourceType": "Patient", "id": "p1"}
+    matched = run_entries((proc, f"{OTHER}/Procedure/f1"), (patient, f"{OTHER}/Patient/p1"),
+                          ({"resourceType": "Practitioner", "id": "d1"}, f"{OTHER}/Practitioner/d1"),
+                          ({"resourceType": "BodyStructure", "id": "bs1", "patient": {"reference": "Patient/p1"}},
+                           f"{OTHER}/BodyStructure/bs1"),
+                          ({"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p1"}},
+                           f"{OTHER}/Encounter/e1"))
+    assert not matched.reviews and lines(matched) == [("10005", (), 1, ("f1",))]
+    unmatched = run_entries((proc, f"{OTHER}/Procedure/f1"), (patient, None))  # Patient/p1 is not {OTHER}'s
+    assert ("f1", "unresolved-reference") in reviews(unmatched)
+    detail = " ".join(r.detail for r in unmatched.reviews)
+    assert f"means {OTHER}/Patient/p1" in detail
+    configured = run_entries((proc, f"{OTHER}/Procedure/f1"), (patient, None), tables=local(OTHER))
+    assert not configured.reviews
+
+
+def test_split_by_patient_never_takes_another_servers_patient_for_a_local_one() -> None:
+    on_server = procedure("f1", subject={"reference": "http://127.0.0.1:8094/fhir/Patient/p1"})
+    elsewhere = procedure("f2", subject={"reference": f"{OTHER}/Patient/p1"})
+    plain = procedure("f3", patient="p3")
+    bases = normalize_bases(["http://127.0.0.1:8094/fhir"])
+    patients, loose = split_by_patient([on_server, elsewhere, plain], bases)
+    assert patients == {"Patient/p1", "Patient/p3"} and [p["id"] for p in loose] == ["f2"]
 
 
 # ---------------------------------------------------------------------------------------------- versions

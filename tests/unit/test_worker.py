@@ -28,6 +28,8 @@ class ScriptedSyncer:
     """Codes Procedure `Procedure/<patient id>-1` for every patient; `broken` patients raise, `flaky` ones fail
     their write for a passing reason, `rejected` ones are refused, `reviewed` ones need review."""
 
+    local_bases: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[dict[str, Any]]]] = []
         self.broken: dict[str, BaseException] = {}

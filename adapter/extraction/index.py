@@ -217,6 +217,7 @@ class ResourceIndex:
     _plain: dict[str, Resolved] = field(default_factory=dict, repr=False)
     """Resolutions of plain `Type/id` references outside any RESTful base (the common case), until the next add."""
     _coverages: dict[str, list[tuple[str, dict[str, Any]]]] | None = field(default=None, repr=False)
+    _accounts: dict[str, list[str]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[SourcedResource], local_bases: Iterable[str] = ()) -> ResourceIndex:
@@ -247,6 +248,7 @@ class ResourceIndex:
         self._identifiers = None
         self._plain.clear()
         self._coverages = None
+        self._accounts = None
         if old is None:
             self._set(entry)
             return
@@ -419,6 +421,20 @@ class ResourceIndex:
         return Resolved(written, written if kind else None,
                         problem=f"no resource with identifier {system}|{value} in the input",
                         how="a logical reference: no resource of the input has that identifier")
+
+    def accounts_of(self, patient: str) -> list[str]:
+        """The active Accounts whose `subject` names the patient (any reference form), sorted."""
+        if self._accounts is None:
+            grouped: dict[str, set[str]] = {}
+            for ref, account in self.of_type("Account"):
+                if account.get("status") != "active":
+                    continue
+                for subject in account.get("subject") or []:
+                    owner = self.resolve(subject, self.entries[ref]).key
+                    if owner:
+                        grouped.setdefault(owner, set()).add(ref)
+            self._accounts = {owner: sorted(refs) for owner, refs in grouped.items()}
+        return self._accounts.get(patient, [])
 
     def active_coverages(self, patient: str) -> list[tuple[str, dict[str, Any]]]:
         """The patient's active Coverages (beneficiary in any reference form), in claim order."""

@@ -623,6 +623,52 @@ def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: Re
     return target
 
 
+def linked_resources(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex,
+                     encounter: Resolved | None) -> list[Resolved]:
+    """The Conditions, Accounts, Coverages and ServiceRequests the Procedure's data links to, each checked to be
+    this patient's (rule other-patient): the encounter's `diagnosis.condition` and `account` (and each Account's
+    `coverage`), the patient's own active Accounts' `coverage`, and each `basedOn` ServiceRequest (its `subject`
+    and `insurance`). Returned (those in the input) for the modifierExtension check."""
+    found: list[Resolved] = []
+
+    def follow(value: Any, referrer: Entry | None, element: str, kind: str, owner: str) -> Resolved | None:
+        target = index.resolve(value, referrer)
+        if target.resource is None or target.type != kind:
+            return None  # not in the input (or not that type): nothing of it is read
+        facts.resolved(element, target)
+        check_owner(facts, element, target, owner, index)
+        found.append(target)
+        return target
+
+    def coverages_of(account: Resolved, element: str) -> None:
+        for j, cov in enumerate(c for c in (account.resource or {}).get("coverage") or [] if isinstance(c, dict)):
+            follow(cov.get("coverage"), account.entry, f"{element} {account.key} coverage[{j}].coverage", "Coverage",
+                   "beneficiary")
+
+    if encounter is not None and encounter.resource is not None:
+        enc, where = encounter.resource, f"encounter {encounter.key}"
+        for i, diag in enumerate(d for d in enc.get("diagnosis") or [] if isinstance(d, dict)):
+            follow(diag.get("condition"), encounter.entry, f"{where} diagnosis[{i}].condition", "Condition", "subject")
+        for i, value in enumerate(enc.get("account") or []):
+            account = follow(value, encounter.entry, f"{where} account[{i}]", "Account", "subject")
+            if account is not None:
+                coverages_of(account, f"{where} account[{i}]")
+    if facts.patient:
+        seen = {t.key for t in found}
+        for key in index.accounts_of(facts.patient):
+            if key not in seen:
+                account = Resolved(key, key, index.entry(key))
+                found.append(account)
+                coverages_of(account, f"{facts.patient}'s")
+    for i, value in enumerate(resource.get("basedOn") or []):
+        request = follow(value, facts.entry, f"basedOn[{i}]", "ServiceRequest", "subject")
+        if request is None:
+            continue
+        for j, insurance in enumerate((request.resource or {}).get("insurance") or []):
+            follow(insurance, request.entry, f"basedOn[{i}] {request.key} insurance[{j}]", "Coverage", "beneficiary")
+    return found
+
+
 # ---------------------------------------------------------------------------------------- extract
 def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, tables: CodeTables,
             entry: Entry | None = None) -> ProcedureFacts:
@@ -669,6 +715,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         facts.flag("invalid-resource", f"subject {subject.key} is not a Patient")
     else:
         facts.patient = subject.key
+    encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
         facts.encounter = encounter.key or ""
@@ -676,6 +723,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         target = _check_subject_of(value, f"reasonReference[{i}]", facts, index, "subject")
         if target.key:
             facts.reasons.append((target.key, target.resource))
+    linked_resources(resource, facts, index, encounter)
     choose_rendering(resource, facts, index, tables)
     parse_performed(resource, facts, tables)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):

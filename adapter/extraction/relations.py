@@ -77,6 +77,11 @@ def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
             if child.kind is Kind.FNA and all(t.key in by_ref for t in child.part_of):
                 child.note(Rule.PART_OF, "partOf names no FNA: billed as a procedure of its own")
             continue
+        if parent.patient and child.patient and parent.patient != child.patient:
+            child.flag("other-patient", f"partOf {parent.ref} belongs to {parent.patient}, not to the Procedure's "
+                                        f"subject {child.patient}: wrong-patient data is never billed (nor used as "
+                                        "its guidance evidence)")
+            continue
         used.add(child.ref)
         evidence = [replace(e, element=f"{child.ref} (partOf child) {e.element}") for e in child.evidence]
         if child.status == "completed":

@@ -306,8 +306,84 @@ def test_wrong_patient_structures_and_unknown_modifier_extensions_are_reviewed()
 
 
 def test_another_patients_coverage_is_never_used() -> None:
+    """Merely being in the input is no link: p2's Coverage is not p1's, and nothing is wrong with it."""
     report = run(procedure("f1"), coverage(patient="p2"))
     assert [s.claim for s in report.built.sessions] == [None]
+    assert not report.reviews
+    assert [(w.code, w.subject) for w in report.built.warnings] == [("no-coverage", "Patient/p1")]
+
+
+def test_a_multi_patient_input_bills_each_patient_with_their_own_coverage() -> None:
+    report = run(procedure("f1"), procedure("f2", patient="p2", lesions=("bs2",)), coverage(),
+                 coverage(patient="p2", cid="c2"), {"resourceType": "Organization", "id": "o1", "name": "Payer"},
+                 {"resourceType": "BodyStructure", "id": "bs2", "patient": {"reference": "Patient/p2"}})
+    assert not report.reviews
+    claims = [s.claim for s in report.built.sessions]
+    assert [(c["patient"]["reference"], c["insurance"][0]["coverage"]["reference"]) for c in claims if c] == [
+        ("Patient/p1", "Coverage/c1"), ("Patient/p2", "Coverage/c2")]
+
+
+def _linked_case(case: str, owner: str) -> list[dict[str, Any]]:
+    """p1's FNA with one resource linked from its data (`case`), that resource belonging to `owner`."""
+    proc = procedure("f1")
+    enc: dict[str, Any] = {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                           "subject": {"reference": "Patient/p1"}}
+    extra: list[dict[str, Any]] = []
+    theirs = {"reference": f"Patient/{owner}"}
+    if case == "encounter-diagnosis":
+        enc["diagnosis"] = [{"condition": {"reference": "Condition/k1"}}]
+        extra.append({"resourceType": "Condition", "id": "k1", "subject": theirs})
+    elif case == "encounter-account":
+        enc["account"] = [{"reference": "Account/a1"}]
+        extra.append({"resourceType": "Account", "id": "a1", "status": "active", "subject": [theirs]})
+    elif case == "account-coverage":
+        enc["account"] = [{"reference": "Account/a1"}]
+        extra += [{"resourceType": "Account", "id": "a1", "status": "active", "subject": [{"reference": "Patient/p1"}],
+                   "coverage": [{"coverage": {"reference": "Coverage/c9"}}]}, coverage(owner, "c9")]
+    elif case == "patient-account-coverage":  # the patient's own Account (no encounter names it)
+        extra += [{"resourceType": "Account", "id": "a1", "status": "active", "subject": [{"reference": "Patient/p1"}],
+                   "coverage": [{"coverage": {"reference": "Coverage/c9"}}]}, coverage(owner, "c9")]
+    elif case == "service-request":
+        proc["basedOn"] = [{"reference": "ServiceRequest/r1"}]
+        extra.append({"resourceType": "ServiceRequest", "id": "r1", "status": "completed", "intent": "order",
+                      "subject": theirs})
+    elif case == "service-request-insurance":
+        proc["basedOn"] = [{"reference": "ServiceRequest/r1"}]
+        extra += [{"resourceType": "ServiceRequest", "id": "r1", "status": "completed", "intent": "order",
+                   "subject": {"reference": "Patient/p1"}, "insurance": [{"reference": "Coverage/c9"}]},
+                  coverage(owner, "c9")]
+    elif case == "part-of":
+        proc = procedure("c1", partOf=[{"reference": "Procedure/f9"}])
+        extra.append(procedure("f9", patient=owner, lesions=("bs9",)))
+    return [proc, enc, *extra]
+
+
+LINKS = ["encounter-diagnosis", "encounter-account", "account-coverage", "patient-account-coverage",
+         "service-request", "service-request-insurance", "part-of"]
+
+
+@pytest.mark.parametrize("case", LINKS)
+def test_a_resource_linked_from_the_patients_data_that_is_another_patients_is_reviewed(case: str) -> None:
+    report = run(*_linked_case(case, "p2"), procedure("g1", patient="p3", lesions=("bs3",), encounter=None))
+    reviewed = "c1" if case == "part-of" else "f1"
+    assert ("Procedure/" + reviewed, "other-patient") in {(r.procedure, r.reason) for r in report.reviews}
+    detail = next(r.detail for r in report.reviews if r.reason == "other-patient")
+    assert "Patient/p2" in detail and "wrong-patient data is never billed" in detail
+    assert lines(report)[-1] == ("10005", (), 1, ("g1",))  # the other patient's session is coded
+    assert all(reviewed not in ln[3] for ln in lines(report))
+
+
+@pytest.mark.parametrize("case", LINKS)
+def test_the_same_links_to_the_patients_own_resources_are_fine(case: str) -> None:
+    report = run(*_linked_case(case, "p1"))
+    assert not {r.reason for r in report.reviews} & {"other-patient", "unresolved-reference"}
+
+
+def test_a_linked_resource_whose_patient_cannot_be_told_is_unresolved() -> None:
+    condition = {"resourceType": "Condition", "id": "k1", "subject": {"reference": "urn:uuid:nowhere"}}
+    report = run(procedure("f1", reasonReference=[{"reference": "Condition/k1"}]), condition)
+    assert reviews(report) == {("f1", "unresolved-reference")}
+    assert report.reviews[0].detail.startswith("reasonReference[0] Condition/k1.subject urn:uuid:nowhere:")
 
 
 def test_every_review_names_its_rule_in_explain() -> None:

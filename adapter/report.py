@@ -122,7 +122,9 @@ def explain_session(session: Session, report: RunReport, tables: CodeTables) -> 
         out += [f"  {line.explanation}" for line in session.lines]
         built = next((s for s in report.built.sessions if s.session is session), None)
         waiting = sorted({r.reason for r in report.built.reviews if r.procedure in {p.ref for p in session.procedures}})
-        if built is not None and built.claim:
+        if built is None and waiting:
+            out.append(f" Nothing written: held in review ({', '.join(waiting)})")
+        elif built is not None and built.claim:
             out.append(" Claim: yes")
         elif waiting:
             out.append(f" Claim: waits in review ({', '.join(waiting)}); the ChargeItems are written")

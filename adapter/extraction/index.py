@@ -93,6 +93,22 @@ def identifier_token(value: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str]:
+    """`element.modifierExtension url` of every modifierExtension below `node` whose URL is not in `known`."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "modifierExtension" and isinstance(value, list):
+                found += [f"{path}.modifierExtension {e.get('url') if isinstance(e, dict) else repr(e)}"
+                          for e in value if not (isinstance(e, dict) and e.get("url") in known)]
+            elif isinstance(value, dict | list):
+                found += modifier_extensions(value, f"{path}.{key}", known)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += modifier_extensions(item, f"{path}[{i}]", known)
+    return found
+
+
 def parse_reference(reference: str) -> tuple[str, str] | None:
     """(type, id) of a relative, absolute or versioned literal reference; None when it is not one."""
     match = _TYPE_ID.search(reference.strip())
@@ -157,6 +173,7 @@ class Entry:
     deleted: bool = False
     modifier_free: bool = False
     base: str | None = field(default=None, init=False)
+    _unknown: tuple[frozenset[str], list[str]] | None = field(default=None, init=False, repr=False)
     """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
 
     def __post_init__(self) -> None:
@@ -166,6 +183,15 @@ class Entry:
     @property
     def root(self) -> Entry:
         return self.container.root if self.container else self
+
+    def unknown_modifiers(self, known: frozenset[str]) -> list[str]:
+        """`element url` of every modifierExtension in the resource whose URL is not in `known` (computed once
+        per entry: many Procedures read one Encounter or Patient; none when its text held no modifierExtension)."""
+        if self.modifier_free or self.deleted:
+            return []
+        if self._unknown is None or self._unknown[0] is not known:
+            self._unknown = (known, modifier_extensions(self.resource, self.key, known))
+        return self._unknown[1]
 
 
 @dataclass(frozen=True, slots=True)

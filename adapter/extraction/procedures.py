@@ -15,7 +15,14 @@ from enum import StrEnum
 from typing import Any
 
 from adapter.config import CodeKey, CodeTables
-from adapter.extraction.index import Entry, Resolved, ResourceIndex, reference_of, version_rank
+from adapter.extraction.index import (
+    Entry,
+    Resolved,
+    ResourceIndex,
+    modifier_extensions,
+    reference_of,
+    version_rank,
+)
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -561,26 +568,42 @@ def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTab
 
 
 # ---------------------------------------------------------------------------------------- safety
-def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str]:
-    """`element: url` of every modifierExtension below `node` that is not in `known`."""
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "modifierExtension" and isinstance(value, list):
-                found += [f"{path}.modifierExtension {e.get('url') if isinstance(e, dict) else e!r}"
-                          for e in value if not (isinstance(e, dict) and e.get("url") in known)]
-            elif isinstance(value, dict | list):
-                found += modifier_extensions(value, f"{path}.{key}", known)
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found += modifier_extensions(item, f"{path}[{i}]", known)
-    return found
-
-
 def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, entry: Entry | None) -> list[str]:
+    if entry is not None and entry.container is None and entry.resource is resource:
+        return entry.unknown_modifiers(tables.known_modifier_extensions)  # cached; the fast path when modifier-free
     if entry is not None and entry.modifier_free:  # its file holds no modifierExtension at all
         return []
     return modifier_extensions(resource, path, tables.known_modifier_extensions)
+
+
+def context_keys(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex,
+                 linked: list[Resolved]) -> list[str]:
+    """Every resource (canonical key) besides the Procedure and its BodyStructures whose content feeds a decision
+    about it: its Patient, Encounter (and the encounter's Locations and service provider), reason Conditions, the
+    resources linked from its data (`linked_resources`), the rendering Practitioner and the PractitionerRoles of
+    its performers (with their organization), `performer.onBehalfOf`, the patient's active Coverages (with their
+    payors), and its orders' requesters. ChargeItemDefinitions are checked where prices are chosen."""
+    keys: list[str | None] = [facts.patient, facts.encounter or None, *(key for key, _ in facts.reasons),
+                              *(t.key for t in linked), facts.rendering, facts.on_behalf_of]
+    for perf in resource.get("performer") or []:
+        if isinstance(perf, dict):
+            actor = index.resolve(perf.get("actor"), facts.entry)
+            if actor.type == "PractitionerRole" and actor.resource is not None:
+                keys += [actor.key, index.key_of(actor.resource.get("organization"), actor.key)]
+    if facts.rendering_role and facts.rendering_role not in keys:
+        keys.append(facts.rendering_role)
+    encounter = index.get(facts.encounter) if facts.encounter else None
+    if encounter is not None:
+        keys.append(index.key_of(encounter.get("serviceProvider"), facts.encounter))
+        keys += [index.key_of(loc.get("location"), facts.encounter) for loc in encounter.get("location") or []
+                 if isinstance(loc, dict)]
+    if facts.patient:
+        for ref, cov in index.active_coverages(facts.patient):
+            keys += [ref, *(index.key_of(p, ref) for p in cov.get("payor") or [])]
+    for target in linked:
+        if target.type == "ServiceRequest" and target.resource is not None:
+            keys.append(index.key_of(target.resource.get("requester"), target.key))
+    return list(dict.fromkeys(k for k in keys if k))
 
 
 def check_owner(facts: ProcedureFacts, element: str, target: Resolved, field_name: str,
@@ -723,7 +746,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         target = _check_subject_of(value, f"reasonReference[{i}]", facts, index, "subject")
         if target.key:
             facts.reasons.append((target.key, target.resource))
-    linked_resources(resource, facts, index, encounter)
+    linked = linked_resources(resource, facts, index, encounter)
     choose_rendering(resource, facts, index, tables)
     parse_performed(resource, facts, tables)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
@@ -734,9 +757,13 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     for target in structures:
         if target.resource is not None:
             unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
+    for key in context_keys(resource, facts, index, linked):
+        found = index.entry(key)
+        if found is not None:
+            unknown += found.unknown_modifiers(tables.known_modifier_extensions)
     if unknown:
-        facts.flag("unknown-modifier-extension", f"{'; '.join(unknown)}: not understood, and FHIR forbids "
-                                                 "processing a resource as if a modifierExtension were absent")
+        facts.flag("unknown-modifier-extension", f"{'; '.join(dict.fromkeys(unknown))}: not understood, and FHIR "
+                                                 "forbids processing a resource as if a modifierExtension were absent")
     if facts.patient and facts.rendering and facts.service_date:
         facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
     return facts

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from adapter.config import load_tables
+from adapter.extraction import index as index_module
 from adapter.extraction.index import ResourceIndex, normalize_bases
-from adapter.pipeline import RunReport, process
+from adapter.pipeline import RunReport, process, process_paths
 from adapter.report import diagnostics, explain
 from adapter.sources.files import SourcedResource
 from adapter.sync import split_by_patient
@@ -303,6 +306,106 @@ def test_wrong_patient_structures_and_unknown_modifier_extensions_are_reviewed()
     assert "urn:x:unknown" in report.reviews[0].detail and lines(report) == [("10005", (), 1, ("f2",))]
     known = dataclasses.replace(TABLES, known_modifier_extensions=frozenset({"urn:x:unknown"}))
     assert not reviews(run(flagged, tables=known))
+
+
+MODIFIER = {"url": "urn:x:unknown-modifier", "valueBoolean": True}
+PPRF = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def _context_with_modifier(kind: str) -> tuple[list[dict[str, Any]], str]:
+    """p1's FNA and every resource its coding and billing read, one of them (`kind`) with an unknown
+    modifierExtension; the key of that resource."""
+    proc = procedure("f1", performer=None, reasonReference=[{"reference": "Condition/k1"}],
+                     basedOn=[{"reference": "ServiceRequest/r1"}])
+    proc["performer"] = [{"actor": {"reference": "PractitionerRole/role1"},
+                          "onBehalfOf": {"reference": "Organization/g1"}}]
+    resources: dict[str, dict[str, Any]] = {
+        "Patient": {"resourceType": "Patient", "id": "p1"},
+        "Encounter": {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                      "subject": {"reference": "Patient/p1"}, "location": [{"location": {"reference": "Location/l1"}}],
+                      "account": [{"reference": "Account/a1"}]},
+        "Condition": {"resourceType": "Condition", "id": "k1", "subject": {"reference": "Patient/p1"},
+                      "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "R59.0"}]}},
+        "Coverage": coverage(),
+        "Account": {"resourceType": "Account", "id": "a1", "status": "active",
+                    "subject": [{"reference": "Patient/p1"}]},
+        "PractitionerRole": {"resourceType": "PractitionerRole", "id": "role1",
+                             "practitioner": {"reference": "Practitioner/d1"},
+                             "organization": {"reference": "Organization/g2"}},
+        "Practitioner": {"resourceType": "Practitioner", "id": "d1"},
+        "Organization": {"resourceType": "Organization", "id": "o1", "name": "Payer"},
+        "Organization/onBehalfOf": {"resourceType": "Organization", "id": "g1", "name": "Group"},
+        "Organization/role": {"resourceType": "Organization", "id": "g2", "name": "Clinic"},
+        "Location": {"resourceType": "Location", "id": "l1", "name": "Suite 3"},
+        "ServiceRequest": {"resourceType": "ServiceRequest", "id": "r1", "status": "completed", "intent": "order",
+                           "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Practitioner/d2"}},
+        "Practitioner/requester": {"resourceType": "Practitioner", "id": "d2"},
+        "BodyStructure": {"resourceType": "BodyStructure", "id": "bs1", "patient": {"reference": "Patient/p1"}},
+    }
+    target = resources[kind]
+    target["modifierExtension"] = [MODIFIER]
+    return [proc, *resources.values()], f"{target['resourceType']}/{target['id']}"
+
+
+CONTEXT_KINDS = ["Patient", "Encounter", "Condition", "Coverage", "Account", "PractitionerRole", "Practitioner",
+                 "Organization", "Organization/onBehalfOf", "Organization/role", "Location", "ServiceRequest",
+                 "Practitioner/requester", "BodyStructure"]
+
+
+@pytest.mark.parametrize("kind", CONTEXT_KINDS)
+def test_an_unknown_modifier_extension_on_any_resource_the_decision_reads_is_reviewed(kind: str) -> None:
+    resources, key = _context_with_modifier(kind)
+    report = run(*resources, procedure("f2", patient="p2", lesions=("bs2",), encounter=None, performer="d9"))
+    assert reviews(report) == {("f1", "unknown-modifier-extension")}
+    assert f"{key}.modifierExtension urn:x:unknown-modifier" in report.reviews[0].detail
+    assert lines(report) == [("10005", (), 1, ("f2",))]  # the other patient is coded
+    known = dataclasses.replace(TABLES, known_modifier_extensions=frozenset({MODIFIER["url"]}))
+    assert not [r for r in run(*resources, tables=known).reviews if r.reason == "unknown-modifier-extension"]
+
+
+def test_every_context_resource_is_read_without_a_modifier_extension_too() -> None:
+    """Guard: the context above is complete and codes cleanly when nothing carries a modifierExtension."""
+    resources, _ = _context_with_modifier("Patient")
+    del resources[1]["modifierExtension"]
+    report = run(*resources)
+    assert lines(report) == [("10005", (), 1, ("f1",))] and not report.reviews
+
+
+def test_an_unknown_modifier_extension_on_a_charge_item_definition_holds_the_sessions_it_could_price() -> None:
+    definition = {"resourceType": "ChargeItemDefinition", "id": "cid1", "url": "urn:x:cid", "status": "active",
+                  "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "10009"}]},
+                  "modifierExtension": [MODIFIER],
+                  "propertyGroup": [{"priceComponent": [{"type": "base", "amount": {"value": 1, "currency": "USD"}}]}]}
+    report = run(procedure("f1", "ct"), procedure("f2", "us", patient="p2", lesions=("bs2",), encounter=None),
+                 definition)
+    assert reviews(report) == {("f1", "unknown-modifier-extension")}
+    assert "ChargeItemDefinition urn:x:cid" in report.reviews[0].detail
+    assert [s.session.lines[0].code for s in report.built.sessions] == ["10005"]  # nothing of f1's is written
+    known = dataclasses.replace(TABLES, known_modifier_extensions=frozenset({MODIFIER["url"]}))
+    assert not run(procedure("f1", "ct"), definition, tables=known).reviews
+    out_of_scope = dict(definition, effectivePeriod={"end": "2025-12-31"})  # not for this date of service
+    assert not run(procedure("f1", "ct"), out_of_scope).reviews
+
+
+def test_resources_are_scanned_for_modifier_extensions_once_and_never_when_their_file_has_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = index_module.modifier_extensions
+
+    def counting(node: Any, path: str, known: frozenset[str]) -> list[str]:
+        if "." not in path and "[" not in path:
+            calls.append(path)
+        return real(node, path, known)
+
+    monkeypatch.setattr(index_module, "modifier_extensions", counting)
+    patient = {"resourceType": "Patient", "id": "p1"}
+    procs = [procedure(f"f{i}", lesions=(f"b{i}",), when=f"2026-03-04T0{i}:00:00Z") for i in range(1, 4)]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in [*procs, patient]]}
+    path = tmp_path / "clean.json"
+    path.write_text(json.dumps(bundle))
+    assert lines(process_paths([path], TABLES))[0][2] == 1 and calls == []  # modifier-free file: the fast path
+    report = process([SourcedResource(r, "server") for r in [*procs, patient]], TABLES)  # online: no text to look at
+    assert len(lines(report)) == 2 and calls.count("Patient/p1") == 1  # three Procedures read it; scanned once
 
 
 def test_another_patients_coverage_is_never_used() -> None:

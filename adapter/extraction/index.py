@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -244,6 +244,7 @@ class ResourceIndex:
     """Resolutions of plain `Type/id` references outside any RESTful base (the common case), until the next add."""
     _coverages: dict[str, list[tuple[str, dict[str, Any]]]] | None = field(default=None, repr=False)
     _accounts: dict[str, list[str]] | None = field(default=None, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[SourcedResource], local_bases: Iterable[str] = ()) -> ResourceIndex:
@@ -275,6 +276,7 @@ class ResourceIndex:
         self._plain.clear()
         self._coverages = None
         self._accounts = None
+        self._memo.clear()
         if old is None:
             self._set(entry)
             return
@@ -447,6 +449,12 @@ class ResourceIndex:
         return Resolved(written, written if kind else None,
                         problem=f"no resource with identifier {system}|{value} in the input",
                         how="a logical reference: no resource of the input has that identifier")
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per key until the next resource is added (what many Procedures derive alike)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def accounts_of(self, patient: str) -> list[str]:
         """The active Accounts whose `subject` names the patient (any reference form), sorted."""

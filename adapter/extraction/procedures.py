@@ -172,6 +172,8 @@ class ProcedureFacts:
     merged_into: str | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(rule, sentence): every decision taken for this Procedure, for `explain`."""
+    roles: list[str] = field(default_factory=list)
+    """The PractitionerRoles of the input its performers name (their content is read)."""
     reference_forms: list[str] = field(default_factory=list)
     """How each reference in a form other than plain `Type/id` was resolved (rule references)."""
 
@@ -496,6 +498,8 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
             passed.append(f"{element}.actor {target.key} is a {kind}, never the rendering provider")
             continue
         person, role, problem = _person(target, f"{element}.actor", index)
+        if role and target.resource is not None:
+            facts.roles.append(role)
         if person is None:
             facts.flag("unresolved-reference", problem)
             continue
@@ -576,34 +580,42 @@ def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, 
     return modifier_extensions(resource, path, tables.known_modifier_extensions)
 
 
-def context_keys(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex,
-                 linked: list[Resolved]) -> list[str]:
+def context_keys(facts: ProcedureFacts, index: ResourceIndex, linked: list[Resolved]) -> list[str]:
     """Every resource (canonical key) besides the Procedure and its BodyStructures whose content feeds a decision
     about it: its Patient, Encounter (and the encounter's Locations and service provider), reason Conditions, the
     resources linked from its data (`linked_resources`), the rendering Practitioner and the PractitionerRoles of
     its performers (with their organization), `performer.onBehalfOf`, the patient's active Coverages (with their
     payors), and its orders' requesters. ChargeItemDefinitions are checked where prices are chosen."""
-    keys: list[str | None] = [facts.patient, facts.encounter or None, *(key for key, _ in facts.reasons),
-                              *(t.key for t in linked), facts.rendering, facts.on_behalf_of]
-    for perf in resource.get("performer") or []:
-        if isinstance(perf, dict):
-            actor = index.resolve(perf.get("actor"), facts.entry)
-            if actor.type == "PractitionerRole" and actor.resource is not None:
-                keys += [actor.key, index.key_of(actor.resource.get("organization"), actor.key)]
-    if facts.rendering_role and facts.rendering_role not in keys:
-        keys.append(facts.rendering_role)
-    encounter = index.get(facts.encounter) if facts.encounter else None
-    if encounter is not None:
-        keys.append(index.key_of(encounter.get("serviceProvider"), facts.encounter))
-        keys += [index.key_of(loc.get("location"), facts.encounter) for loc in encounter.get("location") or []
-                 if isinstance(loc, dict)]
+    keys: list[str | None] = [facts.patient, *(key for key, _ in facts.reasons), *(t.key for t in linked),
+                              facts.rendering, facts.on_behalf_of]
+    for role in facts.roles:
+        keys += [role, index.key_of((index.get(role) or {}).get("organization"), role)]
+    if facts.encounter:
+        keys += index.memo(("encounter-context", facts.encounter), lambda: _encounter_context(facts.encounter, index))
     if facts.patient:
-        for ref, cov in index.active_coverages(facts.patient):
-            keys += [ref, *(index.key_of(p, ref) for p in cov.get("payor") or [])]
+        keys += index.memo(("patient-context", facts.patient), lambda: _patient_context(facts.patient or "", index))
     for target in linked:
         if target.type == "ServiceRequest" and target.resource is not None:
             keys.append(index.key_of(target.resource.get("requester"), target.key))
     return list(dict.fromkeys(k for k in keys if k))
+
+
+def _encounter_context(encounter: str, index: ResourceIndex) -> list[str | None]:
+    """The Encounter, its service provider and Locations (place of service, billing provider by department)."""
+    found = index.get(encounter)
+    if found is None:
+        return [encounter]
+    return [encounter, index.key_of(found.get("serviceProvider"), encounter),
+            *(index.key_of(loc.get("location"), encounter) for loc in found.get("location") or []
+              if isinstance(loc, dict))]
+
+
+def _patient_context(patient: str, index: ResourceIndex) -> list[str | None]:
+    """The patient's active Coverages (the Claim's insurance) and their payors."""
+    keys: list[str | None] = []
+    for ref, cov in index.active_coverages(patient):
+        keys += [ref, *(index.key_of(p, ref) for p in cov.get("payor") or [])]
+    return keys
 
 
 def check_owner(facts: ProcedureFacts, element: str, target: Resolved, field_name: str,
@@ -757,7 +769,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     for target in structures:
         if target.resource is not None:
             unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
-    for key in context_keys(resource, facts, index, linked):
+    for key in context_keys(facts, index, linked):
         found = index.entry(key)
         if found is not None:
             unknown += found.unknown_modifiers(tables.known_modifier_extensions)

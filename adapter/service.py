@@ -233,8 +233,8 @@ class Service:
                 record.reviews.append(NewReview(proc, ReviewKind.WRITE_REJECTED, failure.review_reason,
                                                 failure.reason, patients, content(patients)))
         record.resolve = sorted({o.procedure for o in final})
-        record.audit = [AuditRecord(o.procedure, o.version, o.session, o.codes, self.tables.version, o.written)
-                        for o in final if o.written or o.outcome == Outcome.FAILED]
+        record.audit = [AuditRecord(o.procedure, o.version, o.session, o.audit_codes, self.tables.version, o.written)
+                        for o in final if o.written or o.outcome == Outcome.FAILED or o.merged_into]
         failing: dict[str, str] = {}
         for failure in summary.to_retry:
             for patient in failure.patients:

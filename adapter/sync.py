@@ -68,6 +68,22 @@ class ProcedureOutcome:
     session: str = ""
     codes: tuple[str, ...] = ()
     written: tuple[str, ...] = ()
+    merged_into: str = ""
+    """For a Procedure billed under another one (a duplicate delivery, a `partOf` child): that Procedure."""
+    merge_basis: str = ""
+    """`duplicate (...)` or `part-of`: why (no free text, no identifier values)."""
+
+    @property
+    def label(self) -> str:
+        """How dry-run and sync list a merged Procedure: `duplicate` or `part of`."""
+        return "part of" if self.merge_basis == "part-of" else "duplicate"
+
+    @property
+    def audit_codes(self) -> tuple[str, ...]:
+        """What the audit trail records as its codes: the codes, or `duplicate-of X` / `part-of X`."""
+        if self.merged_into and not self.codes:
+            return (f"{'part-of' if self.merge_basis == 'part-of' else 'duplicate-of'} {self.merged_into}",)
+        return self.codes
 
 
 @dataclass
@@ -118,7 +134,12 @@ class SyncSummary:
         retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
         verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
         queued = f"queued {self.queued} changed patient(s) for the workers; " if self.queued else ""
-        return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
+        merged = [o for o in self.outcomes if o.merged_into]
+        duplicates = sum(1 for o in merged if o.label == "duplicate")
+        billed_under = (f", {duplicates} duplicate(s) and {len(merged) - duplicates} partOf child(ren) billed under "
+                        "another Procedure" if merged else "")
+        return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients{billed_under}: "
+                f"{self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
                 f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"
@@ -354,7 +375,15 @@ class Syncer:
                 continue
             version = version_of(facts.resource)
             patient = facts.patient or local_reference(facts.resource.get("subject"), self.local_bases)
-            if facts.disposition in (Disposition.NO_CHARGE, Disposition.MERGED):  # merged: billed under another
+            if facts.disposition is Disposition.MERGED:  # billed under another: no charge of its own, said so
+                kept = coded.get(facts.merged_into or "")
+                out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE,
+                                            kept.key.text() if kept else "", merged_into=facts.merged_into or "",
+                                            merge_basis=facts.merge_basis))
+                log.info("%s version %s is %s %s: billed once, under it", facts.ref, version or "-",
+                         "part of" if facts.merge_basis == "part-of" else f"a {facts.merge_basis} of",
+                         facts.merged_into)
+            elif facts.disposition is Disposition.NO_CHARGE:
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE))
             elif facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.REVIEW))

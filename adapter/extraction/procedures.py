@@ -170,6 +170,9 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    merge_basis: str = ""
+    """Why it is billed under `merged_into`, without free text or identifier values (logs): `duplicate (the same
+    Procedure.identifier)`, `duplicate (the same patient, provider, performed time and site)` or `part-of`."""
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(rule, sentence): every decision taken for this Procedure, for `explain`."""
     roles: list[str] = field(default_factory=list)

@@ -105,6 +105,7 @@ def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
         else:
             child.disposition = Disposition.MERGED
             child.merged_into = parent.ref
+            child.merge_basis = "part-of"
 
 
 def _site_keys(proc: ProcedureFacts) -> set[str]:
@@ -158,6 +159,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
                   (Disposition.BILLABLE, Disposition.REVIEW)]
     parent: dict[str, str] = {p.ref: p.ref for p in candidates}
     why: dict[str, str] = {}
+    basis: dict[str, str] = {}
 
     def find(ref: str) -> str:
         while parent[ref] != ref:
@@ -165,25 +167,28 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
             ref = parent[ref]
         return ref
 
-    def union(a: str, b: str, reason: str) -> None:
+    def union(a: str, b: str, reason: str, kind: str) -> None:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
         why.setdefault(b, reason)
+        basis.setdefault(b, kind)
 
     first: dict[object, str] = {}
     for proc in candidates:
         for system, value in proc.identifiers:
             key = ("identifier", system, value)
             if key in first:
-                union(first[key], proc.ref, f"the same Procedure.identifier {system}|{value}")
+                union(first[key], proc.ref, f"the same Procedure.identifier {system}|{value}",
+                      "the same Procedure.identifier")
             else:
                 first[key] = proc.ref
         if proc.patient and proc.rendering and proc.performed:
             key = ("delivery", proc.patient, proc.rendering, proc.performed,
                    frozenset(_lesion_identity(lesion) for lesion in proc.lesions))
             if key in first:
-                union(first[key], proc.ref, "the same patient, provider, performed time and site")
+                union(first[key], proc.ref, "the same patient, provider, performed time and site",
+                      "the same patient, provider, performed time and site")
             else:
                 first[key] = proc.ref
     groups: dict[str, list[ProcedureFacts]] = defaultdict(list)
@@ -205,6 +210,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
         for proc in members[1:]:
             proc.disposition = Disposition.MERGED
             proc.merged_into = kept.ref
+            proc.merge_basis = f"duplicate ({basis.get(proc.ref, 'the same procedure')})"
             proc.findings.clear()
             proc.note(Rule.DUPLICATE, f"a second delivery of {kept.ref} ({why.get(proc.ref, 'the same procedure')}): "
                                       "billed once, under that Procedure")

@@ -266,3 +266,24 @@ def test_absolute_references_are_local_only_on_the_servers_own_base(client: Fhir
     assert [(r.procedure, r.reason) for r in held.reviews] == [(f"Procedure/{proc['id']}", "unresolved-reference")]
     assert "https://other-hospital.example.org/fhir/" in held.reviews[0].detail and held.lines == 0
     assert [(o.outcome, o.patient) for o in held.outcomes] == [("review", None)]  # never our patient's review
+
+
+def test_a_duplicate_delivery_is_reported_online_as_dry_run_reports_it(client: FhirClient, fhir_ns: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    since = server_now(client)
+    bundle = namespaced("56", fhir_ns)
+    client.transaction(bundle)
+    kept, duplicate = f"Procedure/{fhir_ns}-s56-fna-1", f"Procedure/{fhir_ns}-s56-fna-2"
+    with caplog.at_level("INFO", logger="adapter.sync"):
+        summary = Syncer(client, TABLES).sync_patients(patients_of(bundle))
+    outcome = next(o for o in summary.outcomes if o.procedure == duplicate)
+    assert (outcome.outcome, outcome.merged_into, outcome.audit_codes) == ("no-charge", kept, (f"duplicate-of {kept}",))
+    assert outcome.session and outcome.session == next(o.session for o in summary.outcomes if o.procedure == kept)
+    assert "1 duplicate(s)" in summary.text()
+    assert any(duplicate in r.getMessage() and kept in r.getMessage() and "Patient/" not in r.getMessage()
+               for r in caplog.records if r.levelname == "INFO")
+    result = CliRunner().invoke(cli, ["sync", "--server", client.base_url, "--since", since, "--dry-run"])
+    assert f"duplicate: {duplicate}: billed under {kept}" in result.stderr
+    offline = CliRunner().invoke(cli, ["dry-run", str(next((ROOT / "fixtures/fhir/scenarios").glob("56-*")) /
+                                                       "input.json")])
+    assert "duplicate: Procedure/s56-fna-2: billed under Procedure/s56-fna-1" in offline.stderr  # the same words

@@ -71,6 +71,12 @@ class Rule(StrEnum):
     LESIONS = "lesions"
     STATUS = "status"
     MUE = "mue"
+    KIND = "kind"
+    """Is it an FNA (section 2): skipped otherwise."""
+    CODING = "coding"
+    """Primary and add-on codes per modality, modifier 59 (section 7)."""
+    BILLING = "billing"
+    """What a Claim needs: billing provider, payer, place of service, diagnoses, prices (section 8)."""
 
 
 RULE_OF_REASON = {
@@ -83,6 +89,8 @@ RULE_OF_REASON = {
     "modality-conflict": Rule.MODALITY, "modality-missing": Rule.MODALITY,
     "lesion-modality-conflict": Rule.MODALITY, "status-needs-review": Rule.STATUS,
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
+    "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
+    "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
 }
 
 
@@ -408,6 +416,7 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
         if target.key is None:
             facts.flag("unresolved-reference", f"{element} {target.written}: {target.problem}")
             continue
+        facts.resolved(element, target)
         if target.type not in (None, "BodyStructure"):
             facts.flag("invalid-resource", f"{element} {target.key} is not a BodyStructure")
             continue
@@ -463,7 +472,8 @@ def _check_bilateral(facts: ProcedureFacts) -> None:
 
 
 # ------------------------------------------------------------------------------------- who bills
-def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str | None, str | None, str]:
+def _person(target: Resolved, element: str, index: ResourceIndex,
+            facts: ProcedureFacts | None = None) -> tuple[str | None, str | None, str]:
     """(practitioner key, PractitionerRole key, problem) of a resolved Practitioner or PractitionerRole."""
     if target.type == "Practitioner":
         return target.key, None, ""
@@ -475,6 +485,8 @@ def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str |
     if practitioner.key is None or practitioner.type != "Practitioner":
         why = f" ({practitioner.written}: {practitioner.problem})" if practitioner.problem else ""
         return None, target.key, f"{element} {target.key} names no resolvable practitioner{why}"
+    if facts is not None:
+        facts.resolved(f"{target.key}.practitioner", practitioner)
     return practitioner.key, target.key, ""
 
 
@@ -500,7 +512,8 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
         if kind not in tables.rendering_actor_types:
             passed.append(f"{element}.actor {target.key} is a {kind}, never the rendering provider")
             continue
-        person, role, problem = _person(target, f"{element}.actor", index)
+        facts.resolved(f"{element}.actor", target)
+        person, role, problem = _person(target, f"{element}.actor", index, facts)
         if role and target.resource is not None:
             facts.roles.append(role)
         if person is None:
@@ -529,7 +542,10 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
     role = next((r for _, r, _ in pick if r), None)
     facts.rendering, facts.rendering_role = person, role
     behalf = performers[i].get("onBehalfOf")
-    facts.on_behalf_of = index.resolve(behalf, facts.entry).key if behalf else None
+    behalf_target = index.resolve(behalf, facts.entry) if behalf else None
+    facts.on_behalf_of = behalf_target.key if behalf_target else None
+    if behalf_target is not None:
+        facts.resolved(f"performer[{i}].onBehalfOf", behalf_target)
     via = f" through {role}" if role else ""
     why = "its function is a primary performer" if primary else "the only eligible performer"
     facts.note(Rule.RENDERING, f"{person}{via} (performer[{i}]): {why}"
@@ -558,7 +574,8 @@ def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTab
             return
         if target.type not in tables.rendering_actor_types:
             continue
-        person, role, problem = _person(target, element, index)
+        facts.resolved(element, target)
+        person, role, problem = _person(target, element, index, facts)
         if person is None:
             facts.flag("unresolved-reference", problem)
             return
@@ -736,9 +753,11 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
                                       for i in resource.get("identifier") or []
                                       if isinstance(i, dict) and i.get("value")}))
     facts.part_of = [index.resolve(p, entry) for p in resource.get("partOf") or []]
+    for i, target in enumerate(facts.part_of):
+        facts.resolved(f"partOf[{i}]", target)
     if facts.status in NO_CHARGE_STATUSES:
         facts.disposition = Disposition.NO_CHARGE
-        return facts
+        return _noted_references(facts)
     if facts.status in REVIEW_STATUSES:
         facts.flag("status-needs-review", f"status '{facts.status}': whether a lesion was sampled needs a coder")
     elif facts.status != "completed":
@@ -753,6 +772,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         facts.flag("invalid-resource", f"subject {subject.key} is not a Patient")
     else:
         facts.patient = subject.key
+        facts.resolved("subject", subject)
     encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
@@ -781,6 +801,13 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
                                                  "forbids processing a resource as if a modifierExtension were absent")
     if facts.patient and facts.rendering and facts.service_date:
         facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
+    return _noted_references(facts)
+
+
+def _noted_references(facts: ProcedureFacts) -> ProcedureFacts:
+    """One `references` note for every reference written in a form other than plain `Type/id`."""
+    if facts.reference_forms:
+        facts.note(Rule.REFERENCES, "; ".join(dict.fromkeys(facts.reference_forms)))
     return facts
 
 

@@ -178,6 +178,8 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    conflicting_copies: frozenset[str] = frozenset()
+    """Procedures that are the same procedure as this one but disagree with it (duplicate-conflict)."""
     merge_basis: str = ""
     """Why it is billed under `merged_into`, without free text or identifier values (logs): `duplicate (the same
     Procedure.identifier)`, `duplicate (the same patient, provider, performed time and site)` or `part-of`."""

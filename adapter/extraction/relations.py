@@ -202,6 +202,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
             said = "; ".join(f"{p.ref}: {p.session.text() if p.session else 'no session'}, "
                              f"{p.modality or 'no modality'}, {len(p.lesions)} lesion(s)" for p in members)
             for proc in members:
+                proc.conflicting_copies = frozenset(p.ref for p in members if p is not proc)
                 proc.flag("duplicate-conflict", f"{', '.join(p.ref for p in members if p is not proc)} "
                                                 f"{'is' if len(members) == 2 else 'are'} the same procedure "
                                                 f"({why.get(proc.ref) or why.get(members[1].ref)}) but the copies "

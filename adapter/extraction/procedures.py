@@ -546,7 +546,10 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
     behalf = performers[i].get("onBehalfOf")
     behalf_target = index.resolve(behalf, facts.entry) if behalf else None
     facts.on_behalf_of = behalf_target.key if behalf_target else None
-    if behalf_target is not None:
+    if behalf_target is not None and behalf_target.key is None and behalf_target.written:
+        facts.flag("unresolved-reference", f"performer[{i}].onBehalfOf {behalf_target.written}: "
+                                           f"{behalf_target.problem}")
+    elif behalf_target is not None:
         facts.resolved(f"performer[{i}].onBehalfOf", behalf_target)
     via = f" through {role}" if role else ""
     why = "its function is a primary performer" if primary else "the only eligible performer"
@@ -607,13 +610,26 @@ def context_keys(facts: ProcedureFacts, index: ResourceIndex, linked: list[Resol
     about it: its Patient, Encounter (and the encounter's Locations and service provider), reason Conditions, the
     resources linked from its data (`linked_resources`), the rendering Practitioner and the PractitionerRoles of
     its performers (with their organization), `performer.onBehalfOf`, the patient's active Coverages (with their
-    payors), and its orders' requesters. ChargeItemDefinitions are checked where prices are chosen."""
+    payors), and its orders' requesters. ChargeItemDefinitions are checked where prices are chosen.
+
+    A reference billing needs that cannot be resolved (the billing provider's organization, the encounter's
+    service provider, Locations and Accounts: another server's, say) sends the Procedure to review
+    `unresolved-reference` rather than letting billing fall back as if it were absent."""
     keys: list[str | None] = [facts.patient, *(key for key, _ in facts.reasons), *(t.key for t in linked),
                               facts.rendering, facts.on_behalf_of]
+    needed: list[tuple[str, Resolved]] = []
     for role in facts.roles:
-        keys += [role, index.key_of((index.get(role) or {}).get("organization"), role)]
+        keys.append(role)
+        organization = (index.get(role) or {}).get("organization")
+        if organization is not None:
+            needed.append((f"{role}.organization", index.resolve(organization, index.entry(role))))
     if facts.encounter:
-        keys += index.memo(("encounter-context", facts.encounter), lambda: _encounter_context(facts.encounter, index))
+        needed += index.memo(("encounter-context", facts.encounter), lambda: _encounter_context(facts.encounter, index))
+        keys.append(facts.encounter)
+    for element, target in needed:
+        if target.key is None and target.written:  # a display-only Reference links nothing: not needed
+            facts.flag("unresolved-reference", f"{element} {target.written}: {target.problem}")
+        keys.append(target.key)
     if facts.patient:
         keys += index.memo(("patient-context", facts.patient), lambda: _patient_context(facts.patient or "", index))
     for target in linked:
@@ -622,14 +638,19 @@ def context_keys(facts: ProcedureFacts, index: ResourceIndex, linked: list[Resol
     return list(dict.fromkeys(k for k in keys if k))
 
 
-def _encounter_context(encounter: str, index: ResourceIndex) -> list[str | None]:
-    """The Encounter, its service provider and Locations (place of service, billing provider by department)."""
-    found = index.get(encounter)
+def _encounter_context(encounter: str, index: ResourceIndex) -> list[tuple[str, Resolved]]:
+    """The encounter's service provider, Locations and Accounts (billing provider by department, place of
+    service, ChargeItem.account), each as (element, resolved)."""
+    found, entry = index.get(encounter), index.entry(encounter)
     if found is None:
-        return [encounter]
-    return [encounter, index.key_of(found.get("serviceProvider"), encounter),
-            *(index.key_of(loc.get("location"), encounter) for loc in found.get("location") or []
-              if isinstance(loc, dict))]
+        return []
+    out = [(f"{encounter}.serviceProvider", index.resolve(found["serviceProvider"], entry))] \
+        if found.get("serviceProvider") is not None else []
+    out += [(f"{encounter}.location[{i}].location", index.resolve(loc.get("location"), entry))
+            for i, loc in enumerate(found.get("location") or []) if isinstance(loc, dict)]
+    out += [(f"{encounter}.account[{i}]", index.resolve(acc, entry))
+            for i, acc in enumerate(found.get("account") or [])]
+    return out
 
 
 def _patient_context(patient: str, index: ResourceIndex) -> list[str | None]:

@@ -161,6 +161,36 @@ def test_an_exact_full_url_resolves_but_a_relative_reference_in_a_foreign_entry_
     assert not configured.reviews
 
 
+@pytest.mark.parametrize("element", ["role-organization", "on-behalf-of", "service-provider", "location", "account"])
+def test_a_reference_billing_needs_on_another_server_is_reviewed_not_skipped(element: str) -> None:
+    """The billing provider, place of service and account would otherwise fall back as if it were absent."""
+    proc = procedure("f1", performer=None)
+    proc["performer"] = [{"actor": {"reference": "PractitionerRole/r1"}}]
+    role = {"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "Practitioner/d1"}}
+    enc: dict[str, Any] = {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                           "subject": {"reference": "Patient/p1"}}
+    foreign = {"reference": f"{OTHER}/Organization/g1"}
+    if element == "role-organization":
+        role["organization"] = foreign
+    elif element == "on-behalf-of":
+        proc["performer"][0]["onBehalfOf"] = foreign
+    elif element == "service-provider":
+        enc["serviceProvider"] = foreign
+    elif element == "location":
+        enc["location"] = [{"location": {"reference": f"{OTHER}/Location/l1"}}]
+    else:
+        enc["account"] = [{"reference": f"{OTHER}/Account/a1"}]
+    report = run(proc, role, enc, {"resourceType": "Organization", "id": "g1"})
+    assert reviews(report) == {("f1", "unresolved-reference")}
+    assert f"{OTHER}/" in report.reviews[0].detail and not lines(report)
+    clean = procedure("f1", performer=None)
+    clean["performer"] = [{"actor": {"reference": "PractitionerRole/r1"}}]
+    display_only = run(clean, dict(role, organization={"display": "Lakeshore Imaging"}),
+                       {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                        "subject": {"reference": "Patient/p1"}})  # a display-only Reference links nothing: fine
+    assert not display_only.reviews and lines(display_only) == [("10005", (), 1, ("f1",))]
+
+
 def test_split_by_patient_never_takes_another_servers_patient_for_a_local_one() -> None:
     on_server = procedure("f1", subject={"reference": "http://127.0.0.1:8094/fhir/Patient/p1"})
     elsewhere = procedure("f2", subject={"reference": f"{OTHER}/Patient/p1"})

@@ -70,7 +70,8 @@ OPTIONAL_LINE_KEYS = {"definition", "account"}
 CLAIM_KEYS = {"patient", "rendering", "billing_provider", "insurer", "place_of_service", "diagnoses", "items", "total"}
 WARNING_CODES = {"no-coverage", "missing-price", "ambiguous-account"}
 BILLING_SCENARIOS = range(80, 100)
-"""Numbers reserved for the billing scenarios (issue 10); 01-79 are numbered without gaps."""
+"""Numbers kept apart from 01-79 (numbered without gaps): billing scenarios (issue 10) and, 94-99, the gaps an
+audit of issue 8 found."""
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
 EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
 

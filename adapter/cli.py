@@ -245,6 +245,9 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
         result = syncer.sync(since, progress=bar.update)
     for review in result.reviews:
         click.echo(f"review: {review.procedure}: {review.reason}: {result.free_text.mask(review.detail)}", err=True)
+    for outcome in result.outcomes:  # as dry-run lists them
+        if outcome.merged_into:
+            click.echo(f"{outcome.label}: {outcome.procedure}: billed under {outcome.merged_into}", err=True)
     for failure in result.failures:
         how = "will succeed on a later run" if failure.retryable else "rejected"
         click.echo(f"failed ({how}): session {redact.scrub(failure.session)} ({', '.join(failure.procedures)}): "

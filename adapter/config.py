@@ -18,6 +18,7 @@ import yaml
 
 from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
 from adapter.errors import ConfigError
+from adapter.extraction.index import normalize_base
 from adapter.hl7v2.tables import FILE as HL7V2_FILE
 from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
 
@@ -110,6 +111,8 @@ class CodeTables:
     """Laterality qualifier code -> `left`, `right` or `bilateral`."""
     laterality_extensions: frozenset[str] = frozenset()
     known_modifier_extensions: frozenset[str] = frozenset()
+    local_bases: frozenset[str] = frozenset()
+    """Normalized base URLs whose absolute references name local resources (config/input.yaml local_bases)."""
     mue_sources: dict[str, str] = field(default_factory=dict)
     """Where each MUE value comes from (a source, or `site decision: ...`)."""
     hl7v2: Hl7v2Tables = field(default_factory=Hl7v2Tables)
@@ -375,7 +378,15 @@ def _load_input(path: Path) -> dict[str, Any]:
     if not rendering:
         raise ConfigError(str(path), "rendering_functions", "must name at least one function (e.g. v3 PPRF)")
     actor_types = strings("rendering_actor_types") or frozenset({"Practitioner", "PractitionerRole"})
+    bases: set[str] = set()
+    for i, url in enumerate(_list(data, "local_bases", path, required=False)):
+        text = _str(url, path, f"local_bases[{i}]")
+        base = normalize_base(text)
+        if base is None or urlsplit(text).scheme.lower() not in ("http", "https") or "?" in text or "#" in text:
+            raise ConfigError(str(path), f"local_bases[{i}]", f"{text!r} is not a FHIR base URL such as "
+                                                                "https://ehr.example.org/fhir")
+        bases.add(base)
     return {"rendering_functions": rendering, "non_rendering_functions": codes("non_rendering_functions"),
             "rendering_actor_types": actor_types, "laterality": laterality,
             "laterality_extensions": strings("laterality_extensions"),
-            "known_modifier_extensions": strings("known_modifier_extensions")}
+            "known_modifier_extensions": strings("known_modifier_extensions"), "local_bases": frozenset(bases)}

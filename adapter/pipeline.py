@@ -17,7 +17,7 @@ from adapter.building.resources import BuildResult, build_outputs
 from adapter.coding.engine import CodingResult, Review, code_procedures
 from adapter.config import CodeTables
 from adapter.errors import ExitCode
-from adapter.extraction.index import ResourceIndex
+from adapter.extraction.index import ResourceIndex, normalize_bases
 from adapter.extraction.procedures import ProcedureFacts, extract
 from adapter.extraction.relations import link
 from adapter.sources.files import EntryProblem, ReadResult, SourcedResource, read_paths
@@ -53,6 +53,11 @@ class RunReport:
         return EXIT_OK
 
 
+def local_bases(tables: CodeTables, server_base: str | None = None) -> frozenset[str]:
+    """The bases whose absolute references are local: config/input.yaml local_bases, and online the server."""
+    return tables.local_bases | normalize_bases([server_base] if server_base else [])
+
+
 @contextmanager
 def batch_gc() -> Iterator[None]:
     """Fewer and smaller cyclic-GC passes while a batch runs: the engine makes many small acyclic dicts (and
@@ -68,15 +73,18 @@ def batch_gc() -> Iterator[None]:
         gc.set_threshold(*old)
 
 
-def process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None = None) -> RunReport:
+def process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None = None,
+            server_base: str | None = None) -> RunReport:
     """Code every FNA Procedure among `resources`; pure apart from reading the given dicts and, when `now`
-    (the time of writing stamped on the output) is not given, the clock."""
+    (the time of writing stamped on the output) is not given, the clock. `server_base`: the FHIR server the
+    resources were read from (online), whose absolute references are local like those on `local_bases`."""
     with batch_gc():
-        return _process(resources, tables, now)
+        return _process(resources, tables, now, server_base)
 
 
-def _process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None) -> RunReport:
-    index = ResourceIndex.build(resources)
+def _process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None,
+             server_base: str | None = None) -> RunReport:
+    index = ResourceIndex.build(resources, local_bases(tables, server_base))
     facts = [extract(entry.resource, entry.origin, index, tables, entry)
              for key, entry in index.entries.items() if key.startswith("Procedure/")]
     facts += [extract(item.resource, item.origin, index, tables) for item in index.without_id

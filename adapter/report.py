@@ -76,6 +76,18 @@ def _merged_label(proc: ProcedureFacts) -> str:
     return "part of" if any(rule == Rule.PART_OF for rule, _ in proc.notes) else "duplicate"
 
 
+def _merged_rule(proc: ProcedureFacts) -> str:
+    return str(Rule.PART_OF if _merged_label(proc) == "part of" else Rule.DUPLICATE)
+
+
+def _skip_rule(proc: ProcedureFacts) -> str:
+    if proc.kind is Kind.CORE:
+        return str(Rule.CORE)
+    if proc.kind is Kind.GUIDANCE:
+        return str(Rule.GUIDANCE)
+    return str(Rule.KIND)
+
+
 def _skip_reason(proc: ProcedureFacts) -> str:
     if proc.kind is Kind.CORE:
         return "core needle biopsy, not an FNA (config/fna-valueset.yaml core_needle_biopsy)"
@@ -92,14 +104,17 @@ def _procedure_line(proc: ProcedureFacts, tables: CodeTables) -> list[str]:
     out = [f"  {proc.ref}  performed {proc.performed_text}  status {proc.status}  from {proc.origin}"]
     out += _notes(proc, "    ")
     if proc.modality:
-        out.append(f"    modality: {tables.display_of(proc.modality)}")
+        agreeing = sum(1 for ev in proc.evidence if ev.modality)
+        why = (f"{agreeing} piece(s) of guidance evidence, all agreeing" if agreeing
+               else "no guidance evidence (see below)")
+        out.append(f"    (rule {Rule.MODALITY}) modality: {tables.display_of(proc.modality)}: {why}")
     for ev in proc.evidence:
         said = f"-> {tables.display_of(ev.modality)}" if ev.modality else "-> not a guidance code in the tables"
         out.append(f"      evidence {ev.describe()} {said}")
     if proc.modality_note:
-        out.append(f"      {proc.modality_note}")
+        out.append(f"      (rule {Rule.MODALITY}) {proc.modality_note}")
     if proc.lesion_note:
-        out.append(f"    lesions: {proc.lesion_note}")
+        out.append(f"    (rule {Rule.LESIONS}) lesions: {proc.lesion_note}")
     return out
 
 
@@ -114,21 +129,26 @@ def explain_session(session: Session, report: RunReport, tables: CodeTables) -> 
     for n, (lesion, modality, ref) in enumerate(session.lesions, start=1):
         out.append(f"  {n}. {lesion.label}  from {ref} {lesion.element}  -> {tables.display_of(modality)}")
     for lesion, ref in session.repeats:
-        out.append(f"  (again) {lesion.label} in {ref} {lesion.element}: the same lesion, not counted twice")
+        out.append(f"  (rule {Rule.LESIONS}) again: {lesion.label} in {ref} {lesion.element}: the same lesion, "
+                   "not counted twice")
     if session.held:
         out.append(" Lines: none while held; see the review list")
     else:
         out.append(" Lines:")
-        out += [f"  {line.explanation}" for line in session.lines]
+        out += [f"  (rule {Rule.CODING}) {line.explanation}" for line in session.lines]
         built = next((s for s in report.built.sessions if s.session is session), None)
         waiting = sorted({r.reason for r in report.built.reviews if r.procedure in {p.ref for p in session.procedures}})
-        if built is not None and built.claim:
-            out.append(" Claim: yes")
+        if built is None and waiting:
+            rules = " ".join(dict.fromkeys(f"(rule {RULE_OF_REASON.get(w, w)})" for w in waiting))
+            out.append(f" Nothing written: held in review ({', '.join(waiting)}) {rules}")
+        elif built is not None and built.claim:
+            out.append(f" Claim: yes (rule {Rule.BILLING})")
         elif waiting:
-            out.append(f" Claim: waits in review ({', '.join(waiting)}); the ChargeItems are written")
+            out.append(f" Claim: waits in review ({', '.join(waiting)}); the ChargeItems are written "
+                       f"(rule {Rule.BILLING})")
         else:
-            out.append(" Claim: none (no active Coverage, or claims are off)")
-        out += [f"  {note}" for note in (built.notes if built else [])]
+            out.append(f" Claim: none (no active Coverage, or claims are off) (rule {Rule.BILLING})")
+        out += [f"  (rule {Rule.BILLING}) {note}" for note in (built.notes if built else [])]
     return out
 
 
@@ -151,7 +171,8 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, f"  {proc.ref} ")
     for proc in report.coding.merged:
         if not wanted or proc.ref == wanted:
-            out.append(f"{_merged_label(proc).capitalize()} {proc.ref}: billed under {proc.merged_into}")
+            out.append(f"{_merged_label(proc).capitalize()} {proc.ref}: billed under {proc.merged_into} "
+                       f"(rule {_merged_rule(proc)})")
             out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
@@ -159,7 +180,7 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, "  ")
     for proc in report.coding.skipped:
         if not wanted or proc.ref == wanted:
-            out.append(f"Skipped {proc.ref}: {_skip_reason(proc)}")
+            out.append(f"Skipped {proc.ref}: {_skip_reason(proc)} (rule {_skip_rule(proc)})")
             out += _notes(proc, "  ")
     if wanted and not out:
         out.append(f"{wanted} is not in the input")

@@ -233,8 +233,8 @@ class Service:
                 record.reviews.append(NewReview(proc, ReviewKind.WRITE_REJECTED, failure.review_reason,
                                                 failure.reason, patients, content(patients)))
         record.resolve = sorted({o.procedure for o in final})
-        record.audit = [AuditRecord(o.procedure, o.version, o.session, o.codes, self.tables.version, o.written)
-                        for o in final if o.written or o.outcome == Outcome.FAILED]
+        record.audit = [AuditRecord(o.procedure, o.version, o.session, o.audit_codes, self.tables.version, o.written)
+                        for o in final if o.written or o.outcome == Outcome.FAILED or o.merged_into]
         failing: dict[str, str] = {}
         for failure in summary.to_retry:
             for patient in failure.patients:
@@ -320,7 +320,7 @@ class Service:
             if not self._hold_poll_role():  # renewed each page; lost while reading: the holder starts over
                 return total
             fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
-            patients, loose = split_by_patient(fresh)
+            patients, loose = split_by_patient(fresh, self.syncer.local_bases)
             record = PassRecord(owner=self.owner, lead=POLL_ROLE)
             record.due = [WorkItem(WorkKind.PATIENT, {"reference": p}, "poll", dedupe=f"patient:{p}")
                           for p in sorted(patients)]
@@ -353,7 +353,7 @@ class Service:
             fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
             deferred = False
             if fresh:
-                patients, loose = split_by_patient(fresh)
+                patients, loose = split_by_patient(fresh, self.syncer.local_bases)
                 result = self.sync_patients(patients, loose, stop)
                 total.add(result.summary)
                 record, failing = self.pass_record(result)

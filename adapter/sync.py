@@ -25,10 +25,10 @@ from adapter.client.errors import (
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
-from adapter.extraction.index import reference_of, version_of
+from adapter.extraction.index import local_reference, reference_of, version_of
 from adapter.extraction.procedures import Disposition, Kind
 from adapter.hl7v2.sink import Hl7v2Sink
-from adapter.pipeline import RunReport, process
+from adapter.pipeline import RunReport, local_bases, process
 from adapter.redact import FreeText
 from adapter.runner import failure_kind
 from adapter.sinks.reconcile import IGNORED, Plan, SessionPlan, plan
@@ -68,6 +68,22 @@ class ProcedureOutcome:
     session: str = ""
     codes: tuple[str, ...] = ()
     written: tuple[str, ...] = ()
+    merged_into: str = ""
+    """For a Procedure billed under another one (a duplicate delivery, a `partOf` child): that Procedure."""
+    merge_basis: str = ""
+    """`duplicate (...)` or `part-of`: why (no free text, no identifier values)."""
+
+    @property
+    def label(self) -> str:
+        """How dry-run and sync list a merged Procedure: `duplicate` or `part of`."""
+        return "part of" if self.merge_basis == "part-of" else "duplicate"
+
+    @property
+    def audit_codes(self) -> tuple[str, ...]:
+        """What the audit trail records as its codes: the codes, or `duplicate-of X` / `part-of X`."""
+        if self.merged_into and not self.codes:
+            return (f"{'part-of' if self.merge_basis == 'part-of' else 'duplicate-of'} {self.merged_into}",)
+        return self.codes
 
 
 @dataclass
@@ -118,7 +134,12 @@ class SyncSummary:
         retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
         verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
         queued = f"queued {self.queued} changed patient(s) for the workers; " if self.queued else ""
-        return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients: {self.sessions} sessions, "
+        merged = [o for o in self.outcomes if o.merged_into]
+        duplicates = sum(1 for o in merged if o.label == "duplicate")
+        billed_under = (f", {duplicates} duplicate(s) and {len(merged) - duplicates} partOf child(ren) billed under "
+                        "another Procedure" if merged else "")
+        return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients{billed_under}: "
+                f"{self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
                 f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"
@@ -164,13 +185,15 @@ def _patients_of(session: SessionPlan) -> set[str]:
     return found
 
 
-def split_by_patient(procedures: Iterable[dict[str, Any]]) -> tuple[set[str], list[dict[str, Any]]]:
-    """The patients whose Procedures changed, and the Procedures without a Patient subject (coded alone,
-    so they are reported rather than silently dropped)."""
+def split_by_patient(procedures: Iterable[dict[str, Any]], bases: frozenset[str] = frozenset()
+                     ) -> tuple[set[str], list[dict[str, Any]]]:
+    """The patients whose Procedures changed, and the Procedures without a local Patient subject (coded alone,
+    so they are reported rather than silently dropped). `bases`: the local bases (`Syncer.local_bases`); a
+    subject on another server is no local patient."""
     patients: set[str] = set()
     loose: list[dict[str, Any]] = []
     for proc in procedures:
-        subject = reference_of(proc.get("subject")) or ""
+        subject = local_reference(proc.get("subject"), bases) or ""
         if subject.startswith("Patient/"):
             patients.add(subject)
         else:
@@ -190,7 +213,9 @@ class Syncer:
         """Write ChargeItems and Claims back to the server (`sinks.fhir`)."""
         self.hl7v2 = hl7v2
         """Send DFT^P03 messages to a billing system (`sinks.hl7v2`)."""
-        self.source = ServerSource(client, tables)
+        self.local_bases = local_bases(tables, client.base_url)
+        """Bases whose absolute references are local: config/input.yaml local_bases and the server's own."""
+        self.source = ServerSource(client, tables, local=self.local_bases)
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
                       should_stop: Callable[[], bool] | None = None) -> SyncSummary:
@@ -204,7 +229,7 @@ class Syncer:
         wanted = sorted({p for p in patients if p})
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
-        report = process([*ctx.resources, *extra], self.tables)
+        report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
         summary = self._summarise(report, writes, len(wanted))
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
@@ -238,7 +263,7 @@ class Syncer:
         total = SyncSummary()
         done: set[str] = set()
         for page in self.source.changed_pages(since):
-            patients, loose = split_by_patient(page)
+            patients, loose = split_by_patient(page, self.local_bases)
             todo = patients - done
             if todo or loose:
                 total.add(self.sync_patients(todo, loose))
@@ -349,8 +374,16 @@ class Syncer:
             if facts.kind is not Kind.FNA:
                 continue
             version = version_of(facts.resource)
-            patient = facts.patient or reference_of(facts.resource.get("subject"))
-            if facts.disposition in (Disposition.NO_CHARGE, Disposition.MERGED):  # merged: billed under another
+            patient = facts.patient or local_reference(facts.resource.get("subject"), self.local_bases)
+            if facts.disposition is Disposition.MERGED:  # billed under another: no charge of its own, said so
+                kept = coded.get(facts.merged_into or "")
+                out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE,
+                                            kept.key.text() if kept else "", merged_into=facts.merged_into or "",
+                                            merge_basis=facts.merge_basis))
+                log.info("%s version %s is %s %s: billed once, under it", facts.ref, version or "-",
+                         "part of" if facts.merge_basis == "part-of" else f"a {facts.merge_basis} of",
+                         facts.merged_into)
+            elif facts.disposition is Disposition.NO_CHARGE:
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.NO_CHARGE))
             elif facts.ref in held or facts.ref not in coded:
                 out.append(ProcedureOutcome(facts.ref, version, patient, Outcome.REVIEW))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from adapter import redact
@@ -152,3 +154,60 @@ def test_hashed_patient_references_are_keyed_by_the_installation(tmp_path: Path)
         assert redact.scrub("session of Patient/p1") == f"session of Patient/#{digest}"
     finally:
         redact.configure("omit")
+
+
+FEEDS = ROOT / "fixtures/fhir/feeds"
+CONTRACT = ROOT / "docs/input-contract.md"
+STRUCTURE = [re.compile(p) for p in (
+    r"^Session \d{4}-\d\d-\d\d  ", r"^ Procedures \(in counting order\):$", r"^  Procedure/\S+  performed ",
+    r"^ Lesions \(each counted once, in order\):$", r"^  \d+\. .+  from Procedure/\S+ .+  -> ", r"^      evidence ",
+    r"^ Lines:$", r"^ Lines: none while held; see the review list$")]
+"""explain's structure lines: headers, the numbered lesion list and the evidence under a modality decision."""
+
+
+def documented_rules() -> set[str]:
+    """The rule names of docs/input-contract.md: the headings of section 9 (a heading may name several)."""
+    section = CONTRACT.read_text(encoding="utf-8").split("\n## 9.", 1)[1].split("\n## ", 1)[0]
+    return {name.strip() for heading in re.findall(r"^### (.+)$", section, re.M) for name in heading.split(",")}
+
+
+def every_input() -> list[str]:
+    """Every scenario, feed and NDJSON fixture (their ids never collide: one run is the sum of the single runs)."""
+    feeds = [f for d in sorted(FEEDS.iterdir()) if d.is_dir() for f in sorted(d.iterdir())
+             if f.suffix in (".json", ".ndjson") and f.name != "expected.json"]
+    return [*(str(p) for p in sorted(SCENARIOS.glob("*/input.json"))), *map(str, feeds),
+            *(str(p) for p in sorted((ROOT / "fixtures/fhir/ndjson").glob("*.ndjson")))]
+
+
+def test_every_decision_explain_prints_names_a_documented_rule() -> None:
+    rules = documented_rules()
+    assert {"references", "modality", "lesions", "other-patient", "coding", "billing", "kind"} <= rules
+    text = CliRunner().invoke(cli, ["explain", *every_input()]).stdout
+    decisions = 0
+    for line in text.splitlines():
+        if not line.strip() or any(p.match(line) for p in STRUCTURE):
+            continue
+        named = re.findall(r"\(rule ([a-z0-9-]+)\)", line)
+        assert named, f"explain prints a decision without its rule: {line!r}"
+        assert set(named) <= rules, f"not a rule of docs/input-contract.md section 9: {named} in {line!r}"
+        decisions += 1
+    assert decisions > 1000
+    for rule in rules - {"mue"}:  # every documented rule is named somewhere (mue only in reviews of 32 and 44)
+        assert f"(rule {rule})" in text, rule
+    assert "(rule mue)" in text
+
+
+@pytest.mark.parametrize(("fixture", "rule", "said"), [
+    ("scenarios/45-urn-uuid-references/input.json", "references", "subject urn:uuid:45a00000-0000-4000-8000-"
+                                                                  "000000000000 is Patient/s45-pat (the fullUrl"),
+    ("scenarios/46-contained-body-structure/input.json", "references", "#bs1 is Procedure/s46-fna-1#bs1 (contained"),
+    ("scenarios/47-versioned-references/input.json", "references", "Patient/s47-pat/_history/1 is Patient/s47-pat "
+                                                                   "(version 1)"),
+    ("feeds/70-absolute-urls/bundle.json", "references", "https://ehr.northriver.example.org/fhir/Patient/s70-pat is "
+                                                         "Patient/s70-pat (the fullUrl of a Bundle entry)"),
+    ("scenarios/66-more-modality-codes/input.json", "modality", "modality: fluoroscopic guidance: 1 piece(s) of "
+                                                                "guidance evidence, all agreeing"),
+])
+def test_explain_names_the_rule_where_the_audit_found_none(fixture: str, rule: str, said: str) -> None:
+    text = CliRunner().invoke(cli, ["explain", str(ROOT / "fixtures/fhir" / fixture)]).stdout
+    assert any(f"(rule {rule})" in line and said in line for line in text.splitlines()), text

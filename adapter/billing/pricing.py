@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from adapter.billing.tables import ChargemasterRow, PricingTables
-from adapter.extraction.index import normalize_reference
+from adapter.extraction.index import modifier_extensions, normalize_reference
 
 USAGE_CONTEXT_TYPE = "http://terminology.hl7.org/CodeSystem/usage-context-type"
 FHIRPATH = "text/fhirpath"
@@ -41,6 +41,9 @@ class Price:
 @dataclass(frozen=True)
 class NoPrice:
     detail: str
+    reason: str = "missing-price"
+    """`unknown-modifier-extension` when a definition in scope for the line carries a modifierExtension the
+    adapter does not know: no price can be chosen (the session is held), which is not a missing price."""
 
 
 class UnusableDefinition(ValueError):
@@ -93,8 +96,11 @@ class PriceBook:
     """Every ChargeItemDefinition at hand (server/input and config files) by CPT code, plus the chargemaster."""
 
     def __init__(self, definitions: list[tuple[str, dict[str, Any]]], pricing: PricingTables, cpt_system: str,
-                 key_of: Callable[[Any, dict[str, Any]], str | None] | None = None) -> None:
+                 key_of: Callable[[Any, dict[str, Any]], str | None] | None = None,
+                 known_modifiers: frozenset[str] = frozenset()) -> None:
         self.pricing = pricing
+        self.known_modifiers = known_modifiers
+        self._unknown: dict[str, list[str]] = {}
         self.key_of = key_of or (lambda value, _definition: _literal(value))
         """The canonical key of a Reference written in a definition (the input may use any reference form)."""
         self.by_code: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
@@ -108,11 +114,34 @@ class PriceBook:
         for row in pricing.chargemaster:
             self.rows[row.cpt].append(row)
 
+    def _unknown_modifiers(self, origin: str, definition: dict[str, Any]) -> list[str]:
+        key = f"{origin}|{canonical_of(definition)}|{id(definition)}"
+        if key not in self._unknown:
+            self._unknown[key] = modifier_extensions(definition, "ChargeItemDefinition", self.known_modifiers)
+        return self._unknown[key]
+
+    def _in_scope(self, definition: dict[str, Any], day: date, billing_org: str | None) -> bool:
+        """Whether the definition is for this date of service and billing organization (its applicability
+        conditions aside): what makes an unknown modifierExtension on it matter for the line."""
+        period = definition.get("effectivePeriod") or {}
+        start, end = _day(period.get("start")), _day(period.get("end"))
+        if (start and day < start) or (end and day > end):
+            return False
+        venues = [uc.get("valueReference") or {} for uc in definition.get("useContext") or []
+                  if isinstance(uc, dict) and (uc.get("code") or {}).get("code") == "venue"]
+        return not venues or any(self.key_of(v, definition) == billing_org for v in venues if isinstance(v, dict))
+
     def price(self, code: str, modifiers: tuple[str, ...], day: date, charge_item: dict[str, Any],
               billing_org: str | None) -> Price | NoPrice:
         """The unit price of one line; `charge_item` is the ChargeItem as built (FHIRPath sees it)."""
         candidates: list[tuple[int, str, dict[str, Any]]] = []
         unusable: list[str] = []
+        not_understood = [f"ChargeItemDefinition {canonical_of(d) or origin} ({origin}): {found}"
+                          for origin, d in self.by_code.get(code, []) if self._in_scope(d, day, billing_org)
+                          for found in self._unknown_modifiers(origin, d)]
+        if not_understood:
+            return NoPrice(f"{'; '.join(not_understood)}: not understood, and FHIR forbids pricing {code} as if "
+                           "that definition did not exist", "unknown-modifier-extension")
         for origin, definition in self.by_code.get(code, []):
             try:
                 weight = self._applies(definition, day, charge_item, billing_org)

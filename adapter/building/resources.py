@@ -287,6 +287,14 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
     return claim
 
 
+class HeldSession(Exception):
+    """A session whose output cannot be built as the input stands (a review reason and a sentence)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
 def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables,
                   now: datetime | None = None) -> BuildResult:
     """ChargeItems and Claims for every coded session, each validated with fhir.resources (R4).
@@ -297,7 +305,8 @@ def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables
     definitions = [(index.origins.get(ref, ref), res) for ref, res in found]
     definitions += list(tables.billing.pricing.definitions)
     prices = PriceBook(definitions, tables.billing.pricing, tables.cpt_system,
-                       lambda value, definition: index.key_of(value, key_of_definition.get(id(definition))))
+                       lambda value, definition: index.key_of(value, key_of_definition.get(id(definition))),
+                       tables.known_modifier_extensions)
     ctx = _Context(index, tables, instant(now or datetime.now(UTC)), prices, Accounts(index))
     out = BuildResult()
     for session in result.coded_sessions:
@@ -305,6 +314,10 @@ def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables
             built, warnings, reviews = _build_session(session, ctx)
         except InvalidOutputError as exc:
             out.reviews.extend(Review(p.ref, p.origin, "invalid-output", str(exc)) for p in session.procedures)
+            continue
+        except HeldSession as held:  # like a session that needs review: nothing of it is written
+            out.reviews.extend(Review(p.ref, p.origin, held.reason, f"session {session.key.text()}: {held.detail}")
+                               for p in session.procedures)
             continue
         out.sessions.append(built)
         out.warnings += warnings
@@ -334,6 +347,8 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
         item = build_charge_item(line, session, index, tables, accounts)
         venue = provider.venue if isinstance(provider, BillingProvider) else None
         price = ctx.prices.price(line.code, line.modifiers, day, item, venue)
+        if isinstance(price, NoPrice) and price.reason != "missing-price":
+            raise HeldSession(price.reason, f"{line.label}: {price.detail}")
         if isinstance(price, NoPrice):
             unpriced.append(f"{line.label}: {price.detail}")
             price = None

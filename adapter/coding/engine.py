@@ -94,7 +94,8 @@ def _count_lesions(session: Session) -> list[tuple[tuple[str, str], Finding]]:
             if lesion.key in seen:
                 modality, first_ref = seen[lesion.key]
                 session.repeats.append((lesion, proc.ref))
-                if proc.modality and modality and proc.modality != modality:
+                copies = first_ref in proc.conflicting_copies  # one procedure twice: that is duplicate-conflict
+                if proc.modality and modality and proc.modality != modality and not copies:
                     findings.append(((first_ref, proc.ref), Finding("lesion-modality-conflict",
                                             f"{lesion.label} is sampled under {modality} in {first_ref} and "
                                             f"under {proc.modality} in {proc.ref}")))

@@ -1,21 +1,29 @@
 """The input's resources, and references resolved the way FHIR defines them, without I/O.
 
 A resource is known by its canonical key `Type/id`. A reference may name it in any form FHIR allows and
-still lead to the same key: relative `Type/id`, an absolute URL on a server base, `urn:uuid:`/`urn:oid:`
-and other absolute `fullUrl`s of a Bundle (FHIR R4 Bundle, "Resolving references in Bundles"), a
+still lead to the same key: relative `Type/id`, an absolute URL on a local base (see below), `urn:uuid:`/
+`urn:oid:` and other absolute `fullUrl`s of a Bundle (FHIR R4 Bundle, "Resolving references in Bundles"), a
 contained `#id`, a versioned `.../_history/n`, a conditional `Type?identifier=system|value`, or a
 logical reference by identifier. When the input holds several copies of one resource, the newest version
 wins (highest numeric `meta.versionId`, then latest `meta.lastUpdated`), whatever order they were read in.
+
+An absolute URL `BASE/Type/id` is the local `Type/id` only when it is a Bundle entry's `fullUrl` (exactly, a
+`/_history/n` aside) or when BASE is a local base: one of `config/input.yaml local_bases` or, online, the
+FHIR server's base (compared with scheme and host in lower case, default ports and trailing slashes
+dropped). Any other absolute URL names a resource on another server: it resolves to nothing (a patient
+`Patient/x` on another hospital's server is not our `Patient/x`). A relative reference inside an entry
+whose `fullUrl` is RESTful means `ENTRY_BASE/Type/id` and follows the same rule.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from adapter.sources.files import SourcedResource
 
@@ -23,6 +31,82 @@ _TYPE_ID = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_histo
 _RESTFUL = re.compile(r"^(?:(?P<base>.*)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
                       r"(?:/_history/(?P<version>[^/]+))?/?$")
 _CONDITIONAL = re.compile(r"^(?:.*/)?(?P<type>[A-Z][A-Za-z]+)\?identifier=(?P<value>[^&]+)$")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_base(url: str) -> str | None:
+    """A server base URL as compared: scheme and host in lower case, default port and trailing slash dropped;
+    None when `url` is not an absolute http(s)-like URL with a host."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    if port is not None and DEFAULT_PORTS.get(scheme) != port:
+        host += f":{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
+def normalize_bases(urls: Iterable[str]) -> frozenset[str]:
+    """`normalize_base` of each URL (those that are not base URLs are left out)."""
+    return frozenset(b for b in (normalize_base(u) for u in urls) if b)
+
+
+def local_reference(value: Any, local_bases: frozenset[str]) -> str | None:
+    """`Type/id` of a Reference (dict) or reference string that names a resource of the local id space:
+    relative, or absolute on one of `local_bases` (normalized, see `normalize_bases`). None for any other
+    form (another server, `urn:uuid:`, contained, conditional, logical). For server data without Bundle context."""
+    literal = value.get("reference") if isinstance(value, dict) else value
+    if not isinstance(literal, str):
+        return None
+    match = _RESTFUL.match(literal.strip())
+    if match is None:
+        return None
+    base = match.group("base")
+    if base and (normalize_base(base) or "") not in local_bases:
+        return None
+    return f"{match.group('type')}/{match.group('id')}"
+
+
+def identifier_token(value: Any) -> tuple[str | None, str | None]:
+    """(type, `system|value`) of a logical reference `{type, identifier}` or a conditional reference
+    `Type?identifier=system|value`; (None, None) for any other Reference."""
+    if not isinstance(value, dict):
+        return None, None
+    literal = value.get("reference")
+    if isinstance(literal, str) and literal.strip():
+        match = _CONDITIONAL.match(literal.strip())
+        if match and "|" in match.group("value"):
+            return match.group("type"), match.group("value")
+        return None, None
+    identifier, kind = value.get("identifier"), value.get("type")
+    if isinstance(kind, str) and isinstance(identifier, dict) and identifier.get("value"):
+        return kind, f"{identifier.get('system', '')}|{identifier['value']}"
+    return None, None
+
+
+def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str]:
+    """`element.modifierExtension url` of every modifierExtension below `node` whose URL is not in `known`."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "modifierExtension" and isinstance(value, list):
+                found += [f"{path}.modifierExtension {e.get('url') if isinstance(e, dict) else repr(e)}"
+                          for e in value if not (isinstance(e, dict) and e.get("url") in known)]
+            elif isinstance(value, dict | list):
+                found += modifier_extensions(value, f"{path}.{key}", known)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += modifier_extensions(item, f"{path}[{i}]", known)
+    return found
 
 
 def parse_reference(reference: str) -> tuple[str, str] | None:
@@ -89,6 +173,7 @@ class Entry:
     deleted: bool = False
     modifier_free: bool = False
     base: str | None = field(default=None, init=False)
+    _unknown: tuple[frozenset[str], list[str]] | None = field(default=None, init=False, repr=False)
     """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
 
     def __post_init__(self) -> None:
@@ -98,6 +183,15 @@ class Entry:
     @property
     def root(self) -> Entry:
         return self.container.root if self.container else self
+
+    def unknown_modifiers(self, known: frozenset[str]) -> list[str]:
+        """`element url` of every modifierExtension in the resource whose URL is not in `known` (computed once
+        per entry: many Procedures read one Encounter or Patient; none when its text held no modifierExtension)."""
+        if self.modifier_free or self.deleted:
+            return []
+        if self._unknown is None or self._unknown[0] is not known:
+            self._unknown = (known, modifier_extensions(self.resource, self.key, known))
+        return self._unknown[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +203,8 @@ class Resolved:
     key: str | None
     entry: Entry | None = None
     problem: str = ""
+    how: str = ""
+    """How a form other than a plain relative `Type/id` was resolved (for `explain`); "" for a plain one."""
 
     @property
     def resource(self) -> dict[str, Any] | None:
@@ -139,16 +235,21 @@ class ResourceIndex:
     conflicts: dict[str, list[str]] = field(default_factory=dict)
     """Keys with copies that differ but carry no version to tell which is newer: their origins."""
     without_id: list[SourcedResource] = field(default_factory=list)
+    local_bases: frozenset[str] = frozenset()
+    """Normalized bases whose absolute references are local `Type/id` (config local_bases; online, the server)."""
     _full_urls: dict[str, str] = field(default_factory=dict, repr=False)
     _contained: dict[str, Entry] = field(default_factory=dict, repr=False)
     _identifiers: dict[tuple[str, str, str], list[str]] | None = field(default=None, repr=False)
     _plain: dict[str, Resolved] = field(default_factory=dict, repr=False)
     """Resolutions of plain `Type/id` references outside any RESTful base (the common case), until the next add."""
     _coverages: dict[str, list[tuple[str, dict[str, Any]]]] | None = field(default=None, repr=False)
+    _accounts: dict[str, list[str]] | None = field(default=None, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, resources: Iterable[SourcedResource]) -> ResourceIndex:
-        index = cls()
+    def build(cls, resources: Iterable[SourcedResource], local_bases: Iterable[str] = ()) -> ResourceIndex:
+        """The index of `resources`; absolute references on one of `local_bases` (base URLs) are local."""
+        index = cls(local_bases=normalize_bases(local_bases))
         for item in resources:
             index.add(item)
         return index
@@ -174,6 +275,8 @@ class ResourceIndex:
         self._identifiers = None
         self._plain.clear()
         self._coverages = None
+        self._accounts = None
+        self._memo.clear()
         if old is None:
             self._set(entry)
             return
@@ -262,18 +365,44 @@ class ResourceIndex:
             key = self._full_urls.get(text)
             if key is None:
                 return Resolved(text, None, problem=f"{text} matches no Bundle entry fullUrl in the input")
-            return Resolved(text, key, self.entries.get(key))
+            return Resolved(text, key, self.entries.get(key), how="the fullUrl of a Bundle entry")
         key = f"{match.group('type')}/{match.group('id')}"
         base = match.group("base")
+        how = ""
         if base and "://" in base:
-            key = self._full_urls.get(_without_version(text), key)
+            found = self._full_urls.get(_without_version(text))
+            if found is not None:
+                key, how = found, "the fullUrl of a Bundle entry"
+            elif self.is_local(base):
+                how = f"on the local base {normalize_base(base)}"
+            else:
+                return Resolved(text, None, problem=self._elsewhere(base))
         elif referrer is not None and referrer.root.base:
-            key = self._full_urls.get(f"{referrer.root.base}/{key}", key)
+            entry_base = referrer.root.base
+            found = self._full_urls.get(f"{entry_base}/{key}")
+            if found is not None:
+                key, how = found, f"relative to its entry's fullUrl base {entry_base}"
+            elif "://" in entry_base and not self.is_local(entry_base):
+                return Resolved(text, None, problem=f"relative to the fullUrl of {referrer.root.key}, it means "
+                                                    f"{entry_base}/{key}, " + self._elsewhere(entry_base))
         entry = self.entries.get(key)
         version = match.group("version")
-        if version and entry is not None and version_of(entry.resource) not in ("", version):
-            entry = next((e for e in self.superseded.get(key, []) if version_of(e.resource) == version), entry)
-        return Resolved(text, key, entry)
+        if version:
+            how = f"version {version}" + (f", {how}" if how else "")
+            if entry is not None and version_of(entry.resource) not in ("", version):
+                entry = next((e for e in self.superseded.get(key, []) if version_of(e.resource) == version), entry)
+        return Resolved(text, key, entry, how=how)
+
+    def is_local(self, base: str) -> bool:
+        """Whether an absolute reference on `base` names the local resource of the same `Type/id`."""
+        normalized = normalize_base(base)
+        return normalized is not None and normalized in self.local_bases
+
+    def _elsewhere(self, base: str) -> str:
+        bases = ", ".join(sorted(self.local_bases)) or "none"
+        return (f"on another server ({base}): no Bundle entry has it as fullUrl and that base is not local "
+                f"(config/input.yaml local_bases and, online, the FHIR server's: {bases}); it may be another "
+                "patient's or provider's resource")
 
     def _contained_target(self, text: str, referrer: Entry | None) -> Resolved:
         if referrer is None:
@@ -281,7 +410,7 @@ class ResourceIndex:
         container = referrer.root
         wanted = text[1:]
         if not wanted:  # "#" is the containing resource itself
-            return Resolved(text, container.key, container)
+            return Resolved(text, container.key, container, how="the resource that contains it")
         key = f"{container.key}#{wanted}"
         found = self._contained.get(key)
         if found is None:
@@ -292,7 +421,7 @@ class ResourceIndex:
                     break
         if found is None:
             return Resolved(text, None, problem=f"{text} names no contained resource of {container.key}")
-        return Resolved(text, key, found)
+        return Resolved(text, key, found, how=f"contained in {container.key}")
 
     def _by_identifier(self, kind: str | None, system: str, value: str) -> Resolved:
         written = f"{kind or ''}?identifier={system}|{value}"
@@ -312,13 +441,34 @@ class ResourceIndex:
             found = sorted({k for (_, s, v), keys in self._identifiers.items() if (s, v) == (system, value)
                             for k in keys})
         if len(found) == 1:
-            return Resolved(written, found[0], self.entries[found[0]])
+            return Resolved(written, found[0], self.entries[found[0]], how="the one resource with that identifier")
         if len(found) > 1:
             return Resolved(written, None, problem=f"{written} matches {len(found)} resources: "
                                                    f"{', '.join(sorted(found))}")
         # not in the input: the logical reference itself is the identity (a server may still resolve it)
         return Resolved(written, written if kind else None,
-                        problem=f"no resource with identifier {system}|{value} in the input")
+                        problem=f"no resource with identifier {system}|{value} in the input",
+                        how="a logical reference: no resource of the input has that identifier")
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per key until the next resource is added (what many Procedures derive alike)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def accounts_of(self, patient: str) -> list[str]:
+        """The active Accounts whose `subject` names the patient (any reference form), sorted."""
+        if self._accounts is None:
+            grouped: dict[str, set[str]] = {}
+            for ref, account in self.of_type("Account"):
+                if account.get("status") != "active":
+                    continue
+                for subject in account.get("subject") or []:
+                    owner = self.resolve(subject, self.entries[ref]).key
+                    if owner:
+                        grouped.setdefault(owner, set()).add(ref)
+            self._accounts = {owner: sorted(refs) for owner, refs in grouped.items()}
+        return self._accounts.get(patient, [])
 
     def active_coverages(self, patient: str) -> list[tuple[str, dict[str, Any]]]:
         """The patient's active Coverages (beneficiary in any reference form), in claim order."""

@@ -15,7 +15,14 @@ from enum import StrEnum
 from typing import Any
 
 from adapter.config import CodeKey, CodeTables
-from adapter.extraction.index import Entry, Resolved, ResourceIndex, reference_of, version_rank
+from adapter.extraction.index import (
+    Entry,
+    Resolved,
+    ResourceIndex,
+    modifier_extensions,
+    reference_of,
+    version_rank,
+)
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -64,6 +71,12 @@ class Rule(StrEnum):
     LESIONS = "lesions"
     STATUS = "status"
     MUE = "mue"
+    KIND = "kind"
+    """Is it an FNA (section 2): skipped otherwise."""
+    CODING = "coding"
+    """Primary and add-on codes per modality, modifier 59 (section 7)."""
+    BILLING = "billing"
+    """What a Claim needs: billing provider, payer, place of service, diagnoses, prices (section 8)."""
 
 
 RULE_OF_REASON = {
@@ -76,6 +89,8 @@ RULE_OF_REASON = {
     "modality-conflict": Rule.MODALITY, "modality-missing": Rule.MODALITY,
     "lesion-modality-conflict": Rule.MODALITY, "status-needs-review": Rule.STATUS,
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
+    "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
+    "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
 }
 
 
@@ -163,8 +178,17 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    conflicting_copies: frozenset[str] = frozenset()
+    """Procedures that are the same procedure as this one but disagree with it (duplicate-conflict)."""
+    merge_basis: str = ""
+    """Why it is billed under `merged_into`, without free text or identifier values (logs): `duplicate (the same
+    Procedure.identifier)`, `duplicate (the same patient, provider, performed time and site)` or `part-of`."""
     notes: list[tuple[str, str]] = field(default_factory=list)
     """(rule, sentence): every decision taken for this Procedure, for `explain`."""
+    roles: list[str] = field(default_factory=list)
+    """The PractitionerRoles of the input its performers name (their content is read)."""
+    reference_forms: list[str] = field(default_factory=list)
+    """How each reference in a form other than plain `Type/id` was resolved (rule references)."""
 
     @property
     def id(self) -> str:
@@ -176,6 +200,11 @@ class ProcedureFacts:
 
     def note(self, rule: Rule, text: str) -> None:
         self.notes.append((str(rule), text))
+
+    def resolved(self, element: str, target: Resolved) -> None:
+        """Remember how a reference written in a form other than plain `Type/id` was resolved (for `explain`)."""
+        if target.how:
+            self.reference_forms.append(f"{element} {target.written} is {target.key} ({target.how})")
 
     def sort_key(self) -> tuple[datetime, str]:
         return (self.performed or datetime.max.replace(tzinfo=UTC), self.ref)
@@ -370,10 +399,7 @@ def _structure_lesion(target: Resolved, element: str, site: dict[str, Any] | Non
     signature, sides = site_signature([location] if location else [], qualifiers, tables)
     if signature is None and site:
         signature, sides = site_signature([site], [], tables)
-    owner = index.resolve(found.get("patient"), target.entry).key if found.get("patient") else None
-    if owner and facts.patient and owner != facts.patient:
-        facts.flag("other-patient", f"{element} {key} belongs to {owner}, not to the Procedure's subject "
-                                    f"{facts.patient}: wrong-patient data is never billed")
+    check_owner(facts, element, target, "patient", index)
     return Lesion(key, element, f"{key} ({label})" if label else key, position, key,
                   (_strip_extensions(location) if location else None) or site, signature, "bilateral" in sides)
 
@@ -392,6 +418,7 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
         if target.key is None:
             facts.flag("unresolved-reference", f"{element} {target.written}: {target.problem}")
             continue
+        facts.resolved(element, target)
         if target.type not in (None, "BodyStructure"):
             facts.flag("invalid-resource", f"{element} {target.key} is not a BodyStructure")
             continue
@@ -447,7 +474,8 @@ def _check_bilateral(facts: ProcedureFacts) -> None:
 
 
 # ------------------------------------------------------------------------------------- who bills
-def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str | None, str | None, str]:
+def _person(target: Resolved, element: str, index: ResourceIndex,
+            facts: ProcedureFacts | None = None) -> tuple[str | None, str | None, str]:
     """(practitioner key, PractitionerRole key, problem) of a resolved Practitioner or PractitionerRole."""
     if target.type == "Practitioner":
         return target.key, None, ""
@@ -457,7 +485,10 @@ def _person(target: Resolved, element: str, index: ResourceIndex) -> tuple[str |
                                   "on the server): its practitioner is the rendering provider")
     practitioner = index.resolve(role.get("practitioner"), target.entry)
     if practitioner.key is None or practitioner.type != "Practitioner":
-        return None, target.key, f"{element} {target.key} names no resolvable practitioner"
+        why = f" ({practitioner.written}: {practitioner.problem})" if practitioner.problem else ""
+        return None, target.key, f"{element} {target.key} names no resolvable practitioner{why}"
+    if facts is not None:
+        facts.resolved(f"{target.key}.practitioner", practitioner)
     return practitioner.key, target.key, ""
 
 
@@ -483,7 +514,10 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
         if kind not in tables.rendering_actor_types:
             passed.append(f"{element}.actor {target.key} is a {kind}, never the rendering provider")
             continue
-        person, role, problem = _person(target, f"{element}.actor", index)
+        facts.resolved(f"{element}.actor", target)
+        person, role, problem = _person(target, f"{element}.actor", index, facts)
+        if role and target.resource is not None:
+            facts.roles.append(role)
         if person is None:
             facts.flag("unresolved-reference", problem)
             continue
@@ -510,7 +544,13 @@ def choose_rendering(resource: dict[str, Any], facts: ProcedureFacts, index: Res
     role = next((r for _, r, _ in pick if r), None)
     facts.rendering, facts.rendering_role = person, role
     behalf = performers[i].get("onBehalfOf")
-    facts.on_behalf_of = index.resolve(behalf, facts.entry).key if behalf else None
+    behalf_target = index.resolve(behalf, facts.entry) if behalf else None
+    facts.on_behalf_of = behalf_target.key if behalf_target else None
+    if behalf_target is not None and behalf_target.key is None and behalf_target.written:
+        facts.flag("unresolved-reference", f"performer[{i}].onBehalfOf {behalf_target.written}: "
+                                           f"{behalf_target.problem}")
+    elif behalf_target is not None:
+        facts.resolved(f"performer[{i}].onBehalfOf", behalf_target)
     via = f" through {role}" if role else ""
     why = "its function is a primary performer" if primary else "the only eligible performer"
     facts.note(Rule.RENDERING, f"{person}{via} (performer[{i}]): {why}"
@@ -533,9 +573,14 @@ def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTab
             continue
         element = f"{facts.encounter} participant[{i}].individual"
         target = index.resolve(part.get("individual"), encounter)
+        if target.key is None and target.type is None:
+            facts.flag("unresolved-reference", f"no performer, and {element} {target.written or '(empty)'}: "
+                                               f"{target.problem}")
+            return
         if target.type not in tables.rendering_actor_types:
             continue
-        person, role, problem = _person(target, element, index)
+        facts.resolved(element, target)
+        person, role, problem = _person(target, element, index, facts)
         if person is None:
             facts.flag("unresolved-reference", problem)
             return
@@ -552,26 +597,96 @@ def _from_encounter(facts: ProcedureFacts, index: ResourceIndex, tables: CodeTab
 
 
 # ---------------------------------------------------------------------------------------- safety
-def modifier_extensions(node: Any, path: str, known: frozenset[str]) -> list[str]:
-    """`element: url` of every modifierExtension below `node` that is not in `known`."""
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "modifierExtension" and isinstance(value, list):
-                found += [f"{path}.modifierExtension {e.get('url') if isinstance(e, dict) else e!r}"
-                          for e in value if not (isinstance(e, dict) and e.get("url") in known)]
-            elif isinstance(value, dict | list):
-                found += modifier_extensions(value, f"{path}.{key}", known)
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found += modifier_extensions(item, f"{path}[{i}]", known)
-    return found
-
-
 def _unknown_modifiers(resource: dict[str, Any], path: str, tables: CodeTables, entry: Entry | None) -> list[str]:
+    if entry is not None and entry.container is None and entry.resource is resource:
+        return entry.unknown_modifiers(tables.known_modifier_extensions)  # cached; the fast path when modifier-free
     if entry is not None and entry.modifier_free:  # its file holds no modifierExtension at all
         return []
     return modifier_extensions(resource, path, tables.known_modifier_extensions)
+
+
+def context_keys(facts: ProcedureFacts, index: ResourceIndex, linked: list[Resolved]) -> list[str]:
+    """Every resource (canonical key) besides the Procedure and its BodyStructures whose content feeds a decision
+    about it: its Patient, Encounter (and the encounter's Locations and service provider), reason Conditions, the
+    resources linked from its data (`linked_resources`), the rendering Practitioner and the PractitionerRoles of
+    its performers (with their organization), `performer.onBehalfOf`, the patient's active Coverages (with their
+    payors), and its orders' requesters. ChargeItemDefinitions are checked where prices are chosen.
+
+    A reference billing needs that cannot be resolved (the billing provider's organization, the encounter's
+    service provider, Locations and Accounts: another server's, say) sends the Procedure to review
+    `unresolved-reference` rather than letting billing fall back as if it were absent."""
+    keys: list[str | None] = [facts.patient, *(key for key, _ in facts.reasons), *(t.key for t in linked),
+                              facts.rendering, facts.on_behalf_of]
+    needed: list[tuple[str, Resolved]] = []
+    for role in facts.roles:
+        keys.append(role)
+        organization = (index.get(role) or {}).get("organization")
+        if organization is not None:
+            needed.append((f"{role}.organization", index.resolve(organization, index.entry(role))))
+    if facts.encounter:
+        needed += index.memo(("encounter-context", facts.encounter), lambda: _encounter_context(facts.encounter, index))
+        keys.append(facts.encounter)
+    for element, target in needed:
+        if target.key is None and target.written:  # a display-only Reference links nothing: not needed
+            facts.flag("unresolved-reference", f"{element} {target.written}: {target.problem}")
+        keys.append(target.key)
+    if facts.patient:
+        keys += index.memo(("patient-context", facts.patient), lambda: _patient_context(facts.patient or "", index))
+    for target in linked:
+        if target.type == "ServiceRequest" and target.resource is not None:
+            keys.append(index.key_of(target.resource.get("requester"), target.key))
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def _encounter_context(encounter: str, index: ResourceIndex) -> list[tuple[str, Resolved]]:
+    """The encounter's service provider, Locations and Accounts (billing provider by department, place of
+    service, ChargeItem.account), each as (element, resolved)."""
+    found, entry = index.get(encounter), index.entry(encounter)
+    if found is None:
+        return []
+    out = [(f"{encounter}.serviceProvider", index.resolve(found["serviceProvider"], entry))] \
+        if found.get("serviceProvider") is not None else []
+    out += [(f"{encounter}.location[{i}].location", index.resolve(loc.get("location"), entry))
+            for i, loc in enumerate(found.get("location") or []) if isinstance(loc, dict)]
+    out += [(f"{encounter}.account[{i}]", index.resolve(acc, entry))
+            for i, acc in enumerate(found.get("account") or [])]
+    return out
+
+
+def _patient_context(patient: str, index: ResourceIndex) -> list[str | None]:
+    """The patient's active Coverages (the Claim's insurance) and their payors."""
+    keys: list[str | None] = []
+    for ref, cov in index.active_coverages(patient):
+        keys += [ref, *(index.key_of(p, ref) for p in cov.get("payor") or [])]
+    return keys
+
+
+def check_owner(facts: ProcedureFacts, element: str, target: Resolved, field_name: str,
+                index: ResourceIndex) -> None:
+    """Flag a resource linked from the Procedure's data (`element` -> `target`) whose patient (`field_name`:
+    BodyStructure.patient, Condition/Encounter/ServiceRequest.subject, Coverage.beneficiary, Account.subject)
+    is another patient (`other-patient`), or cannot be told (`unresolved-reference`). A resource that names no
+    patient, or (Account.subject) only non-patients, is not another patient's."""
+    found = target.resource
+    value = found.get(field_name) if found is not None else None
+    if value is None or not facts.patient:
+        return
+    many = isinstance(value, list)
+    owners = [index.resolve(v, target.entry) for v in (value if many else [value])]
+    if any(o.key == facts.patient for o in owners):
+        return
+    where = f"{element} {target.key}.{field_name}"
+    for owner in owners:
+        logical = owner.key is not None and ("?" in owner.key or "?" in facts.patient)
+        if owner.key is None or (logical and (not many or owner.type == "Patient")):
+            facts.flag("unresolved-reference", f"{where} {owner.written or '(empty)'}: "
+                                               f"{owner.problem or 'known only by identifier'}; whether it is "
+                                               f"{facts.patient}'s cannot be told")
+            return
+    others = [o.key for o in owners if o.key and (not many or o.type == "Patient")]
+    if others:
+        facts.flag("other-patient", f"{element} {target.key} belongs to {', '.join(others)} ({field_name}), not to "
+                                    f"the Procedure's subject {facts.patient}: wrong-patient data is never billed")
 
 
 def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: ResourceIndex,
@@ -581,13 +696,55 @@ def _check_subject_of(value: Any, element: str, facts: ProcedureFacts, index: Re
     if target.key is None:
         facts.flag("unresolved-reference", f"{element} {target.written or '(empty)'}: {target.problem}")
         return target
-    found = target.resource
-    if found is not None and facts.patient and found.get(field_name):
-        owner = index.resolve(found.get(field_name), target.entry).key
-        if owner and owner != facts.patient:
-            facts.flag("other-patient", f"{element} {target.key} belongs to {owner}, not to the Procedure's "
-                                        f"subject {facts.patient}: wrong-patient data is never billed")
+    facts.resolved(element, target)
+    check_owner(facts, element, target, field_name, index)
     return target
+
+
+def linked_resources(resource: dict[str, Any], facts: ProcedureFacts, index: ResourceIndex,
+                     encounter: Resolved | None) -> list[Resolved]:
+    """The Conditions, Accounts, Coverages and ServiceRequests the Procedure's data links to, each checked to be
+    this patient's (rule other-patient): the encounter's `diagnosis.condition` and `account` (and each Account's
+    `coverage`), the patient's own active Accounts' `coverage`, and each `basedOn` ServiceRequest (its `subject`
+    and `insurance`). Returned (those in the input) for the modifierExtension check."""
+    found: list[Resolved] = []
+
+    def follow(value: Any, referrer: Entry | None, element: str, kind: str, owner: str) -> Resolved | None:
+        target = index.resolve(value, referrer)
+        if target.resource is None or target.type != kind:
+            return None  # not in the input (or not that type): nothing of it is read
+        facts.resolved(element, target)
+        check_owner(facts, element, target, owner, index)
+        found.append(target)
+        return target
+
+    def coverages_of(account: Resolved, element: str) -> None:
+        for j, cov in enumerate(c for c in (account.resource or {}).get("coverage") or [] if isinstance(c, dict)):
+            follow(cov.get("coverage"), account.entry, f"{element} {account.key} coverage[{j}].coverage", "Coverage",
+                   "beneficiary")
+
+    if encounter is not None and encounter.resource is not None:
+        enc, where = encounter.resource, f"encounter {encounter.key}"
+        for i, diag in enumerate(d for d in enc.get("diagnosis") or [] if isinstance(d, dict)):
+            follow(diag.get("condition"), encounter.entry, f"{where} diagnosis[{i}].condition", "Condition", "subject")
+        for i, value in enumerate(enc.get("account") or []):
+            account = follow(value, encounter.entry, f"{where} account[{i}]", "Account", "subject")
+            if account is not None:
+                coverages_of(account, f"{where} account[{i}]")
+    if facts.patient:
+        seen = {t.key for t in found}
+        for key in index.accounts_of(facts.patient):
+            if key not in seen:
+                account = Resolved(key, key, index.entry(key))
+                found.append(account)
+                coverages_of(account, f"{facts.patient}'s")
+    for i, value in enumerate(resource.get("basedOn") or []):
+        request = follow(value, facts.entry, f"basedOn[{i}]", "ServiceRequest", "subject")
+        if request is None:
+            continue
+        for j, insurance in enumerate((request.resource or {}).get("insurance") or []):
+            follow(insurance, request.entry, f"basedOn[{i}] {request.key} insurance[{j}]", "Coverage", "beneficiary")
+    return found
 
 
 # ---------------------------------------------------------------------------------------- extract
@@ -619,9 +776,11 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
                                       for i in resource.get("identifier") or []
                                       if isinstance(i, dict) and i.get("value")}))
     facts.part_of = [index.resolve(p, entry) for p in resource.get("partOf") or []]
+    for i, target in enumerate(facts.part_of):
+        facts.resolved(f"partOf[{i}]", target)
     if facts.status in NO_CHARGE_STATUSES:
         facts.disposition = Disposition.NO_CHARGE
-        return facts
+        return _noted_references(facts)
     if facts.status in REVIEW_STATUSES:
         facts.flag("status-needs-review", f"status '{facts.status}': whether a lesion was sampled needs a coder")
     elif facts.status != "completed":
@@ -636,6 +795,8 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         facts.flag("invalid-resource", f"subject {subject.key} is not a Patient")
     else:
         facts.patient = subject.key
+        facts.resolved("subject", subject)
+    encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
         facts.encounter = encounter.key or ""
@@ -643,6 +804,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         target = _check_subject_of(value, f"reasonReference[{i}]", facts, index, "subject")
         if target.key:
             facts.reasons.append((target.key, target.resource))
+    linked = linked_resources(resource, facts, index, encounter)
     choose_rendering(resource, facts, index, tables)
     parse_performed(resource, facts, tables)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
@@ -653,11 +815,22 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     for target in structures:
         if target.resource is not None:
             unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
+    for key in context_keys(facts, index, linked):
+        found = index.entry(key)
+        if found is not None:
+            unknown += found.unknown_modifiers(tables.known_modifier_extensions)
     if unknown:
-        facts.flag("unknown-modifier-extension", f"{'; '.join(unknown)}: not understood, and FHIR forbids "
-                                                 "processing a resource as if a modifierExtension were absent")
+        facts.flag("unknown-modifier-extension", f"{'; '.join(dict.fromkeys(unknown))}: not understood, and FHIR "
+                                                 "forbids processing a resource as if a modifierExtension were absent")
     if facts.patient and facts.rendering and facts.service_date:
         facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
+    return _noted_references(facts)
+
+
+def _noted_references(facts: ProcedureFacts) -> ProcedureFacts:
+    """One `references` note for every reference written in a form other than plain `Type/id`."""
+    if facts.reference_forms:
+        facts.note(Rule.REFERENCES, "; ".join(dict.fromkeys(facts.reference_forms)))
     return facts
 
 

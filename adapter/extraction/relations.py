@@ -77,6 +77,11 @@ def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
             if child.kind is Kind.FNA and all(t.key in by_ref for t in child.part_of):
                 child.note(Rule.PART_OF, "partOf names no FNA: billed as a procedure of its own")
             continue
+        if parent.patient and child.patient and parent.patient != child.patient:
+            child.flag("other-patient", f"partOf {parent.ref} belongs to {parent.patient}, not to the Procedure's "
+                                        f"subject {child.patient}: wrong-patient data is never billed (nor used as "
+                                        "its guidance evidence)")
+            continue
         used.add(child.ref)
         evidence = [replace(e, element=f"{child.ref} (partOf child) {e.element}") for e in child.evidence]
         if child.status == "completed":
@@ -100,6 +105,7 @@ def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
         else:
             child.disposition = Disposition.MERGED
             child.merged_into = parent.ref
+            child.merge_basis = "part-of"
 
 
 def _site_keys(proc: ProcedureFacts) -> set[str]:
@@ -153,6 +159,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
                   (Disposition.BILLABLE, Disposition.REVIEW)]
     parent: dict[str, str] = {p.ref: p.ref for p in candidates}
     why: dict[str, str] = {}
+    basis: dict[str, str] = {}
 
     def find(ref: str) -> str:
         while parent[ref] != ref:
@@ -160,25 +167,28 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
             ref = parent[ref]
         return ref
 
-    def union(a: str, b: str, reason: str) -> None:
+    def union(a: str, b: str, reason: str, kind: str) -> None:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
         why.setdefault(b, reason)
+        basis.setdefault(b, kind)
 
     first: dict[object, str] = {}
     for proc in candidates:
         for system, value in proc.identifiers:
             key = ("identifier", system, value)
             if key in first:
-                union(first[key], proc.ref, f"the same Procedure.identifier {system}|{value}")
+                union(first[key], proc.ref, f"the same Procedure.identifier {system}|{value}",
+                      "the same Procedure.identifier")
             else:
                 first[key] = proc.ref
         if proc.patient and proc.rendering and proc.performed:
             key = ("delivery", proc.patient, proc.rendering, proc.performed,
                    frozenset(_lesion_identity(lesion) for lesion in proc.lesions))
             if key in first:
-                union(first[key], proc.ref, "the same patient, provider, performed time and site")
+                union(first[key], proc.ref, "the same patient, provider, performed time and site",
+                      "the same patient, provider, performed time and site")
             else:
                 first[key] = proc.ref
     groups: dict[str, list[ProcedureFacts]] = defaultdict(list)
@@ -192,6 +202,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
             said = "; ".join(f"{p.ref}: {p.session.text() if p.session else 'no session'}, "
                              f"{p.modality or 'no modality'}, {len(p.lesions)} lesion(s)" for p in members)
             for proc in members:
+                proc.conflicting_copies = frozenset(p.ref for p in members if p is not proc)
                 proc.flag("duplicate-conflict", f"{', '.join(p.ref for p in members if p is not proc)} "
                                                 f"{'is' if len(members) == 2 else 'are'} the same procedure "
                                                 f"({why.get(proc.ref) or why.get(members[1].ref)}) but the copies "
@@ -200,6 +211,7 @@ def _duplicates(ordered: list[ProcedureFacts]) -> None:
         for proc in members[1:]:
             proc.disposition = Disposition.MERGED
             proc.merged_into = kept.ref
+            proc.merge_basis = f"duplicate ({basis.get(proc.ref, 'the same procedure')})"
             proc.findings.clear()
             proc.note(Rule.DUPLICATE, f"a second delivery of {kept.ref} ({why.get(proc.ref, 'the same procedure')}): "
                                       "billed once, under that Procedure")

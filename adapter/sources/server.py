@@ -13,7 +13,7 @@ from typing import Any
 
 from adapter.client import FhirClient, SearchParams
 from adapter.config import CodeTables
-from adapter.extraction.index import reference_of
+from adapter.extraction.index import identifier_token, local_reference, normalize_bases
 from adapter.extraction.procedures import body_structure_extensions
 from adapter.sources.files import SourcedResource
 
@@ -45,10 +45,13 @@ class PatientContext:
 
 
 class ServerSource:
-    def __init__(self, client: FhirClient, tables: CodeTables, page_size: int = PAGE) -> None:
+    def __init__(self, client: FhirClient, tables: CodeTables, page_size: int = PAGE,
+                 local: frozenset[str] | None = None) -> None:
         self.client = client
         self.tables = tables
         self.page_size = page_size
+        self.local = local if local is not None else tables.local_bases | normalize_bases([client.base_url])
+        """Bases whose absolute references are read from this server (its own, and config local_bases)."""
         # FNAs, core biopsies (same-lesion rule) and separate imaging-guidance Procedures (modality evidence)
         codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures))
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
@@ -117,14 +120,17 @@ class ServerSource:
                 "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
                 "_count": str(PAGE)})
         have = {_key(r) for r in (*procedures, *first)}
+        searched: set[tuple[str, str]] = set()
         fetched = [*procedures, *first]
         pending = list(fetched)
         for _ in range(FOLLOW_DEPTH):
-            refs = _References()
+            refs = _References(self.local)
             for res in pending:
                 refs.add_from(res)
             refs.discard(have)
-            pending = self._fetch(refs)
+            refs.discard_searched(searched)
+            searched |= {(kind, token) for kind, tokens in refs.identifiers.items() for token in tokens}
+            pending = [r for r in self._fetch(refs) if _key(r) not in have]
             if not pending:
                 break
             have |= {_key(r) for r in pending}
@@ -139,6 +145,9 @@ class ServerSource:
         for kind in sorted(refs.ids):
             for batch in chunks(sorted(refs.ids[kind])):
                 found += self._search(kind, {"_id": ",".join(batch), "_count": str(PAGE)})
+        for kind in sorted(refs.identifiers):  # logical and conditional references: every match, to tell one from many
+            for batch in chunks(sorted(refs.identifiers[kind])):
+                found += self._search(kind, {"identifier": ",".join(batch), "_count": str(PAGE)})
         return found
 
 
@@ -151,21 +160,31 @@ def _key(resource: dict[str, Any]) -> str:
 
 
 class _References:
-    """Ids to read, by resource type, from the literal references of the resources read so far."""
+    """Ids to read, by resource type, from the references of the resources read so far: literal ones on this
+    server (relative, or absolute on a local base; never another server's), and logical or conditional ones
+    by identifier (`Type?identifier=system|value`, `{type, identifier}`), searched as `identifier=system|value`."""
 
     FOLLOWED = frozenset({"BodyStructure", "Condition", "Encounter", "PractitionerRole", "Practitioner",
-                          "Organization", "Location", "Account", "Procedure", "ServiceRequest"})
+                          "Organization", "Location", "Account", "Procedure", "ServiceRequest", "Patient",
+                          "Coverage"})
 
-    def __init__(self) -> None:
+    def __init__(self, local: frozenset[str] = frozenset()) -> None:
+        self.local = local
         self.ids: dict[str, set[str]] = {}
+        self.identifiers: dict[str, set[str]] = {}
+        """Type -> `system|value` tokens of logical and conditional references."""
 
     def add(self, *values: Any) -> None:
         for value in values:
-            ref = reference_of(value)
-            if ref and "/" in ref and "?" not in ref:
+            ref = local_reference(value, self.local)
+            if ref is not None:
                 kind, rid = ref.split("/", 1)
                 if kind in self.FOLLOWED:
                     self.ids.setdefault(kind, set()).add(rid)
+                continue
+            kind, token = identifier_token(value)
+            if kind in self.FOLLOWED and token:
+                self.identifiers.setdefault(kind, set()).add(token)
 
     def add_from(self, res: dict[str, Any]) -> None:
         """What coding and billing read of `res`."""
@@ -181,15 +200,24 @@ class _References:
             self.add(res.get("serviceProvider"), *(res.get("account") or []),
                      *((loc or {}).get("location") for loc in res.get("location") or [] if isinstance(loc, dict)),
                      *((part or {}).get("individual") for part in res.get("participant") or []
-                       if isinstance(part, dict)))
+                       if isinstance(part, dict)),
+                     *((diag or {}).get("condition") for diag in res.get("diagnosis") or [] if isinstance(diag, dict)))
         elif kind == "PractitionerRole":
             self.add(res.get("organization"), res.get("practitioner"))
         elif kind == "Coverage":
             self.add(*(res.get("payor") or []))
-        elif kind == "ServiceRequest":  # the ordering provider of an HL7 v2 charge (FT1-21)
-            self.add(res.get("requester"))
+        elif kind == "Account":  # whose Coverages they are (other-patient)
+            self.add(*((cov or {}).get("coverage") for cov in res.get("coverage") or [] if isinstance(cov, dict)))
+        elif kind == "ServiceRequest":  # the ordering provider of an HL7 v2 charge (FT1-21); its insurance
+            self.add(res.get("requester"), *(res.get("insurance") or []))
 
     def discard(self, refs: set[str]) -> None:
         for ref in refs:
             kind, _, rid = ref.partition("/")
             self.ids.get(kind, set()).discard(rid)
+
+    def discard_searched(self, searched: set[tuple[str, str]]) -> None:
+        """Identifier searches already made (a search is answered whole: no need to repeat it)."""
+        for kind, token in searched:
+            self.identifiers.get(kind, set()).discard(token)
+

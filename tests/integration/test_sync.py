@@ -243,3 +243,47 @@ def test_a_claim_waiting_for_a_diagnosis_still_writes_its_charge_items(client: F
     assert outcome.outcome == "review" and len(outcome.written) == 2  # the audit keeps what was written
     again = Syncer(client, TABLES).sync_patients(patients)
     assert again.written == 0 and again.unchanged == 2
+
+
+def test_absolute_references_are_local_only_on_the_servers_own_base(client: FhirClient, fhir_ns: str) -> None:
+    """HAPI refuses absolute references, so they arrive pushed (serve): on the server's base (any spelling of
+    it) they name its resources; on another server's base the same ids are someone else's: review."""
+    bundle = namespaced("01", fhir_ns)
+    client.transaction(bundle)
+    patients = patients_of(bundle)
+    proc = entry(bundle, f"{fhir_ns}-s01-fna-1")
+    proc["meta"] = {"versionId": "2"}  # newer than the server's copy (version 1), so the pushed copy is coded
+    scheme, rest = client.base_url.split("://", 1)
+    on_base = copy.deepcopy(proc)
+    on_base["subject"] = {"reference": f"{scheme.upper()}://{rest}/{patients[0]}"}
+    on_base["performer"][0]["actor"] = {"reference": f"{client.base_url}/{proc['performer'][0]['actor']['reference']}/"}
+    coded = Syncer(client, TABLES, dry_run=True).sync_patients(patients, [on_base])
+    assert not coded.reviews and coded.lines == 1
+    assert [o.outcome for o in coded.outcomes] == ["coded"]
+    elsewhere = copy.deepcopy(proc)
+    elsewhere["subject"] = {"reference": f"https://other-hospital.example.org/fhir/{patients[0]}"}
+    held = Syncer(client, TABLES, dry_run=True).sync_patients(patients, [elsewhere])
+    assert [(r.procedure, r.reason) for r in held.reviews] == [(f"Procedure/{proc['id']}", "unresolved-reference")]
+    assert "https://other-hospital.example.org/fhir/" in held.reviews[0].detail and held.lines == 0
+    assert [(o.outcome, o.patient) for o in held.outcomes] == [("review", None)]  # never our patient's review
+
+
+def test_a_duplicate_delivery_is_reported_online_as_dry_run_reports_it(client: FhirClient, fhir_ns: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    since = server_now(client)
+    bundle = namespaced("56", fhir_ns)
+    client.transaction(bundle)
+    kept, duplicate = f"Procedure/{fhir_ns}-s56-fna-1", f"Procedure/{fhir_ns}-s56-fna-2"
+    with caplog.at_level("INFO", logger="adapter.sync"):
+        summary = Syncer(client, TABLES).sync_patients(patients_of(bundle))
+    outcome = next(o for o in summary.outcomes if o.procedure == duplicate)
+    assert (outcome.outcome, outcome.merged_into, outcome.audit_codes) == ("no-charge", kept, (f"duplicate-of {kept}",))
+    assert outcome.session and outcome.session == next(o.session for o in summary.outcomes if o.procedure == kept)
+    assert "1 duplicate(s)" in summary.text()
+    assert any(duplicate in r.getMessage() and kept in r.getMessage() and "Patient/" not in r.getMessage()
+               for r in caplog.records if r.levelname == "INFO")
+    result = CliRunner().invoke(cli, ["sync", "--server", client.base_url, "--since", since, "--dry-run"])
+    assert f"duplicate: {duplicate}: billed under {kept}" in result.stderr
+    offline = CliRunner().invoke(cli, ["dry-run", str(next((ROOT / "fixtures/fhir/scenarios").glob("56-*")) /
+                                                       "input.json")])
+    assert "duplicate: Procedure/s56-fna-2: billed under Procedure/s56-fna-1" in offline.stderr  # the same words

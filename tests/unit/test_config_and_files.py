@@ -38,6 +38,8 @@ def replace(path: Path, old: str, new: str) -> None:
     ("settings.yaml", 'distinct_modifier: "59"', 'distinct_modifier: "XU"', r"coding.distinct_modifier: 'XU'"),
     ("settings.yaml", 'time_zone: "UTC"', 'time_zone: "Mars/Olympus"', r"session.time_zone: unknown time zone"),
     ("fna-valueset.yaml", "fna:", "fna: [\n", r"fna-valueset.yaml: line \d+: not valid YAML"),
+    ("input.yaml", "local_bases: []", 'local_bases: ["ehr.example.org/fhir"]', r"input.yaml: local_bases\[0\]: "),
+    ("input.yaml", "local_bases: []", 'local_bases: ["urn:uuid:1"]', r"input.yaml: local_bases\[0\]: "),
 ])
 def test_config_errors_name_the_file_and_the_entry(config_copy: Path, file: str, old: str, new: str,
                                                    message: str) -> None:
@@ -87,3 +89,10 @@ def test_bundle_entries_without_resources_are_problems_not_failures(tmp_path: Pa
     assert [r.deleted for r in result.resources] == [False, True, False]  # a history DELETE: the newest version
     assert [(p.origin.split("#")[1], p.reason) for p in result.problems] == [
         ("entry[1]", "entry has no resource"), ("entry[2]", "entry resource has no resourceType")]
+
+
+def test_local_bases_are_read_normalized(config_copy: Path) -> None:
+    replace(config_copy / "input.yaml", "local_bases: []",
+            'local_bases: ["HTTPS://EHR.Example.org:443/fhir/", "http://10.0.0.5:8080/fhir"]')
+    assert load_tables(config_copy).local_bases == {"https://ehr.example.org/fhir", "http://10.0.0.5:8080/fhir"}
+    assert load_tables().local_bases == frozenset()  # the default: only the server's base, online

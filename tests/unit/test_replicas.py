@@ -59,6 +59,7 @@ class SharedServer:
 
         class Scripted:
             source = server.source
+            local_bases: frozenset[str] = frozenset()
 
             def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
                               should_stop: Any = None) -> SyncSummary:

@@ -28,6 +28,8 @@ class ScriptedSyncer:
     """Codes Procedure `Procedure/<patient id>-1` for every patient; `broken` patients raise, `flaky` ones fail
     their write for a passing reason, `rejected` ones are refused, `reviewed` ones need review."""
 
+    local_bases: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[dict[str, Any]]]] = []
         self.broken: dict[str, BaseException] = {}
@@ -196,3 +198,35 @@ def test_a_state_failure_while_recording_puts_the_items_back_on_the_next_turn(
     monkeypatch.setattr(state, "record_pass", real)
     service.work_once()  # back first, then leased again at once (not after the 5-minute lease)
     assert states(state) == {ids[0]: ("done", 2)}
+
+
+@pytest.mark.parametrize(("scenario", "merged", "into", "audit"), [
+    ("56-duplicate-identifier", "Procedure/s56-fna-2", "Procedure/s56-fna-1", "duplicate-of Procedure/s56-fna-1"),
+    ("58-part-of-children", "Procedure/s58-fna-2", "Procedure/s58-fna-1", "part-of Procedure/s58-fna-1")])
+def test_online_a_procedure_billed_under_another_is_said_in_the_outcome_the_audit_and_the_log(
+        service: Service, caplog: pytest.LogCaptureFixture, scenario: str, merged: str, into: str, audit: str) -> None:
+    """Offline the merged Procedure is listed on stderr; online (sync, run, serve) its outcome names the
+    Procedure it is billed under, an INFO line says so without patient data, and the audit keeps a row."""
+    from pathlib import Path
+
+    from adapter.pipeline import process_paths
+    from adapter.service import PassResult
+    from adapter.sinks.reconcile import plan
+    from adapter.sync import Syncer
+
+    root = Path(__file__).resolve().parents[2]
+    report = process_paths([root / "fixtures/fhir/scenarios" / scenario / "input.json"], TABLES)
+    real = Syncer(FhirClient("http://127.0.0.1:9/fhir"), TABLES)
+    with caplog.at_level("INFO", logger="adapter.sync"):
+        outcomes = real._outcomes(report, plan(report, [], TABLES), {})
+    (outcome,) = [o for o in outcomes if o.procedure == merged]
+    assert (outcome.outcome, outcome.merged_into) == (Outcome.NO_CHARGE, into)
+    assert outcome.session == next(o.session for o in outcomes if o.procedure == into) != ""
+    logged = [r.getMessage() for r in caplog.records if merged in r.getMessage()]
+    assert len(logged) == 1 and into in logged[0] and "billed once" in logged[0]
+    assert "Patient/" not in logged[0] and "CYT-" not in logged[0]  # no patient, no identifier value
+    summary = SyncSummary(procedures=len(outcomes), outcomes=outcomes)
+    assert ("duplicate" if "duplicate" in audit else "partOf child") in summary.text()
+    record, _ = service.pass_record(PassResult(summary, set()))
+    rows = [a for a in record.audit if a.procedure == merged]
+    assert [(a.codes, a.written, a.session) for a in rows] == [((audit,), (), outcome.session)]

@@ -59,6 +59,8 @@ MONITOR_EVERY_SECONDS = 5.0
 POLL_ROLE = "poll"
 """On a shared state, the replica holding this role polls (and queues what changed); every replica works."""
 POLL_ROLE_MIN_SECONDS = 30.0
+BATCH_GROWS_AFTER = 10
+"""Successful worker turns in a row before a batch size halved by a failure is doubled again."""
 
 
 def make_client(server: ServerSettings, source: str = "(defaults)", *, auth_key: str = "server.auth",
@@ -165,6 +167,11 @@ class Service:
         self.poll_lock = threading.Lock()
         self.failures = LogOnce(log)
         self._unreturned: list[Retry] = []
+        self._batch = settings.worker.batch
+        """Items leased per turn: halved after a batch fails for a passing reason, doubled back after
+        BATCH_GROWS_AFTER turns in a row succeed, so a batch whose reads are too slow for the server's timeout
+        still gets through in smaller pieces (and the size that failed is not tried again at once)."""
+        self._batch_successes = 0
         self._next_prune = 0.0
         self._register_gauges()
 
@@ -447,7 +454,7 @@ class Service:
         if self._unreturned:  # items of a turn whose state write failed: put them back first
             self.state.retry(self._unreturned)
             self._unreturned = []
-        items = self.state.lease(self.settings.worker.batch, owner=self.owner)
+        items = self.state.lease(self._batch, owner=self.owner)
         if not items:
             return 0
         try:
@@ -463,9 +470,14 @@ class Service:
                     except Exception as single:
                         self._give_back([item], single)
             else:
+                if is_transient(exc):
+                    self._batch, self._batch_successes = max(1, len(items) // 2), 0
                 self._give_back(items, exc)
         else:
             self.failures.succeeded("work")
+            self._batch_successes += 1
+            if self._batch_successes >= BATCH_GROWS_AFTER:
+                self._batch, self._batch_successes = min(self.settings.worker.batch, self._batch * 2), 0
         return len(items)
 
     def _work(self, items: list[WorkItem], stop: threading.Event | None) -> None:

@@ -46,6 +46,7 @@ from adapter.sources.receive import (
     stop_server,
 )
 from adapter.state import StateBackend, open_state
+from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer
 
 log = logging.getLogger("adapter.cli")
@@ -138,13 +139,25 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (Claim.created, ChargeItem.enteredDate), e.g. "
                    "2026-03-31T12:00:00Z; default: the clock. Give it for reproducible output.")
+@click.option("--stream/--no-stream", "stream", default=None,
+              help="Code through an on-disk index, patient by patient, with flat memory; the output is the same "
+                   "byte for byte. Default: stream when the input files add up to more than 64 MiB (json and table "
+                   "formats; hl7v2 is always coded in memory).")
+@click.option("--workdir", type=click.Path(file_okay=False), envvar="CHARGE_ADAPTER_WORKDIR",
+              help="Where the streaming path keeps its temporary index (default: the system's temporary folder).")
 @click.pass_context
 def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool, quiet: bool,
-            now: datetime | None) -> None:
+            now: datetime | None, stream: bool | None, workdir: str | None) -> None:
     """Code FHIR JSON/NDJSON files or folders and print what would be written, writing nothing."""
     tables = _tables(ctx)
     if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
         now = now.replace(tzinfo=UTC)
+    if stream and fmt == "hl7v2":
+        raise click.UsageError("--format hl7v2 is coded in memory only; leave out --stream")
+    if stream is None:
+        stream = fmt != "hl7v2" and input_bytes(paths) > STREAM_THRESHOLD_BYTES
+    if stream:
+        ctx.exit(_stream_out(paths, tables, now, fmt, compact, quiet, workdir, None))
     report = process_paths(paths, tables, now)
     exit_code = report.exit_code
     if fmt == "json":
@@ -155,6 +168,32 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
         click.echo(charges_table(report))
     _emit_diagnostics(report, quiet)
     ctx.exit(exit_code)
+
+
+def _stream_out(paths: tuple[str, ...], tables: CodeTables, now: datetime | None, fmt: str, compact: bool,
+                quiet: bool, workdir: str | None, out_file: str | None,
+                on_batch: Callable[[RunReport, list[str]], None] | None = None) -> int:
+    """The streaming path's output (to stdout, or `out_file`), diagnostics and summary; returns the exit code."""
+    with stream_paths(paths, tables, now, compact=compact, workdir=workdir) as run:
+        total = run.store.db.execute("SELECT count(*) FROM entry WHERE key >= 'Procedure/' AND key < 'Procedure0'"
+                                     ).fetchone()[0] if sys.stderr.isatty() else 0
+        with click.progressbar(length=total, label="Procedures", file=sys.stderr, hidden=not total) as bar:
+            result = run.code(on_batch, progress=bar.update)
+        target = open(out_file, "w", encoding="utf-8") if out_file else sys.stdout  # noqa: SIM115
+        try:
+            if fmt == "json":
+                run.write_bundle(target)
+            else:
+                run.write_table(target)
+            target.flush()
+        finally:
+            if out_file:
+                target.close()
+        for line in result.diagnostics():
+            if not quiet or not line.startswith(("no charge:", "skipped:")):
+                click.echo(line, err=True)
+        click.echo(result.summary(), err=True)
+        return result.exit_code
 
 
 def _print_hl7v2(report: RunReport, tables: CodeTables, now: datetime | None) -> int:

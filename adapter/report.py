@@ -6,7 +6,7 @@ Nothing here prints patient names: sessions are shown by reference (`Patient/id`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from adapter.building.resources import OutputWarning, SessionOutput
 from adapter.coding.engine import Review, Session
@@ -20,9 +20,15 @@ from adapter.sources.files import EntryProblem
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table_lines(cells[0], cells[1:], widths))
+
+
+def table_lines(headers: Sequence[str], rows: Iterable[Sequence[str]], widths: Sequence[int]) -> Iterator[str]:
+    """The lines of a text table whose column widths are known (the streaming path writes rows as it reads them)."""
+    yield "  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()
+    yield "  ".join("-" * w for w in widths)
+    for row in rows:
+        yield "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
 
 def charge_rows(out: SessionOutput) -> list[tuple[object, ...]]:

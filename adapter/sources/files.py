@@ -225,9 +225,10 @@ def read_file(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) ->
     _read_json(path, text, result)
 
 
-def read_paths(paths: Iterable[str | os.PathLike[str]]) -> ReadResult:
-    """Read every file; unreadable ones are collected in `unreadable`, never raised."""
-    result = ReadResult()
+def read_paths(paths: Iterable[str | os.PathLike[str]], result: ReadResult | None = None) -> ReadResult:
+    """Read every file into `result` (a new one by default); unreadable ones are collected in `unreadable`,
+    never raised."""
+    result = ReadResult() if result is None else result
     for path in iter_files(paths):
         try:
             read_file(path, result)

@@ -17,6 +17,7 @@ among the other batches' items, and the final SELECTs sort by it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -218,6 +219,7 @@ class StreamRun:
                 if progress is not None:
                     progress(len(report.facts))
                 del report
+                gc.collect()  # a batch's facts and sessions hold reference cycles: free them before the next
         self.store.script("""
             CREATE INDEX out_order ON out(d, p, f, e, n);
             CREATE INDEX row_order ON row(d, p, f, e, n);

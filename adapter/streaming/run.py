@@ -52,7 +52,7 @@ from adapter.report import (
 from adapter.sources.files import read_paths
 from adapter.streaming.index import StoredIndex
 from adapter.streaming.masking import StoredFreeText
-from adapter.streaming.store import HAS_ID, SpillingRead, Store, encode
+from adapter.streaming.store import HAS_ID, SpillingRead, Store, decode, encode
 
 BATCH_PROCEDURES = 500
 """Procedures coded together (whole units; a unit larger than this is one batch)."""
@@ -211,6 +211,7 @@ class StreamRun:
         """)
         batches = group_units(self.store, self.batch_procedures)
         definitions = [(c.key, c.resource) for c in self.store.listed("ChargeItemDefinition/") if c.key]
+        first = True
         with batch_gc():
             for lo, hi in batches:
                 report, patients = self._code_batch(lo, hi, definitions)
@@ -220,6 +221,9 @@ class StreamRun:
                     progress(len(report.facts))
                 del report
                 gc.collect()  # a batch's facts and sessions hold reference cycles: free them before the next
+                if first:  # what the first batch loaded for good (model classes, tables): never scanned again
+                    gc.freeze()
+                    first = False
         self.store.script("""
             CREATE INDEX out_order ON out(d, p, f, e, n);
             CREATE INDEX row_order ON row(d, p, f, e, n);
@@ -338,10 +342,10 @@ class StreamRun:
         else:
             out.write('{\n  "resourceType": "Bundle",\n  "type": "transaction",\n  "entry": [\n')
             sep = ",\n"
-        out.write(first[0].decode("utf-8", "surrogatepass"))
+        out.write(decode(first[0]))
         for (body,) in rows:
             out.write(sep)
-            out.write(body.decode("utf-8", "surrogatepass"))
+            out.write(decode(body))
         out.write("]}\n" if self.compact else "\n  ]\n}\n")
 
     def write_table(self, out: TextIO) -> None:

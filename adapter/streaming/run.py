@@ -460,7 +460,7 @@ def group_units(store: Store, batch_procedures: int = BATCH_PROCEDURES) -> list[
     start: int | None = None
     size = 0
     last = 0
-    for unit, count in db.execute("SELECT unit, count(*) FROM proc GROUP BY unit ORDER BY unit").fetchall():
+    for unit, count in db.execute("SELECT unit, count(*) FROM proc GROUP BY unit ORDER BY unit"):
         if start is None:
             start = unit
         size += count

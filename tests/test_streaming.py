@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FHIR = ROOT / "fixtures/fhir"
 SCENARIOS = sorted(p for p in (FHIR / "scenarios").iterdir() if (p / "input.json").exists())
 FEEDS = sorted(p for p in (FHIR / "feeds").iterdir() if p.is_dir())
-SYNTHEA = ROOT / ".cache/synthea/output/fhir"
+SYNTHEA = next((p for p in sorted((ROOT / ".cache/synthea").glob("synthea-*/fhir")) if p.is_dir()), ROOT / "-")
+"""The population `scripts/synthea generate` caches (the Synthea integration test generates it)."""
 TABLES = load_tables()
 NOW = datetime(2026, 4, 1, 12, tzinfo=UTC)
 CLOCK = "2026-04-01T12:00:00Z"

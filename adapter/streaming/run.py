@@ -127,9 +127,10 @@ class StreamResult:
             yield unreadable_line(err)
         for problem in self.store.problems():
             yield problem_line(problem)
-        for origin, kind in db.execute("SELECT origin, type FROM copy WHERE flags & ? = 0 AND type != 'Procedure' "
-                                       "ORDER BY seq", (HAS_ID,)):
-            yield problem_line_of(origin, kind)
+        if self.store.unnamed:  # (a scan of every copy: only when there are some)
+            for origin, kind in db.execute("SELECT origin, type FROM copy WHERE flags & ? = 0 "
+                                           "AND type != 'Procedure' ORDER BY seq", (HAS_ID,)):
+                yield problem_line_of(origin, kind)
         for kind, payload in db.execute(
                 "SELECT kind, payload FROM diag WHERE cat < ? ORDER BY cat, a, d, p, f, e, n", (_MERGED,)):
             yield self._line(kind, payload)
@@ -229,9 +230,7 @@ class StreamRun:
             CREATE INDEX row_order ON row(d, p, f, e, n);
             CREATE INDEX diag_order ON diag(cat, a, d, p, f, e, n);
         """)
-        problems = self.store.db.execute("SELECT count(*) FROM problem").fetchone()[0]
-        problems += self.store.db.execute("SELECT count(*) FROM copy WHERE flags & ? = 0 AND type != 'Procedure'",
-                                          (HAS_ID,)).fetchone()[0]
+        problems = self.store.db.execute("SELECT count(*) FROM problem").fetchone()[0] + self.store.unnamed
         return StreamResult(self.store, self.unreadable, self.counts, problems, self._reviews)
 
     def _code_batch(self, lo: int, hi: int, definitions: list[tuple[str, dict[str, Any]]]

@@ -111,6 +111,8 @@ class Store:
         self.db.execute("BEGIN")
         self.next_seq = 0
         self.next_problem = 0
+        self.unnamed = 0
+        """Copies without an id that are not Procedures: each is a problem of its own ("X has no id")."""
         self._copies: list[tuple[Any, ...]] = []
         self._idents: list[tuple[Any, ...]] = []
         self._problems: list[tuple[Any, ...]] = []
@@ -138,6 +140,8 @@ class Store:
             (HAS_ID if has_id else 0)
         seq = self.next_seq
         self.next_seq += 1
+        if not has_id and kind != "Procedure":
+            self.unnamed += 1
         self._copies.append((seq, key, kind, item.origin, item.full_url, url, flags, dumps(resource)))
         if key is not None:
             self._idents += [(encode(system), encode(value), kind_, seq)
@@ -182,6 +186,8 @@ class Store:
         self.db.execute("DELETE FROM ident WHERE seq >= ?", (seq,))
         self.db.execute("DELETE FROM problem WHERE seq >= ?", (problem,))
         self.next_seq, self.next_problem = seq, problem
+        self.unnamed = self.db.execute("SELECT count(*) FROM copy WHERE flags & ? = 0 AND type != 'Procedure'",
+                                       (HAS_ID,)).fetchone()[0]
 
     # ---------------------------------------------------------------------------------- after reading
     def finish_reading(self) -> None:

@@ -145,7 +145,7 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
               help="Code through an on-disk index, patient by patient, with flat memory; the output is the same "
                    "byte for byte. Default: stream when the input files add up to more than 64 MiB (json and table "
                    "formats; hl7v2 is always coded in memory).")
-@click.option("--workdir", type=click.Path(file_okay=False), envvar="CHARGE_ADAPTER_WORKDIR",
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True), envvar="CHARGE_ADAPTER_WORKDIR",
               help="Where the streaming path keeps its temporary index (default: the system's temporary folder).")
 @click.pass_context
 def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool, quiet: bool,
@@ -311,7 +311,7 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
 @click.option("--write", is_flag=True,
               help="Also write the charges to the FHIR server (--server), patient by patient, one transaction per "
                    "session, reconciled with what this adapter wrote before (re-running writes nothing new).")
-@click.option("--workdir", type=click.Path(file_okay=False), envvar="CHARGE_ADAPTER_WORKDIR",
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True), envvar="CHARGE_ADAPTER_WORKDIR",
               help="Where the temporary index (and a server's export) is kept while it runs (default: the system's "
                    "temporary folder).")
 @click.option("--download-dir", type=click.Path(file_okay=False),
@@ -344,11 +344,12 @@ def backfill_cmd(ctx: click.Context, paths: tuple[str, ...], server: str | None,
     tables = _tables(ctx)
     if now is not None and now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    if not paths and not server:
-        raise click.UsageError("give NDJSON files or folders (a Bulk Data export), or --server URL to export from")
-    if write and not server:
-        raise click.UsageError("--write needs --server: the FHIR server to write the charges to")
-    client = _client(server, auth_file, ca_bundle, client_cert) if server and (write or not paths) else None
+    client = None
+    if write or not paths:  # the server to export from or write to: --server, else the config file's server.url
+        if not server and not ctx.obj.get("config_file"):
+            raise click.UsageError("give NDJSON files or folders (a Bulk Data export), or --server URL to export "
+                                   "from" if not write else "--write needs --server: the FHIR server to write to")
+        client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
     if client is not None:
         client.check_server()
     syncer = Syncer(client, tables) if write and client is not None else None

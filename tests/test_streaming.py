@@ -199,3 +199,41 @@ def test_any_mix_of_scenarios_in_any_file_shape_streams_to_the_same_bytes(
             paths.append(bundle)
         rng.shuffle(paths)
         assert_same(paths, batch=batch)
+
+
+def test_dry_run_streams_by_itself_above_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the size threshold `dry-run` takes the streaming path (nothing else tells them apart)."""
+    import adapter.cli as cli_module
+
+    used: list[str] = []
+    real = cli_module.stream_paths
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        used.append("stream")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "stream_paths", recording)
+    path = str(SCENARIOS[0] / "input.json")
+    small = CliRunner().invoke(cli, ["dry-run", "--now", CLOCK, path])
+    assert small.exit_code == 0 and used == []
+    monkeypatch.setattr(cli_module, "STREAM_THRESHOLD_BYTES", 100)
+    large = CliRunner().invoke(cli, ["dry-run", "--now", CLOCK, path])
+    assert used == ["stream"] and large.stdout == small.stdout and large.stderr == small.stderr
+
+
+def test_a_full_disk_under_the_index_is_one_line_naming_its_folder(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    import sqlite3
+
+    from adapter.streaming.store import Store
+
+    def full(self: Store) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Store, "flush", full)
+    path = str(SCENARIOS[0] / "input.json")
+    result = CliRunner().invoke(cli, ["dry-run", "--stream", "--workdir", str(tmp_path), path])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: the streaming index in {tmp_path}/charge-adapter-")
+    assert "database or disk is full" in result.stderr and "--workdir" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

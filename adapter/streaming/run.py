@@ -20,8 +20,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any, TextIO
 from adapter.building.resources import OutputWarning, transaction_entry
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
-from adapter.errors import ExitCode, InputError
+from adapter.errors import AdapterError, ExitCode, InputError
 from adapter.extraction.index import Entry, identifier_triples
 from adapter.extraction.procedures import SessionKey
 from adapter.pipeline import ProcedureItem, RunReport, batch_gc, code_index
@@ -159,6 +161,20 @@ def problem_line_of(origin: str, kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the run
+class SpillError(AdapterError):
+    """The streaming path's temporary index cannot be used (no room on its disk, a folder that cannot be written)."""
+
+
+@contextmanager
+def _index_errors(folder: object) -> Iterator[None]:
+    """SQLite and file-system failures of the temporary index as one line naming its folder (exit 2)."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise SpillError(f"the streaming index in {folder} cannot be used ({exc}); it needs free disk space of "
+                         "about six times the input: choose another folder with --workdir") from None
+
+
 class StreamRun:
     """Read `paths`, code them batch by batch, spill what comes out. Use as a context manager: the temporary
     folder (the on-disk index, the spilled output) is removed on exit."""
@@ -169,8 +185,9 @@ class StreamRun:
         self.now = now or datetime.now(UTC)  # one time of writing for every batch, as one in-memory run has
         self.compact = compact
         self.batch_procedures = batch_procedures
-        self._tmp = tempfile.TemporaryDirectory(prefix="charge-adapter-", dir=workdir)
-        self.store = Store(Path(self._tmp.name))
+        with _index_errors(workdir or tempfile.gettempdir()):
+            self._tmp = tempfile.TemporaryDirectory(prefix="charge-adapter-", dir=workdir)
+            self.store = Store(Path(self._tmp.name))
         self.counts = Counts()
         self.widths = [len(h) for h in CHARGE_HEADERS]
         self._n = 0
@@ -194,16 +211,22 @@ class StreamRun:
     # ------------------------------------------------------------------------------------ pass 1
     def read(self, paths: Iterable[str | os.PathLike[str]]) -> None:
         """Spill every resource of `paths` (the same readers, the same errors as `process_paths`)."""
-        read = SpillingRead(self.store)
-        read_paths(paths, read)
-        self.unreadable += read.unreadable
-        self.store.finish_reading()
+        with _index_errors(self.folder):
+            read = SpillingRead(self.store)
+            read_paths(paths, read)
+            self.unreadable += read.unreadable
+            self.store.finish_reading()
 
     # ------------------------------------------------------------------------------------ pass 2
     def code(self, on_batch: Callable[[RunReport, list[str]], None] | None = None,
              progress: Callable[[int], None] | None = None) -> StreamResult:
         """Code every unit, batch by batch; `on_batch(report, patients)` sees each batch's report (to write it
         to a server), `progress(n)` the number of Procedures each batch coded."""
+        with _index_errors(self.folder):
+            return self._code(on_batch, progress)
+
+    def _code(self, on_batch: Callable[[RunReport, list[str]], None] | None,
+              progress: Callable[[int], None] | None) -> StreamResult:
         self.store.script("""
             CREATE TABLE out(d BLOB, p BLOB, f BLOB, e BLOB, n INTEGER, body BLOB NOT NULL);
             CREATE TABLE row(d BLOB, p BLOB, f BLOB, e BLOB, n INTEGER, cells TEXT NOT NULL);
@@ -329,6 +352,10 @@ class StreamRun:
     # ------------------------------------------------------------------------------------ output
     def write_bundle(self, out: TextIO) -> None:
         """The transaction Bundle `dry-run` prints, written entry by entry (and its final newline)."""
+        with _index_errors(self.folder):
+            self._write_bundle(out)
+
+    def _write_bundle(self, out: TextIO) -> None:
         rows = self.store.db.execute("SELECT body FROM out ORDER BY d, p, f, e, n")
         first = rows.fetchone()
         if first is None:
@@ -349,6 +376,10 @@ class StreamRun:
 
     def write_table(self, out: TextIO) -> None:
         """The charges table of `dry-run --format table` (and its final newline)."""
+        with _index_errors(self.folder):
+            self._write_table(out)
+
+    def _write_table(self, out: TextIO) -> None:
         rows = self.store.db.execute("SELECT cells FROM row ORDER BY d, p, f, e, n")
         first = rows.fetchone()
         if first is None:

@@ -339,7 +339,8 @@ def backfill_cmd(ctx: click.Context, paths: tuple[str, ...], server: str | None,
     writes the charges to the server.
 
     PATH... and --server: the files are coded and --server is where --write writes. --server alone: the server's
-    $export is downloaded (streamed to disk) and coded, and --write writes back to it.
+    $export is downloaded (streamed to disk) and coded, and --write writes back to it. Without --server, the
+    server is server.url of --config.
     """
     tables = _tables(ctx)
     if now is not None and now.tzinfo is None:

@@ -51,7 +51,7 @@ from adapter.report import (
     unreadable_line,
     warning_line,
 )
-from adapter.sources.files import read_paths
+from adapter.sources.files import EntryProblem, iter_files, read_paths
 from adapter.streaming.index import StoredIndex
 from adapter.streaming.masking import StoredFreeText
 from adapter.streaming.store import HAS_ID, SpillingRead, Store, decode, encode
@@ -68,8 +68,6 @@ _NO_KEY = (b"", b"", b"", b"")
 
 def input_bytes(paths: Iterable[str | os.PathLike[str]]) -> int:
     """The size of the input files (what `dry-run` compares with the streaming threshold)."""
-    from adapter.sources.files import iter_files
-
     total = 0
     for path in iter_files(paths):
         try:
@@ -81,6 +79,8 @@ def input_bytes(paths: Iterable[str | os.PathLike[str]]) -> int:
 
 @dataclass
 class Counts:
+    """What the summary line counts, added up over the batches."""
+
     procedures: int = 0
     sessions: int = 0
     lines: int = 0
@@ -90,7 +90,6 @@ class Counts:
     no_charge: int = 0
     skipped: int = 0
     batches: int = 0
-    charge_procedures: int = 0
 
 
 @dataclass
@@ -155,8 +154,7 @@ class StreamResult:
 
 
 def problem_line_of(origin: str, kind: str) -> str:
-    from adapter.sources.files import EntryProblem
-
+    """The problem `RunReport.problems` reports for a resource without an id (other than a Procedure)."""
     return problem_line(EntryProblem(origin, f"{kind} has no id"))
 
 
@@ -166,11 +164,13 @@ class SpillError(AdapterError):
 
 
 @contextmanager
-def _index_errors(folder: object) -> Iterator[None]:
-    """SQLite and file-system failures of the temporary index as one line naming its folder (exit 2)."""
+def _index_errors(folder: object, os_errors: bool = True) -> Iterator[None]:
+    """SQLite and file-system failures of the temporary index as one line naming its folder (exit 2). While the
+    output is written, only SQLite's count: an OSError there is the output's (a closed pipe, a full disk)."""
+    caught: tuple[type[BaseException], ...] = (sqlite3.Error, OSError) if os_errors else (sqlite3.Error,)
     try:
         yield
-    except (sqlite3.Error, OSError) as exc:
+    except caught as exc:
         raise SpillError(f"the streaming index in {folder} cannot be used ({exc}); it needs free disk space of "
                          "about six times the input: choose another folder with --workdir") from None
 
@@ -352,7 +352,7 @@ class StreamRun:
     # ------------------------------------------------------------------------------------ output
     def write_bundle(self, out: TextIO) -> None:
         """The transaction Bundle `dry-run` prints, written entry by entry (and its final newline)."""
-        with _index_errors(self.folder):
+        with _index_errors(self.folder, os_errors=False):
             self._write_bundle(out)
 
     def _write_bundle(self, out: TextIO) -> None:
@@ -376,7 +376,7 @@ class StreamRun:
 
     def write_table(self, out: TextIO) -> None:
         """The charges table of `dry-run --format table` (and its final newline)."""
-        with _index_errors(self.folder):
+        with _index_errors(self.folder, os_errors=False):
             self._write_table(out)
 
     def _write_table(self, out: TextIO) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -55,6 +56,8 @@ from adapter.sources.files import EntryProblem, iter_files, read_paths
 from adapter.streaming.index import StoredIndex
 from adapter.streaming.masking import StoredFreeText
 from adapter.streaming.store import HAS_ID, SpillingRead, Store, decode, encode
+
+log = logging.getLogger("adapter.streaming")
 
 BATCH_PROCEDURES = 500
 """Procedures coded together (whole units; a unit larger than this is one batch)."""
@@ -239,6 +242,9 @@ class StreamRun:
         with batch_gc():
             for lo, hi in batches:
                 report, patients = self._code_batch(lo, hi, definitions)
+                if self.counts.batches % 50 == 0:
+                    log.info("streaming: %d of %d batches coded (%d Procedures)", self.counts.batches, len(batches),
+                             self.counts.procedures)
                 if on_batch is not None:
                     on_batch(report, patients)
                 if progress is not None:

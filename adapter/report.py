@@ -13,7 +13,7 @@ from adapter.coding.engine import Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
 from adapter.pipeline import RunReport
-from adapter.redact import FreeText
+from adapter.redact import FreeText, scrub
 from adapter.sources.files import EntryProblem
 
 
@@ -92,12 +92,13 @@ def warning_line(warning: OutputWarning, mask: Callable[[str], str]) -> str:
 
 
 def conflict_line(ref: str, origins: Sequence[str]) -> str:
-    return (f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
-            "the copy used was chosen by content, not by recency")
+    # the resource may be a Patient: its reference follows the redaction mode, like every line on stderr
+    return scrub(f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
+                 "the copy used was chosen by content, not by recency")
 
 
 def duplicate_line(ref: str, kept: str, old: str) -> str:
-    return f"warning: duplicate {ref}: {kept} replaces {old}"
+    return scrub(f"warning: duplicate {ref}: {kept} replaces {old}")
 
 
 def merged_line(proc: ProcedureFacts) -> str:

@@ -237,3 +237,20 @@ def test_a_full_disk_under_the_index_is_one_line_naming_its_folder(monkeypatch: 
     assert result.stderr.startswith(f"error: the streaming index in {tmp_path}/charge-adapter-")
     assert "database or disk is full" in result.stderr and "--workdir" in result.stderr
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_backfill_of_files_writes_what_dry_run_prints(tmp_path: Path) -> None:
+    runner = CliRunner()
+    paths = [str(FHIR / "scenarios"), str(FHIR / "feeds")]
+    for options in ([], ["--format", "table"]):
+        dry_run = runner.invoke(cli, ["dry-run", "--no-stream", "--now", CLOCK, *options, *paths])
+        out = tmp_path / "charges.out"
+        backfill = runner.invoke(cli, ["backfill", "--now", CLOCK, *options, "--out", str(out), *paths])
+        assert backfill.exit_code == dry_run.exit_code == 2  # the scenario folders hold expected.json files
+        assert out.read_text(encoding="utf-8") == dry_run.stdout and backfill.stdout == ""
+        assert backfill.stderr == dry_run.stderr
+
+
+def test_backfill_needs_files_or_a_server() -> None:
+    result = CliRunner().invoke(cli, ["backfill"], env={"FHIR_SERVER_URL": ""})
+    assert result.exit_code == 2 and "give NDJSON files or folders" in result.stderr

@@ -19,7 +19,7 @@ from typing import Any
 
 from adapter.errors import InputError
 from adapter.extraction.index import Entry, ResourceIndex, identifier_triples
-from adapter.redact import FreeText
+from adapter.redact import FREE_TEXT_KEYS, FreeText
 from adapter.sources.files import EntryProblem, ReadResult, SourcedResource
 
 DELETED, MODIFIER_FREE, HAS_ID = 1, 2, 4
@@ -37,6 +37,10 @@ CREATE TABLE text(s BLOB PRIMARY KEY, n INTEGER NOT NULL, length INTEGER NOT NUL
 """`copy.key`: the entry key (`Type/id`, or the fullUrl of a resource without an id; NULL when it has neither);
 `url`: the fullUrl without `_history`, what references resolve against; `text`: each free-text string and in
 how many copies it occurs (those of superseded copies are taken away once the current ones are known)."""
+
+
+_FREE_TEXT_MARKERS = tuple(f'"{key}":'.encode() for key in FREE_TEXT_KEYS)
+"""A resource whose JSON holds none of these keys has no free text to collect."""
 
 
 def encode(text: str) -> bytes:
@@ -142,11 +146,13 @@ class Store:
         self.next_seq += 1
         if not has_id and kind != "Procedure":
             self.unnamed += 1
-        self._copies.append((seq, key, kind, item.origin, item.full_url, url, flags, dumps(resource)))
+        body = dumps(resource)
+        self._copies.append((seq, key, kind, item.origin, item.full_url, url, flags, body))
         if key is not None:
             self._idents += [(encode(system), encode(value), kind_, seq)
                              for kind_, system, value in identifier_triples(resource)]
-        self._texts.update(FreeText.strings_of(resource))
+        if any(marker in body for marker in _FREE_TEXT_MARKERS):  # most resources of a feed carry no free text
+            self._texts.update(FreeText.strings_of(resource))
         if len(self._copies) >= FLUSH_ROWS:
             self.flush()
 

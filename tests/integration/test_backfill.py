@@ -50,10 +50,12 @@ def export_options(ns: str) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def _export_enabled(client: FhirClient) -> None:
     """Our launcher registers $export since issue 11; a server still running from an older build lacks it."""
-    names = {o.get("name") for r in client.capabilities(refresh=True).get("rest") or [] for o in r.get("operation") or []}
+    rests = client.capabilities(refresh=True).get("rest") or []
+    names = {o.get("name") for r in rests for o in r.get("operation") or []}
     if "export" not in names:
-        pytest.fail(f"the HAPI server at {client.base_url} has no $export: it was started from a launcher built before "
-                    "Bulk Data export was enabled; restart it (scripts/hapi stop; scripts/hapi start)", pytrace=False)
+        pytest.fail(f"the HAPI server at {client.base_url} has no $export: it was started from a launcher built "
+                    "before Bulk Data export was enabled; restart it (scripts/hapi stop; scripts/hapi start)",
+                    pytrace=False)
 
 
 @pytest.fixture

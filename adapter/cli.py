@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from adapter.report import charges_table, diagnostics, explain, summary, text_ta
 from adapter.runner import Loop, Runner
 from adapter.service import Service, make_client, parse_instant
 from adapter.settings import AppSettings, ServerSettings, load_settings, secret
+from adapter.sources.bulk import EXPORT_TYPES, BulkExport, ExportRequest
 from adapter.sources.receive import (
     ReceiverSettings,
     ServerLimits,
@@ -46,7 +48,8 @@ from adapter.sources.receive import (
     stop_server,
 )
 from adapter.state import ReplicaInfo, StateBackend, open_state
-from adapter.sync import Syncer
+from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
+from adapter.sync import Syncer, SyncSummary
 
 log = logging.getLogger("adapter.cli")
 
@@ -138,13 +141,25 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (Claim.created, ChargeItem.enteredDate), e.g. "
                    "2026-03-31T12:00:00Z; default: the clock. Give it for reproducible output.")
+@click.option("--stream/--no-stream", "stream", default=None,
+              help="Code through an on-disk index, patient by patient, with flat memory; the output is the same "
+                   "byte for byte. Default: stream when the input files add up to more than 64 MiB (json and table "
+                   "formats; hl7v2 is always coded in memory).")
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True), envvar="CHARGE_ADAPTER_WORKDIR",
+              help="Where the streaming path keeps its temporary index (default: the system's temporary folder).")
 @click.pass_context
 def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool, quiet: bool,
-            now: datetime | None) -> None:
+            now: datetime | None, stream: bool | None, workdir: str | None) -> None:
     """Code FHIR JSON/NDJSON files or folders and print what would be written, writing nothing."""
     tables = _tables(ctx)
     if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
         now = now.replace(tzinfo=UTC)
+    if stream and fmt == "hl7v2":
+        raise click.UsageError("--format hl7v2 is coded in memory only; leave out --stream")
+    if stream is None:
+        stream = fmt != "hl7v2" and input_bytes(paths) > STREAM_THRESHOLD_BYTES
+    if stream:
+        ctx.exit(_stream_out(paths, tables, now, fmt, compact, quiet, workdir, None))
     report = process_paths(paths, tables, now)
     exit_code = report.exit_code
     if fmt == "json":
@@ -155,6 +170,32 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
         click.echo(charges_table(report))
     _emit_diagnostics(report, quiet)
     ctx.exit(exit_code)
+
+
+def _stream_out(paths: tuple[str, ...], tables: CodeTables, now: datetime | None, fmt: str, compact: bool,
+                quiet: bool, workdir: str | None, out_file: str | None,
+                on_batch: Callable[[RunReport, list[str]], None] | None = None) -> int:
+    """The streaming path's output (to stdout, or `out_file`), diagnostics and summary; returns the exit code."""
+    with stream_paths(paths, tables, now, compact=compact, workdir=workdir) as run:
+        total = run.store.db.execute("SELECT count(*) FROM entry WHERE key >= 'Procedure/' AND key < 'Procedure0'"
+                                     ).fetchone()[0] if sys.stderr.isatty() else 0
+        with click.progressbar(length=total, label="Procedures", file=sys.stderr, hidden=not total) as bar:
+            result = run.code(on_batch, progress=bar.update)
+        target = open(out_file, "w", encoding="utf-8") if out_file else sys.stdout  # noqa: SIM115
+        try:
+            if fmt == "json":
+                run.write_bundle(target)
+            else:
+                run.write_table(target)
+            target.flush()
+        finally:
+            if out_file:
+                target.close()
+        for line in result.diagnostics():
+            if not quiet or not line.startswith(("no charge:", "skipped:")):
+                click.echo(line, err=True)
+        click.echo(result.summary(), err=True)
+        return result.exit_code
 
 
 def _print_hl7v2(report: RunReport, tables: CodeTables, now: datetime | None) -> int:
@@ -257,6 +298,101 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     if result.to_retry:
         ctx.exit(ExitCode.UNAVAILABLE)
     ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
+
+
+@cli.command("backfill")
+@click.argument("paths", nargs=-1, type=click.Path())
+@server_options
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Write the Bundle (or the table) to this file instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
+              help="json: one FHIR transaction Bundle (as dry-run); table: the charges for humans.")
+@click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
+@click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
+@click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
+              help="Time of writing stamped on the output (default: the clock).")
+@click.option("--write", is_flag=True,
+              help="Also write the charges to the FHIR server (--server), patient by patient, one transaction per "
+                   "session, reconciled with what this adapter wrote before (re-running writes nothing new).")
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True), envvar="CHARGE_ADAPTER_WORKDIR",
+              help="Where the temporary index (and a server's export) is kept while it runs (default: the system's "
+                   "temporary folder).")
+@click.option("--download-dir", type=click.Path(file_okay=False),
+              help="Keep the server's exported NDJSON files in this folder (default: a temporary one, removed).")
+@click.option("--level", type=click.Choice(["system", "patient"]), default="system", show_default=True,
+              help="$export at [base]/$export (every resource) or [base]/Patient/$export (the Patient compartment: "
+                   "shared resources such as Practitioners are not in it).")
+@click.option("--types", default=",".join(EXPORT_TYPES), show_default=True,
+              help="_type of the export: the resource types to export.")
+@click.option("--since", help="_since of the export: only resources changed at or after this FHIR instant.")
+@click.option("--type-filter", "type_filters", multiple=True,
+              help="_typeFilter of the export (repeatable), e.g. 'Procedure?date=ge2026-01-01'.")
+@click.option("--poll-max-wait", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Longest wait between two polls of the export's status (a longer Retry-After is cut to it).")
+@click.option("--export-timeout", type=click.FloatRange(min=1), default=6 * 3600.0, show_default=True,
+              help="Seconds the export may take; then it is cancelled on the server.")
+@click.pass_context
+def backfill_cmd(ctx: click.Context, paths: tuple[str, ...], server: str | None, auth_file: str | None,
+                 ca_bundle: str | None, client_cert: str | None, out_file: str | None, fmt: str, compact: bool,
+                 quiet: bool, now: datetime | None, write: bool, workdir: str | None, download_dir: str | None,
+                 level: str, types: str, since: str | None, type_filters: tuple[str, ...], poll_max_wait: float,
+                 export_timeout: float) -> None:
+    """Code a whole backlog with flat memory: NDJSON files or folders (a Bulk Data export), or the server's own
+    $export (--server without PATH). Prints what dry-run prints for the same resources; with --write, also
+    writes the charges to the server.
+
+    PATH... and --server: the files are coded and --server is where --write writes. --server alone: the server's
+    $export is downloaded (streamed to disk) and coded, and --write writes back to it. Without --server, the
+    server is server.url of --config.
+    """
+    tables = _tables(ctx)
+    if now is not None and now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    client = None
+    if write or not paths:  # the server to export from or write to: --server, else the config file's server.url
+        if not server and not ctx.obj.get("config_file"):
+            raise click.UsageError("give NDJSON files or folders (a Bulk Data export), or --server URL to export "
+                                   "from" if not write else "--write needs --server: the FHIR server to write to")
+        client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
+    if client is not None:
+        client.check_server()
+    syncer = Syncer(client, tables) if write and client is not None else None
+    written = SyncSummary()
+
+    def on_batch(report: RunReport, patients: list[str]) -> None:
+        if syncer is not None:
+            written.add(syncer.write_report(report, patients))
+
+    with tempfile.TemporaryDirectory(prefix="charge-adapter-export-", dir=workdir) as tmp:
+        if not paths:
+            assert client is not None
+            folder = Path(download_dir) if download_dir else Path(tmp)
+            request = ExportRequest(level, tuple(t.strip() for t in types.split(",") if t.strip()), since,
+                                    type_filters)
+            export = BulkExport(client, request, max_wait=poll_max_wait, timeout=export_timeout,
+                                progress=lambda text: log.info("export: %s", text))
+            click.echo(f"exporting from {client.base_url} ({level} level) ...", err=True)
+            result = export.run(folder)
+            click.echo(f"export done: {len(result.files)} files, {result.bytes / 1e6:,.1f} MB"
+                       + (f", transaction time {result.transaction_time}" if result.transaction_time else ""), err=True)
+            for issue in result.errors:
+                click.echo(f"export error: {issue}", err=True)
+            paths = (str(folder),)
+        code = _stream_out(paths, tables, now, fmt, compact, quiet, workdir, out_file,
+                           on_batch if syncer is not None else None)
+    if syncer is not None:
+        for review in written.rejected:
+            click.echo(f"failed (rejected): session {redact.scrub(review.session)} ({', '.join(review.procedures)}): "
+                       f"{redact.scrub(review.reason)}", err=True)
+        for failure in written.to_retry:
+            click.echo(f"failed (will succeed on a later run): session {redact.scrub(failure.session)}: "
+                       f"{redact.scrub(failure.reason)}", err=True)
+        click.echo("written to the server: " + written.text(), err=True)
+        if written.to_retry:
+            code = max(code, ExitCode.UNAVAILABLE)
+        elif written.rejected:
+            code = max(code, ExitCode.REVIEW)
+    ctx.exit(code)
 
 
 def _sync_sinks(settings: AppSettings, dry_run: bool) -> None:

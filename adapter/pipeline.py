@@ -12,12 +12,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from adapter.building.resources import BuildResult, build_outputs
 from adapter.coding.engine import CodingResult, Review, code_procedures
 from adapter.config import CodeTables
 from adapter.errors import ExitCode
-from adapter.extraction.index import ResourceIndex, normalize_bases
+from adapter.extraction.index import Entry, ResourceIndex, normalize_bases
 from adapter.extraction.procedures import ProcedureFacts, extract
 from adapter.extraction.relations import link
 from adapter.sources.files import EntryProblem, ReadResult, SourcedResource, read_paths
@@ -85,10 +86,28 @@ def process(resources: Iterable[SourcedResource], tables: CodeTables, now: datet
 def _process(resources: Iterable[SourcedResource], tables: CodeTables, now: datetime | None,
              server_base: str | None = None) -> RunReport:
     index = ResourceIndex.build(resources, local_bases(tables, server_base))
-    facts = [extract(entry.resource, entry.origin, index, tables, entry)
-             for key, entry in index.entries.items() if key.startswith("Procedure/")]
-    facts += [extract(item.resource, item.origin, index, tables) for item in index.without_id
+    return code_index(index, procedures_of(index), tables, now)
+
+
+ProcedureItem = tuple[dict[str, Any], str, Entry | None]
+"""A Procedure to code: its resource, its origin, and its index entry (None for a Procedure without an id)."""
+
+
+def procedures_of(index: ResourceIndex) -> list[ProcedureItem]:
+    """Every Procedure of the index in coding order: by key in the order keys were first read, then those
+    without an id in read order. The streaming path (adapter/streaming) codes its batches in this order too."""
+    found: list[ProcedureItem] = [(entry.resource, entry.origin, entry)
+                                  for key, entry in index.entries.items() if key.startswith("Procedure/")]
+    found += [(item.resource, item.origin, None) for item in index.without_id
               if item.resource.get("resourceType") == "Procedure"]
+    return found
+
+
+def code_index(index: ResourceIndex, procedures: Iterable[ProcedureItem], tables: CodeTables,
+               now: datetime | None) -> RunReport:
+    """Code `procedures` against `index`: the in-memory index of a whole input, or the streaming path's
+    on-disk index scoped to a batch of patients."""
+    facts = [extract(resource, origin, index, tables, entry) for resource, origin, entry in procedures]
     link(facts, tables)
     coding = code_procedures(facts, tables)
     built = build_outputs(coding, index, tables, now)

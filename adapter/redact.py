@@ -79,17 +79,30 @@ class FreeText:
             _collect(resource, found)
         return cls(found)
 
+    @staticmethod
+    def strings_of(resource: dict[str, Any]) -> set[str]:
+        """The strings of one resource that `FreeText.of` would mask."""
+        found: set[str] = set()
+        _collect(resource, found)
+        return {s for s in found if len(s.strip()) >= _MIN_MASKED}
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """What `mask` replaces: the collected strings, longest first (leftmost match, then the longest)."""
+        if self._pattern is None and self.strings:
+            ordered = sorted(self.strings, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        return self._pattern
+
     def add(self, other: FreeText) -> None:
         self.strings |= other.strings
         self._pattern = None
 
     def mask(self, text: str) -> str:
         """`text` with every collected string (longest first) replaced by `[text]`, then patients scrubbed."""
-        if self.strings:
-            if self._pattern is None:
-                ordered = sorted(self.strings, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
-            text = self._pattern.sub(MASK, text)
+        pattern = self.pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
         return scrub(text)
 
 

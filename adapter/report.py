@@ -6,34 +6,47 @@ Nothing here prints patient names: sessions are shown by reference (`Patient/id`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from adapter.coding.engine import Session
+from adapter.building.resources import OutputWarning, SessionOutput
+from adapter.coding.engine import Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
 from adapter.pipeline import RunReport
-from adapter.redact import FreeText
+from adapter.redact import FreeText, scrub
+from adapter.sources.files import EntryProblem
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table_lines(cells[0], cells[1:], widths))
+
+
+def table_lines(headers: Sequence[str], rows: Iterable[Sequence[str]], widths: Sequence[int]) -> Iterator[str]:
+    """The lines of a text table whose column widths are known (the streaming path writes rows as it reads them)."""
+    yield "  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()
+    yield "  ".join("-" * w for w in widths)
+    for row in rows:
+        yield "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+
+def charge_rows(out: SessionOutput) -> list[tuple[object, ...]]:
+    """The table rows of one session's charges."""
+    key = out.session.key
+    return [(key.date, key.patient, key.performer, line.code, "-".join(line.modifiers) or "", line.units,
+             ", ".join(r.split("/", 1)[1] for r in line.procedures), "yes" if out.claim else "no")
+            for line in out.session.lines]
+
+
+CHARGE_HEADERS = ("Date", "Patient", "Performer", "CPT", "Mod", "Units", "Procedures", "Claim")
 
 
 def charges_table(report: RunReport) -> str:
-    rows = []
-    for out in report.built.sessions:
-        key = out.session.key
-        for line in out.session.lines:
-            rows.append((key.date, key.patient, key.performer, line.code, "-".join(line.modifiers) or "",
-                         line.units, ", ".join(r.split("/", 1)[1] for r in line.procedures),
-                         "yes" if out.claim else "no"))
+    rows = [row for out in report.built.sessions for row in charge_rows(out)]
     if not rows:
         return "No charges."
-    return text_table(("Date", "Patient", "Performer", "CPT", "Mod", "Units", "Procedures", "Claim"), rows)
+    return text_table(CHARGE_HEADERS, rows)
 
 
 def free_text_of(report: RunReport) -> FreeText:
@@ -45,31 +58,74 @@ def diagnostics(report: RunReport) -> list[str]:
     """One line per thing an analyst should know, most urgent first.
 
     These lines go to stderr: free text from the resources is masked and patient references follow the
-    redaction mode; `explain` shows everything.
+    redaction mode; `explain` shows everything. The streaming path (adapter/streaming) writes the same lines,
+    in the same order, from the same functions.
     """
     text = free_text_of(report)
-    out = [f"error: cannot read {err}" for err in report.read.unreadable]
-    out += [f"error: {p.origin}: {p.reason}" for p in report.problems]
-    out += [f"review: {r.procedure} ({r.origin}): {r.reason}: {text.mask(r.detail)}" for r in report.reviews]
-    out += [f"warning: {w.code}: {text.mask(w.detail)}" for w in report.built.warnings]
-    out += [f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
-            "the copy used was chosen by content, not by recency"
-            for ref, origins in report.index.conflicts.items() if not ref.startswith("Procedure/")]
-    out += [f"warning: duplicate {ref}: {kept} replaces {old}" for ref, kept, old in report.index.duplicates]
-    out += [f"{_merged_label(f)}: {f.ref}: billed under {f.merged_into}" for f in report.coding.merged]
-    out += [f"no charge: {f.ref}: status {f.status}" for f in report.coding.no_charge]
-    out += [f"skipped: {f.ref}: {_skip_reason(f)}" for f in report.coding.skipped]
+    out = [unreadable_line(err) for err in report.read.unreadable]
+    out += [problem_line(p) for p in report.problems]
+    out += [review_line(r, text.mask) for r in report.reviews]
+    out += [warning_line(w, text.mask) for w in report.built.warnings]
+    out += [conflict_line(ref, origins) for ref, origins in report.index.conflicts.items()
+            if not ref.startswith("Procedure/")]
+    out += [duplicate_line(ref, kept, old) for ref, kept, old in report.index.duplicates]
+    out += [merged_line(f) for f in report.coding.merged]
+    out += [no_charge_line(f) for f in report.coding.no_charge]
+    out += [skipped_line(f) for f in report.coding.skipped]
     return out
+
+
+def unreadable_line(err: object) -> str:
+    return f"error: cannot read {err}"
+
+
+def problem_line(problem: EntryProblem) -> str:
+    return f"error: {problem.origin}: {problem.reason}"
+
+
+def review_line(review: Review, mask: Callable[[str], str]) -> str:
+    return f"review: {review.procedure} ({review.origin}): {review.reason}: {mask(review.detail)}"
+
+
+def warning_line(warning: OutputWarning, mask: Callable[[str], str]) -> str:
+    return f"warning: {warning.code}: {mask(warning.detail)}"
+
+
+def conflict_line(ref: str, origins: Sequence[str]) -> str:
+    # the resource may be a Patient: its reference follows the redaction mode, like every line on stderr
+    return scrub(f"warning: {ref} has {len(origins)} different copies with the same version ({', '.join(origins)}): "
+                 "the copy used was chosen by content, not by recency")
+
+
+def duplicate_line(ref: str, kept: str, old: str) -> str:
+    return scrub(f"warning: duplicate {ref}: {kept} replaces {old}")
+
+
+def merged_line(proc: ProcedureFacts) -> str:
+    return f"{_merged_label(proc)}: {proc.ref}: billed under {proc.merged_into}"
+
+
+def no_charge_line(proc: ProcedureFacts) -> str:
+    return f"no charge: {proc.ref}: status {proc.status}"
+
+
+def skipped_line(proc: ProcedureFacts) -> str:
+    return f"skipped: {proc.ref}: {_skip_reason(proc)}"
 
 
 def summary(report: RunReport) -> str:
     lines = report.coding.lines
-    return (f"{len(report.facts)} Procedures: {len(report.coding.coded_sessions)} sessions coded, "
-            f"{len(lines)} charge lines ({sum(line.units for line in lines)} units), "
-            f"{sum(1 for s in report.built.sessions if s.claim)} claims, "
-            f"{len({r.procedure for r in report.reviews})} need review, "
-            f"{len(report.coding.no_charge)} no charge, {len(report.coding.skipped)} skipped, "
-            f"{len(report.read.unreadable)} unreadable files")
+    return summary_text(len(report.facts), len(report.coding.coded_sessions), len(lines),
+                        sum(line.units for line in lines), sum(1 for s in report.built.sessions if s.claim),
+                        len({r.procedure for r in report.reviews}), len(report.coding.no_charge),
+                        len(report.coding.skipped), len(report.read.unreadable))
+
+
+def summary_text(procedures: int, sessions: int, lines: int, units: int, claims: int, reviewed: int,
+                 no_charge: int, skipped: int, unreadable: int) -> str:
+    return (f"{procedures} Procedures: {sessions} sessions coded, {lines} charge lines ({units} units), "
+            f"{claims} claims, {reviewed} need review, {no_charge} no charge, {skipped} skipped, "
+            f"{unreadable} unreadable files")
 
 
 def _merged_label(proc: ProcedureFacts) -> str:

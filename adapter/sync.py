@@ -242,6 +242,18 @@ class Syncer:
         summary.outcomes = self._outcomes(report, writes, failed, summary.reviews)
         return summary
 
+    def write_report(self, report: RunReport, patients: Iterable[str]) -> SyncSummary:
+        """Bring the server's charges of `patients` in line with an already coded `report` (a batch of
+        `backfill`): the same reconciliation and session transactions as `sync_patients`, so it is idempotent."""
+        wanted = sorted({p for p in patients if p})
+        charge_items, claims = self.source.our_charges(wanted)
+        writes = plan(report, [*charge_items, *claims], self.tables)
+        summary = self._summarise(report, writes, len(wanted))
+        summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
+        if not self.dry_run and self.fhir:
+            self._write(writes, summary)
+        return summary
+
     def _send_hl7v2(self, report: RunReport, patients: list[str], summary: SyncSummary,
                     failed: dict[str, WriteFailure], should_stop: Callable[[], bool] | None) -> None:
         """The HL7 v2 sink's pass (adapter/hl7v2/sink.py): its reviews and failures join the FHIR side's."""

@@ -9,7 +9,7 @@ part that changes between runs, and reconciliation does not count it as a change
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -33,7 +33,7 @@ from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.coding.engine import ChargeLine, CodingResult, Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.index import ResourceIndex
-from adapter.extraction.procedures import ProcedureFacts
+from adapter.extraction.procedures import ProcedureFacts, SessionKey
 
 CLAIM_TYPE = "http://terminology.hl7.org/CodeSystem/claim-type"
 PRIORITY = "http://terminology.hl7.org/CodeSystem/processpriority"
@@ -54,6 +54,8 @@ class OutputWarning:
     code: str
     subject: str
     detail: str
+    session: SessionKey | None = field(default=None, compare=False)
+    """The session it was met in (the streaming path orders warnings of many batches by it)."""
 
 
 @dataclass
@@ -320,7 +322,7 @@ def build_outputs(result: CodingResult, index: ResourceIndex, tables: CodeTables
                                for p in session.procedures)
             continue
         out.sessions.append(built)
-        out.warnings += warnings
+        out.warnings += [replace(w, session=session.key) for w in warnings]
         out.reviews += reviews
     return out
 

@@ -359,6 +359,63 @@ class FhirClient:
             raise ValueError(f"not an operation path relative to the base: {path!r}")
         return self._call(method, path.lstrip("/"), params=params, json_body=parameters, idempotent=idempotent)
 
+    # -- raw requests (Bulk Data) ---------------------------------------------------------------------
+
+    def check_link(self, url: str) -> str:
+        """``url`` made absolute against the base; :class:`UnsafeLinkError` unless it stays on the configured
+        server (scheme, host, port and base path), like a paging link."""
+        absolute = urljoin(self.base_url + "/", url)
+        self._check_link(absolute)
+        return absolute
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: SearchParams | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> requests.Response:
+        """One request with the client's retries, credentials and TLS settings, answered as it came (any status):
+        for protocols that speak in status codes and headers, such as a Bulk Data kick-off and its status URL.
+        An absolute URL must stay on the configured server."""
+        if path_or_url.startswith(("http://", "https://")):
+            self._check_link(path_or_url)
+        return self._send(method.upper(), path_or_url, params=params, headers=headers, idempotent=idempotent)
+
+    def download(self, url: str, destination: str | os.PathLike[str], *, accept: str = "application/fhir+ndjson"
+                 ) -> int:
+        """GET ``url`` (which must stay on the configured server) into ``destination``, streamed to disk in
+        pieces so a file of any size costs no memory; a transfer cut off is retried from the start like any
+        GET. Returns the bytes written; a non-2xx answer raises its typed error."""
+        url = self.check_link(url)
+        target = os.fspath(destination)
+        partial = target + ".part"
+        attempts = 0
+        while True:
+            attempts += 1
+            response = self._send("GET", url, headers={"Accept": accept}, stream=True)
+            try:
+                if not 200 <= response.status_code < 300:
+                    response.content  # noqa: B018 -- read the (small) error body for its OperationOutcome
+                    self._result(response)
+                written = 0
+                with open(partial, "wb") as out:
+                    for chunk in response.iter_content(1 << 20):
+                        out.write(chunk)
+                        written += len(chunk)
+                os.replace(partial, target)
+                return written
+            except requests.RequestException as exc:
+                if attempts >= self.retry.attempts:
+                    raise FhirTransportError("GET", url, _describe_transport(exc), attempts, original=exc) from None
+                log.info("download of %s cut off (%s); starting again", scrub(urlsplit(url).path),
+                         _describe_transport(exc))
+                self.retry.sleep(min(self.retry.backoff_max, self.retry.backoff_initial * 2 ** attempts))
+            finally:
+                response.close()
+
     # -- plumbing -------------------------------------------------------------------------------------
 
     @staticmethod
@@ -412,8 +469,10 @@ class FhirClient:
         content_type: str | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        stream: bool = False,
     ) -> requests.Response:
-        """Send one logical request (with retries and one credential refresh) and return the response."""
+        """Send one logical request (with retries and one credential refresh) and return the response
+        (`stream`: with its body still to be read)."""
         url = self._url(path_or_url)
         path = urlsplit(url).path or "/"
         all_headers = dict(headers or {})
@@ -434,7 +493,7 @@ class FhirClient:
                 self._count()
                 started = time.monotonic()
                 try:
-                    response = self._request_once(method, url, params, data, all_headers)
+                    response = self._request_once(method, url, params, data, all_headers, stream)
                 except requests.RequestException as exc:
                     self._report(False, _describe_transport(exc))  # at once: health need not wait for retries
                     raise
@@ -454,7 +513,7 @@ class FhirClient:
             raise FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc) from None
 
     def _request_once(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
-                      headers: Mapping[str, str]) -> requests.Response:
+                      headers: Mapping[str, str], stream: bool = False) -> requests.Response:
         return self.session.request(
             method,
             url,
@@ -464,6 +523,7 @@ class FhirClient:
             auth=self.auth,
             timeout=self.timeout,
             allow_redirects=False,
+            stream=stream,
             # Passed per request as well: with trust_env on, requests lets REQUESTS_CA_BUNDLE
             # override a session-level verify.
             verify=self.session.verify,

@@ -71,6 +71,10 @@ class CodingResult:
     skipped: list[ProcedureFacts] = field(default_factory=list)
     merged: list[ProcedureFacts] = field(default_factory=list)
     """Procedures billed under another one: duplicate deliveries and `partOf` children."""
+    session_reviews_from: int = 0
+    mue_reviews_from: int = 0
+    """Where in `reviews` those of held sessions (in session order) and those of the MUE check begin; before them
+    come the reviews of Procedures without a session (in input order). The streaming path merges batches by it."""
 
     @property
     def lines(self) -> list[ChargeLine]:
@@ -190,6 +194,7 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
         else:
             by_session[proc.session].append(proc)
 
+    result.session_reviews_from = len(result.reviews)
     forced = _join_sessions(by_session)
     for key in sorted(by_session):
         session = Session(key, sorted(by_session[key], key=ProcedureFacts.sort_key))
@@ -204,6 +209,7 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
             _hold(session, own, result, forced.get(key, "") if not any(own.values()) else "")
             continue
         _build_lines(session, tables)
+    result.mue_reviews_from = len(result.reviews)
     _check_mue(result, tables)
     return result
 

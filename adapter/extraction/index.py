@@ -425,21 +425,7 @@ class ResourceIndex:
 
     def _by_identifier(self, kind: str | None, system: str, value: str) -> Resolved:
         written = f"{kind or ''}?identifier={system}|{value}"
-        if self._identifiers is None:
-            self._identifiers = {}
-            for key, entry in self.entries.items():
-                if entry.deleted:
-                    continue
-                for ident in entry.resource.get("identifier") or []:
-                    if isinstance(ident, dict) and ident.get("value"):
-                        triple = (str(entry.resource.get("resourceType")), str(ident.get("system", "")),
-                                  str(ident["value"]))
-                        self._identifiers.setdefault(triple, []).append(key)
-        if kind:
-            found = self._identifiers.get((kind, system, value), [])
-        else:
-            found = sorted({k for (_, s, v), keys in self._identifiers.items() if (s, v) == (system, value)
-                            for k in keys})
+        found = self._identifier_matches(kind, system, value)
         if len(found) == 1:
             return Resolved(written, found[0], self.entries[found[0]], how="the one resource with that identifier")
         if len(found) > 1:
@@ -470,18 +456,42 @@ class ResourceIndex:
             self._accounts = {owner: sorted(refs) for owner, refs in grouped.items()}
         return self._accounts.get(patient, [])
 
+    def _identifier_matches(self, kind: str | None, system: str, value: str) -> list[str]:
+        """Keys of the current resources carrying the identifier (once per matching element, for a `kind`)."""
+        if self._identifiers is None:
+            self._identifiers = {}
+            for key, entry in self.entries.items():
+                if not entry.deleted:
+                    for triple in identifier_triples(entry.resource):
+                        self._identifiers.setdefault(triple, []).append(key)
+        if kind:
+            return self._identifiers.get((kind, system, value), [])
+        return sorted({k for (_, s, v), keys in self._identifiers.items() if (s, v) == (system, value) for k in keys})
+
     def active_coverages(self, patient: str) -> list[tuple[str, dict[str, Any]]]:
         """The patient's active Coverages (beneficiary in any reference form), in claim order."""
         if self._coverages is None:
-            grouped: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-            for ref, cov in self.of_type("Coverage"):
-                beneficiary = self.resolve(cov.get("beneficiary"), self.entries[ref]).key
-                if cov.get("status") == "active" and beneficiary:
-                    grouped.setdefault(beneficiary, []).append((ref, cov))
-            for found in grouped.values():
-                found.sort(key=lambda rc: (rc[1].get("order", 1 << 30), rc[0]))
-            self._coverages = grouped
+            self._coverages = self.coverages_by_beneficiary(self.of_type("Coverage"))
         return self._coverages.get(patient, [])
+
+    def coverages_by_beneficiary(self, coverages: Iterable[tuple[str, dict[str, Any]]]
+                                 ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Active Coverages by resolved beneficiary, each list in claim order (`order`, then key)."""
+        grouped: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for ref, cov in coverages:
+            beneficiary = self.resolve(cov.get("beneficiary"), self.entries[ref]).key
+            if cov.get("status") == "active" and beneficiary:
+                grouped.setdefault(beneficiary, []).append((ref, cov))
+        for found in grouped.values():
+            found.sort(key=lambda rc: (rc[1].get("order", 1 << 30), rc[0]))
+        return grouped
+
+
+def identifier_triples(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(resourceType, system, value) of each identifier element with a value: what logical references match."""
+    kind = str(resource.get("resourceType"))
+    return [(kind, str(ident.get("system", "")), str(ident["value"]))
+            for ident in resource.get("identifier") or [] if isinstance(ident, dict) and ident.get("value")]
 
 
 def _without_version(url: str) -> str:

@@ -43,9 +43,19 @@ class EntryProblem:
 
 @dataclass
 class ReadResult:
+    """What was read. `resources` and `problems` only need `append` (the streaming path spills them to disk
+    as they come); `mark` and `discard` take back what one file gave when it turns out unreadable."""
+
     resources: list[SourcedResource] = field(default_factory=list)
     problems: list[EntryProblem] = field(default_factory=list)
     unreadable: list[InputError] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.resources), len(self.problems)
+
+    def discard(self, mark: tuple[int, int]) -> None:
+        del self.resources[mark[0]:]
+        del self.problems[mark[1]:]
 
 
 def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
@@ -123,11 +133,54 @@ def _read_json(path: Path, text: str, result: ReadResult) -> None:
     flatten(data, str(path), result, "modifierExtension" not in text)
 
 
-def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
+CHUNK_BYTES = 4 << 20
+"""NDJSON is read this many bytes at a time (cut after the last newline), so a large export never sits in memory."""
+_BOM = b"\xef\xbb\xbf"
+
+
+def _ndjson_lines(path: Path, chunk_bytes: int) -> Iterator[str]:
+    """The lines of an NDJSON file as `str.splitlines` gives them for the whole decoded text, read piece by piece.
+
+    Each piece ends just after a `\\n` (an ASCII byte, never inside a UTF-8 sequence, and the last character of
+    any line break that spans two characters), so splitting each piece gives the lines of the whole file.
+    Raises InputError for bytes that are not UTF-8, with their offset as the whole-file decoding reports it."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise InputError(str(path), "no such file or folder") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot be read ({exc.strerror})") from None
+    with handle:
+        offset, carry, first = 0, b"", True  # offset: bytes decoded so far, after a leading BOM
+        while True:
+            try:
+                block = handle.read(chunk_bytes)
+            except OSError as exc:
+                raise InputError(str(path), f"cannot be read ({exc.strerror})") from None
+            data = carry + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            piece, carry = data[:cut], data[cut:]
+            if first and piece:
+                piece = piece[len(_BOM):] if piece.startswith(_BOM) else piece
+                first = False
+            if piece:
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(str(path), f"not UTF-8 text (byte {offset + exc.start})") from None
+                offset += len(piece)
+                yield from text.splitlines()
+            if not block:
+                return
+
+
+def _read_ndjson(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) -> None:
     bad: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    blank = True
+    for number, line in enumerate(_ndjson_lines(path, chunk_bytes), start=1):
         if not line.strip():
             continue
+        blank = False
         try:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -137,13 +190,26 @@ def _read_ndjson(path: Path, text: str, result: ReadResult) -> None:
             bad.append(f"line {number} is not a FHIR resource (no resourceType)")
             continue
         flatten(data, f"{path}:{number}", result, "modifierExtension" not in line)
+    if blank:
+        raise InputError(str(path), "file is empty")
     if bad:
         # the good lines were kept; the file is still reported as not fully readable
         raise InputError(str(path), "; ".join(bad))
 
 
-def read_file(path: Path, result: ReadResult) -> None:
-    """Read one file into `result`; raises InputError when it cannot be read (fully)."""
+def read_file(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Read one file into `result`; raises InputError when it cannot be read (fully).
+
+    A file that is not UTF-8 text gives nothing at all, even from the lines before the bad byte."""
+    if path.suffix.lower() in (".ndjson", ".jsonl"):
+        mark = result.mark()
+        try:
+            _read_ndjson(path, result, chunk_bytes)
+        except InputError as exc:
+            if exc.reason.startswith(("not UTF-8 text", "cannot be read", "file is empty")):
+                result.discard(mark)
+            raise
+        return
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -156,15 +222,13 @@ def read_file(path: Path, result: ReadResult) -> None:
         raise InputError(str(path), f"not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
         raise InputError(str(path), "file is empty")
-    if path.suffix.lower() in (".ndjson", ".jsonl"):
-        _read_ndjson(path, text, result)
-    else:
-        _read_json(path, text, result)
+    _read_json(path, text, result)
 
 
-def read_paths(paths: Iterable[str | os.PathLike[str]]) -> ReadResult:
-    """Read every file; unreadable ones are collected in `unreadable`, never raised."""
-    result = ReadResult()
+def read_paths(paths: Iterable[str | os.PathLike[str]], result: ReadResult | None = None) -> ReadResult:
+    """Read every file into `result` (a new one by default); unreadable ones are collected in `unreadable`,
+    never raised."""
+    result = ReadResult() if result is None else result
     for path in iter_files(paths):
         try:
             read_file(path, result)

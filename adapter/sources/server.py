@@ -113,12 +113,7 @@ class ServerSource:
             first += self._search("Coverage", [("beneficiary", joined), ("status", "active"), ("_count", str(PAGE)),
                                                ("_include", "Coverage:payor")])
             first += self._search("Account", {"patient": joined, "status": "active", "_count": str(PAGE)})
-            ctx.charge_items += self._search("ChargeItem", {
-                "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
-                "_count": str(PAGE)})
-            ctx.claims += self._search("Claim", {
-                "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
-                "_count": str(PAGE)})
+        ctx.charge_items, ctx.claims = self.our_charges(wanted)
         have = {_key(r) for r in (*procedures, *first)}
         searched: set[tuple[str, str]] = set()
         fetched = [*procedures, *first]
@@ -139,6 +134,20 @@ class ServerSource:
         unique = {_key(r): r for r in fetched}  # an include can repeat across pages
         ctx.resources = [SourcedResource(r, f"{origin}/{ref}") for ref, r in unique.items()]
         return ctx
+
+    def our_charges(self, patients: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The ChargeItems and Claims this adapter wrote for these patients (by our identifier systems)."""
+        charge_items: list[dict[str, Any]] = []
+        claims: list[dict[str, Any]] = []
+        for batch in chunks(sorted(set(patients))):
+            joined = ",".join(batch)
+            charge_items += self._search("ChargeItem", {
+                "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
+                "_count": str(PAGE)})
+            claims += self._search("Claim", {
+                "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
+                "_count": str(PAGE)})
+        return charge_items, claims
 
     def _fetch(self, refs: _References) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []

@@ -1,6 +1,7 @@
 package local.fhircharge.hapitest;
 
 import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
+import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
 import ca.uhn.fhir.jpa.api.config.ThreadPoolFactoryConfig;
@@ -24,6 +25,7 @@ import jakarta.persistence.EntityManagerFactory;
 import org.apache.commons.dbcp2.BasicDataSource;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
+import org.springframework.beans.factory.config.BeanPostProcessor;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
@@ -76,6 +78,10 @@ public class TestServerConfig {
 		settings.setReuseCachedSearchResultsForMillis(null);
 		settings.setAutoCreatePlaceholderReferenceTargets(false);
 		settings.setAllowExternalReferences(false);
+		// Bulk Data $export (registered in TestServerMain): every kick-off runs a new job (no reuse of an
+		// earlier identical export's files), and batch2 steps advance as soon as their chunks are done.
+		settings.setEnableBulkExportJobReuse(false);
+		settings.setJobFastTrackingEnabled(true);
 		return settings;
 	}
 
@@ -148,6 +154,25 @@ public class TestServerConfig {
 	public IEmailSender emailSender() {
 		return details -> LOG.warn("E-mail subscription channel is not supported by the test server; dropped {}", details);
 	}
+
+	/**
+	 * Batch2 jobs (Bulk Data $export) move on in HAPI's maintenance pass, scheduled once a minute by default:
+	 * a test export would wait a minute or two. Every 2 s here, set before HAPI schedules it.
+	 */
+	@Bean
+	public static BeanPostProcessor fasterJobMaintenance() {
+		return new BeanPostProcessor() {
+			@Override
+			public Object postProcessBeforeInitialization(Object bean, String beanName) {
+				if (bean instanceof JobMaintenanceServiceImpl maintenance) {
+					maintenance.setScheduledJobFrequencyMillis(JOB_MAINTENANCE_MILLIS);
+				}
+				return bean;
+			}
+		};
+	}
+
+	static final long JOB_MAINTENANCE_MILLIS = 2_000;
 
 	@Bean
 	public IBinaryStorageSvc binaryStorageSvc() {

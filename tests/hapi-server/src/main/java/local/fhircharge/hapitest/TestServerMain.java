@@ -1,5 +1,6 @@
 package local.fhircharge.hapitest;
 
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -87,6 +88,9 @@ public final class TestServerMain {
 
 		server.registerProviders(ctx.getBean(ResourceProviderFactory.class).createProviders());
 		server.registerProvider(ctx.getBean(JpaSystemProvider.class));
+		// FHIR Bulk Data $export (system, Patient, Group level): kick-off, status polling, NDJSON Binary outputs.
+		// The batch2 job definitions come from Batch2JobsConfig, the provider bean from HAPI's JpaConfig.
+		server.registerProvider(ctx.getBean(BulkDataExportProvider.class));
 		server.registerProvider(new TestResetProvider(
 				ctx.getBean(IFhirSystemDao.class),
 				ctx.getBean(SubscriptionRegistry.class),

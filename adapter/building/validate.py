@@ -1,29 +1,58 @@
 """Every resource is checked against the R4 models of `fhir.resources` before it leaves the process.
 
-A run writes thousands of resources that share most of their parts (the CPT coding of a code, the place of
-service, the payer, the patient of a session): each distinct part is validated once, and its validated model
-is reused wherever the identical part appears again, so the whole resource is still validated, in less time.
+A run writes thousands of resources that differ only in their primitive values (ids, dates, references,
+narrative) and in a few shapes (how many lines, modifiers, reasons). What a model validation of
+fhir.resources decides splits in two:
+
+- each primitive value against its element's type (a dateTime, a code, an id, a string that is not empty), and
+- everything else: which elements are present and which are null, nesting and list lengths, unknown elements,
+  required elements, choice types (`value[x]`), the resource type. None of this depends on a primitive's value.
+
+So a resource is reduced to its *shape* (keys, nesting, list lengths, null or not, the Python type of each
+primitive) and its primitive values. A shape is accepted once a full `model_validate` of a resource with that
+shape accepted it; a later resource with a known shape is accepted when each of its primitive values passes the
+very validator pydantic compiled for that element (the same core schema, built with the model's config). Anything
+else, including every resource that does not pass this way, goes through the full model validation, which gives
+the verdict and names the failing elements. Anything the fast way cannot read (unknown elements, contained
+resources, values of a type JSON does not have) goes through the full validation too.
 """
 
 from __future__ import annotations
 
 import types
 import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
+from fhir_core.fhirabstractmodel import FHIRAbstractModel
+from fhir_core.types import FhirBase, FhirElementOrResourceBase
+from fhir_core.utils import is_primitive_type
 from pydantic import ValidationError
+from pydantic_core import SchemaValidator
 
 from adapter.errors import OutputError
 
-_PARTS_LIMIT = 4_096
-"""Validated parts kept for reuse; the cache starts over when full (memory stays bounded)."""
-_DEPTH = 2
-"""Parts are reused down to this depth (e.g. Claim.item[n].productOrService)."""
-_UNIQUE = frozenset({"identifier", "text", "note", "item", "procedure", "service"})
-"""Elements that differ in every resource: not worth a cache entry (their own parts still are)."""
-_parts: dict[tuple[type, str], Any] = {}
-_classes: dict[type, dict[str, type]] = {}
+_SHAPES_LIMIT = 4_096
+"""Accepted shapes kept; the set starts over when full (memory stays bounded)."""
+_VALUES_LIMIT = 200_000
+"""Primitive values known to pass their element's validator; the set starts over when full."""
+_LONG = 256
+"""Values longer than this (narratives, notes) are validated every time rather than remembered."""
+_KNOWN_MODEL_VALIDATORS = frozenset({
+    "reject_null_complex_elements",  # nulls inside lists of complex elements: part of the shape
+    "validate_after_model_construction",  # required primitives and choice types: presence, part of the shape
+    "validate_extension_or_fhir_comment_required",  # FHIRPrimitiveExtension: presence, part of the shape
+})
+"""Model-level validators of fhir.resources that look only at what the shape holds; a model with any other
+model-level validator is never validated the fast way (it might look at values)."""
+
+_JSON_SCALARS = frozenset({str, int, float, bool})
+_OPEN = object()
+"""Shape token: a complex element (a dict) starts; its keys follow, then _CLOSE."""
+_CLOSE = object()
+_LIST = object()
+"""Shape token: a list; its length and then each item follow."""
 
 
 class InvalidOutputError(OutputError):
@@ -34,61 +63,198 @@ class InvalidOutputError(OutputError):
         super().__init__(f"{what} failed FHIR R4 validation: {errors}")
 
 
-def _class_map(model: type) -> dict[str, type]:
-    """Element name -> model class of the complex elements of `model` (`Claim.item` -> ClaimItem); primitives
-    and polymorphic contained resources are left out (validated in place)."""
-    found = _classes.get(model)
-    if found is None:
-        found = {}
-        for name, field in model.model_fields.items():  # type: ignore[attr-defined]
-            stack = [field.annotation]
-            while stack:
-                ann = stack.pop()
-                if isinstance(ann, type) and hasattr(ann, "get_model_klass"):
-                    klass = ann.get_model_klass()
-                    if getattr(klass, "__resource_type__", "") != "Resource":
-                        found[field.alias or name] = klass
-                    break
-                if typing.get_origin(ann) in (typing.Union, types.UnionType, list, typing.List):  # noqa: UP006
-                    stack += [a for a in typing.get_args(ann) if a is not type(None)]
-        _classes[model] = found
-    return found
+class _Irregular(Exception):
+    """The resource holds something the fast way does not read: validate it in full."""
 
 
-def _part(model: type, value: dict[str, Any], depth: int) -> Any:
-    # repr is a faithful key for JSON-like dicts (1, 1.0 and True differ) and much cheaper than json.dumps;
-    # the same content in another key order is only a cache miss
-    key = (model, repr(value))
-    found = _parts.get(key)
-    if found is None:
-        found = model.model_validate(_with_parts(model, value, depth))  # type: ignore[attr-defined]
-        if len(_parts) >= _PARTS_LIMIT:
-            _parts.clear()
-        _parts[key] = found
-    return found
+@dataclass(eq=False)
+class _Model:
+    """What the fast way needs to know about one model class: its elements by JSON key."""
+
+    cls: type
+    resource_type: str
+    primitives: dict[str, SchemaValidator] = field(default_factory=dict)
+    """JSON key -> the validator pydantic compiled for that primitive element (single or list)."""
+    complex_one: dict[str, _Model | None] = field(default_factory=dict)
+    complex_many: dict[str, _Model | None] = field(default_factory=dict)
+    """JSON key -> the element's model (filled in lazily, the model graph has cycles)."""
+    classes: dict[str, type] = field(default_factory=dict)
 
 
-def _fresh(model: type, value: dict[str, Any], depth: int) -> Any:
-    return model.model_validate(_with_parts(model, value, depth))  # type: ignore[attr-defined]
+_models: dict[type, _Model | None] = {}
+_shapes: set[tuple[Any, ...]] = set()
+_values: set[tuple[int, type, Any]] = set()
 
 
-def _with_parts(model: type, data: dict[str, Any], depth: int) -> dict[str, Any]:
-    """`data` with its complex elements replaced by validated (possibly reused) models."""
-    if depth <= 0:
-        return data
-    classes = _class_map(model)
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        klass = classes.get(name)
-        if klass is None or not isinstance(value, dict | list):
-            out[name] = value
-            continue
-        part = _fresh if name in _UNIQUE else _part
-        if isinstance(value, dict):
-            out[name] = part(klass, value, depth - 1)
+def _unwrap(schema: dict[str, Any], until: str) -> dict[str, Any] | None:
+    """The first node of type `until` below model-level function validators, checking that each is known."""
+    while schema.get("type") != until:
+        if not schema.get("type", "").startswith("function-"):
+            return None
+        function = schema.get("function", {}).get("function")
+        if getattr(function, "__name__", None) not in _KNOWN_MODEL_VALIDATORS:
+            return None
+        schema = schema["schema"]
+    return schema
+
+
+def _core_type(annotation: Any) -> tuple[Any, bool] | None:
+    """The element type of an annotation without Optional, and whether it is a list; None if ambiguous."""
+    many = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            annotation = args[0]
+        elif origin is list:
+            if many:
+                return None
+            many = True
+            annotation = typing.get_args(annotation)[0]
+        elif origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
         else:
-            out[name] = [part(klass, v, depth - 1) if isinstance(v, dict) else v for v in value]
-    return out
+            return annotation, many
+
+
+def _model(cls: type) -> _Model | None:
+    """The fast way's view of a model class, or None when the class must always be validated in full."""
+    if cls not in _models:
+        try:
+            _models[cls] = _build(cls)
+        except Exception:  # a model this code does not understand: always validated in full
+            _models[cls] = None
+    return _models[cls]
+
+
+def _build(cls: type) -> _Model | None:
+    if not (isinstance(cls, type) and issubclass(cls, FHIRAbstractModel)) or cls.__init__ is not \
+            FHIRAbstractModel.__init__:
+        return None
+    top = _unwrap(cls.__pydantic_core_schema__, "model")
+    inner = _unwrap(top["schema"], "model-fields") if top else None
+    if top is None or inner is None or top.get("custom_init") is not True:
+        return None
+    config = top.get("config") or {}
+    view = _Model(cls, cls.__resource_type__)
+    keys = {name: (inner["fields"].get(name) or {}).get("validation_alias") for name in cls.model_fields}
+    if not all(isinstance(key, str) for key in keys.values()) or any(
+            key != name and key in keys for name, key in keys.items()):
+        return None  # a JSON key that is one element's alias and another's name would be read for both
+    for name, info in cls.model_fields.items():
+        schema, key = inner["fields"][name], keys[name]
+        found = _core_type(info.annotation)
+        if found is None:
+            continue  # not read by the fast way: a resource holding it is validated in full
+        kind, many = found
+        if isinstance(kind, type) and issubclass(kind, FhirBase):
+            if issubclass(kind, FhirElementOrResourceBase):
+                continue  # contained resources: their model depends on their content
+            view.classes[key] = kind.get_model_klass()
+            (view.complex_many if many else view.complex_one)[key] = None
+        elif is_primitive_type(info):
+            view.primitives[key] = SchemaValidator(schema["schema"], config)  # type: ignore[arg-type]
+    _models[cls] = view
+    return view
+
+
+def _child(view: _Model, key: str, table: dict[str, _Model | None]) -> _Model:
+    found = table[key]
+    if found is None:
+        found = _model(view.classes[key])
+        if found is None:
+            raise _Irregular
+        table[key] = found
+    return found
+
+
+def _walk(view: _Model, data: dict[str, Any], shape: list[Any], values: list[tuple[SchemaValidator, Any]]) -> None:
+    """Appends the shape of `data` (a `view.cls` element) to `shape` and its primitive values to `values`."""
+    shape.append(_OPEN)
+    for key, value in data.items():
+        shape.append(key)
+        kind = type(value)
+        if value is None:
+            if key not in view.primitives and key not in view.complex_one and key not in view.complex_many:
+                raise _Irregular
+            shape.append(None)
+        elif key in view.primitives:
+            if kind in _JSON_SCALARS:
+                shape.append(kind)
+            elif kind is list:
+                shape.append(_LIST)
+                shape.append(len(value))
+                for item in value:
+                    if item is not None and type(item) not in _JSON_SCALARS:
+                        raise _Irregular
+                    shape.append(type(item))
+            else:
+                raise _Irregular
+            values.append((view.primitives[key], value))
+        elif kind is dict and key in view.complex_one:
+            _walk(_child(view, key, view.complex_one), value, shape, values)
+        elif kind is list and key in view.complex_many:
+            child = _child(view, key, view.complex_many)
+            shape.append(_LIST)
+            shape.append(len(value))
+            for item in value:
+                if item is None:
+                    shape.append(None)
+                elif type(item) is dict:
+                    _walk(child, item, shape, values)
+                else:
+                    raise _Irregular
+        elif key == "resourceType" and value == view.resource_type:
+            pass  # checked against the model's type, as fhir.resources does; the key is in the shape
+        else:
+            raise _Irregular  # unknown element, or a value where the model expects another kind
+    shape.append(_CLOSE)
+
+
+def _exact(value: Any) -> Any:
+    """A hashable key that only equal values of equal types share (0.0 and -0.0 are equal floats; True == 1)."""
+    if value is None or type(value) is str or type(value) is int or type(value) is bool:
+        return value
+    if type(value) is float:
+        return repr(value)
+    return tuple((type(item), _exact(item)) for item in value)
+
+
+def _values_pass(values: list[tuple[SchemaValidator, Any]]) -> bool:
+    """Whether every primitive value passes its element's own compiled validator."""
+    for validator, value in values:
+        key = (id(validator), type(value), _exact(value))
+        if key in _values:
+            continue
+        try:
+            validator.validate_python(value)
+        except (ValidationError, ValueError, TypeError):
+            return False
+        if type(value) is str and len(value) > _LONG:
+            continue
+        if len(_values) >= _VALUES_LIMIT:
+            _values.clear()
+        _values.add(key)
+    return True
+
+
+def _passes_by_shape(model: type, resource: dict[str, Any]) -> tuple[Any, ...] | bool:
+    """True when the resource's shape is known and its values pass; else its shape (None if unreadable)."""
+    view = _model(model)
+    if view is None:
+        return False
+    shape: list[Any] = [model]
+    values: list[tuple[SchemaValidator, Any]] = []
+    try:
+        _walk(view, resource, shape, values)
+    except _Irregular:
+        return False
+    key = tuple(shape)
+    if key in _shapes and _values_pass(values):
+        return True
+    return key
 
 
 def validate_resource(resource: dict[str, Any], what: str = "") -> None:
@@ -98,12 +264,17 @@ def validate_resource(resource: dict[str, Any], what: str = "") -> None:
         model = get_fhir_model_class(kind)
     except KeyError:
         raise InvalidOutputError(what or kind, f"unknown resourceType {kind!r}") from None
+    fast = _passes_by_shape(model, resource)
+    if fast is True:
+        return
     try:
-        model.model_validate(_with_parts(model, resource, _DEPTH))
-    except (ValidationError, ValueError, TypeError):
-        try:  # again without reuse, so the errors name their place in the whole resource
-            model.model_validate(resource)
-        except ValidationError as exc:
-            summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            raise InvalidOutputError(what or kind, summary) from None
-        raise InvalidOutputError(what or kind, "invalid (see the element models)") from None
+        model.model_validate(resource)
+    except ValidationError as exc:
+        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise InvalidOutputError(what or kind, summary) from None
+    except (ValueError, TypeError) as exc:
+        raise InvalidOutputError(what or kind, f"invalid ({exc})") from None
+    if fast is not False:
+        if len(_shapes) >= _SHAPES_LIMIT:
+            _shapes.clear()
+        _shapes.add(fast)

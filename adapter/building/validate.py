@@ -35,8 +35,8 @@ from adapter.errors import OutputError
 
 _SHAPES_LIMIT = 4_096
 """Accepted shapes kept; the set starts over when full (memory stays bounded)."""
-_VALUES_LIMIT = 200_000
-"""Primitive values known to pass their element's validator; the set starts over when full."""
+_SEEN_LIMIT = 20_000
+"""Values known to pass, per element; its set starts over when full."""
 _LONG = 256
 """Values longer than this (narratives, notes) are validated every time rather than remembered."""
 _KNOWN_MODEL_VALIDATORS = frozenset({
@@ -67,23 +67,38 @@ class _Irregular(Exception):
     """The resource holds something the fast way does not read: validate it in full."""
 
 
+class _Element:
+    """One element of a model, as the fast way reads it."""
+
+    __slots__ = ("child", "cls", "kind", "seen", "validator")
+
+    def __init__(self, kind: int, validator: SchemaValidator | None = None, cls: type | None = None) -> None:
+        self.kind = kind
+        self.validator = validator
+        """For a primitive: the validator pydantic compiled for this element (single value or list)."""
+        self.seen: set[Any] = set()
+        """For a primitive: values that passed `validator` (strings as they are, others as _exact keys)."""
+        self.cls = cls
+        self.child: _Model | None = None
+        """For a complex element: its model, looked up on first use (the model graph has cycles)."""
+
+
+_PRIMITIVE, _ONE, _MANY = 0, 1, 2
+
+
 @dataclass(eq=False)
 class _Model:
     """What the fast way needs to know about one model class: its elements by JSON key."""
 
     cls: type
     resource_type: str
-    primitives: dict[str, SchemaValidator] = field(default_factory=dict)
-    """JSON key -> the validator pydantic compiled for that primitive element (single or list)."""
-    complex_one: dict[str, _Model | None] = field(default_factory=dict)
-    complex_many: dict[str, _Model | None] = field(default_factory=dict)
-    """JSON key -> the element's model (filled in lazily, the model graph has cycles)."""
-    classes: dict[str, type] = field(default_factory=dict)
+    elements: dict[str, _Element] = field(default_factory=dict)
+    seen: dict[str, set[Any]] = field(default_factory=dict)
+    """JSON key of a primitive element -> its `_Element.seen` (the most frequent look-up, one step shorter)."""
 
 
 _models: dict[type, _Model | None] = {}
 _shapes: set[tuple[Any, ...]] = set()
-_values: set[tuple[int, type, Any]] = set()
 
 
 def _unwrap(schema: dict[str, Any], until: str) -> dict[str, Any] | None:
@@ -152,91 +167,109 @@ def _build(cls: type) -> _Model | None:
         if isinstance(kind, type) and issubclass(kind, FhirBase):
             if issubclass(kind, FhirElementOrResourceBase):
                 continue  # contained resources: their model depends on their content
-            view.classes[key] = kind.get_model_klass()
-            (view.complex_many if many else view.complex_one)[key] = None
+            view.elements[key] = _Element(_MANY if many else _ONE, cls=kind.get_model_klass())
         elif is_primitive_type(info):
-            view.primitives[key] = SchemaValidator(schema["schema"], config)  # type: ignore[arg-type]
+            element = view.elements[key] = _Element(_PRIMITIVE, SchemaValidator(schema["schema"], config))  # type: ignore[arg-type]
+            view.seen[key] = element.seen
     _models[cls] = view
     return view
 
 
-def _child(view: _Model, key: str, table: dict[str, _Model | None]) -> _Model:
-    found = table[key]
+def _child(element: _Element) -> _Model:
+    found = element.child = _model(element.cls)  # type: ignore[arg-type]
     if found is None:
-        found = _model(view.classes[key])
-        if found is None:
-            raise _Irregular
-        table[key] = found
+        raise _Irregular
     return found
 
 
-def _walk(view: _Model, data: dict[str, Any], shape: list[Any], values: list[tuple[SchemaValidator, Any]]) -> None:
-    """Appends the shape of `data` (a `view.cls` element) to `shape` and its primitive values to `values`."""
-    shape.append(_OPEN)
+def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tuple[_Element, Any]]) -> None:
+    """Appends the shape of `data` (a `view.cls` element) to `shape`, and to `pending` its primitive values
+    not yet known to pass.
+
+    The shape is a flat token list: _OPEN, then per key the key and what its value is (nothing for a string:
+    the next token is a key or _CLOSE; the type of another primitive; None; _LIST and a length, then the items;
+    or the tokens of a complex element), then _CLOSE. Keys are strings and no other token is, so two shapes
+    are equal only when the structures are."""
+    append = shape.append
+    elements = view.elements
+    seen_of = view.seen
+    append(_OPEN)
     for key, value in data.items():
-        shape.append(key)
         kind = type(value)
+        if kind is str:
+            seen = seen_of.get(key)
+            if seen is None:
+                if key == "resourceType" and value == view.resource_type:
+                    append(key)  # checked against the model's type, as fhir.resources does
+                    continue
+                raise _Irregular  # an unknown element, or a string where a complex element belongs
+            append(key)
+            if value not in seen:
+                pending.append((elements[key], value))
+            continue
+        element = elements.get(key)
+        if element is None:
+            raise _Irregular  # an unknown element, or one the fast way does not read
+        append(key)
         if value is None:
-            if key not in view.primitives and key not in view.complex_one and key not in view.complex_many:
+            append(None)
+        elif element.kind == _ONE:
+            if kind is not dict:
                 raise _Irregular
-            shape.append(None)
-        elif key in view.primitives:
-            if kind in _JSON_SCALARS:
-                shape.append(kind)
-            elif kind is list:
-                shape.append(_LIST)
-                shape.append(len(value))
-                for item in value:
-                    if item is not None and type(item) not in _JSON_SCALARS:
-                        raise _Irregular
-                    shape.append(type(item))
-            else:
+            _walk(element.child or _child(element), value, shape, pending)
+        elif element.kind == _MANY:
+            if kind is not list:
                 raise _Irregular
-            values.append((view.primitives[key], value))
-        elif kind is dict and key in view.complex_one:
-            _walk(_child(view, key, view.complex_one), value, shape, values)
-        elif kind is list and key in view.complex_many:
-            child = _child(view, key, view.complex_many)
-            shape.append(_LIST)
-            shape.append(len(value))
+            child = element.child or _child(element)
+            append(_LIST)
+            append(len(value))
             for item in value:
                 if item is None:
-                    shape.append(None)
+                    append(None)
                 elif type(item) is dict:
-                    _walk(child, item, shape, values)
+                    _walk(child, item, shape, pending)
                 else:
                     raise _Irregular
-        elif key == "resourceType" and value == view.resource_type:
-            pass  # checked against the model's type, as fhir.resources does; the key is in the shape
+        elif kind in _JSON_SCALARS:
+            append(kind)
+            pending.append((element, value))
+        elif kind is list:
+            append(_LIST)
+            append(len(value))
+            for item in value:
+                if item is not None and type(item) not in _JSON_SCALARS:
+                    raise _Irregular
+                append(type(item))
+            pending.append((element, value))
         else:
-            raise _Irregular  # unknown element, or a value where the model expects another kind
-    shape.append(_CLOSE)
+            raise _Irregular
+    append(_CLOSE)
 
 
 def _exact(value: Any) -> Any:
     """A hashable key that only equal values of equal types share (0.0 and -0.0 are equal floats; True == 1)."""
-    if value is None or type(value) is str or type(value) is int or type(value) is bool:
+    if value is None or type(value) is str:
         return value
-    if type(value) is float:
-        return repr(value)
-    return tuple((type(item), _exact(item)) for item in value)
+    if type(value) is list:
+        return tuple(_exact(item) for item in value)
+    return (type(value), repr(value))
 
 
-def _values_pass(values: list[tuple[SchemaValidator, Any]]) -> bool:
-    """Whether every primitive value passes its element's own compiled validator."""
-    for validator, value in values:
-        key = (id(validator), type(value), _exact(value))
-        if key in _values:
+def _values_pass(pending: list[tuple[_Element, Any]]) -> bool:
+    """Whether every value passes its element's own compiled validator (remembering those that do)."""
+    for element, value in pending:
+        key = value if type(value) is str else _exact(value)
+        if key in element.seen:
             continue
         try:
-            validator.validate_python(value)
+            element.validator.validate_python(value)  # type: ignore[union-attr]
         except (ValidationError, ValueError, TypeError):
             return False
         if type(value) is str and len(value) > _LONG:
             continue
-        if len(_values) >= _VALUES_LIMIT:
-            _values.clear()
-        _values.add(key)
+        if len(element.seen) >= _SEEN_LIMIT:
+            element.seen.clear()
+        element.seen.add(key)
     return True
 
 
@@ -246,13 +279,13 @@ def _passes_by_shape(model: type, resource: dict[str, Any]) -> tuple[Any, ...] |
     if view is None:
         return False
     shape: list[Any] = [model]
-    values: list[tuple[SchemaValidator, Any]] = []
+    pending: list[tuple[_Element, Any]] = []
     try:
-        _walk(view, resource, shape, values)
+        _walk(view, resource, shape, pending)
     except _Irregular:
         return False
     key = tuple(shape)
-    if key in _shapes and _values_pass(values):
+    if key in _shapes and _values_pass(pending):
         return True
     return key
 

@@ -295,7 +295,7 @@ def validate_resource(resource: dict[str, Any], what: str = "") -> None:
     kind = resource.get("resourceType", "")
     try:
         model = get_fhir_model_class(kind)
-    except KeyError:
+    except (KeyError, TypeError, ValueError):  # fhir.resources raises ValueError; TypeError: not a string
         raise InvalidOutputError(what or kind, f"unknown resourceType {kind!r}") from None
     fast = _passes_by_shape(model, resource)
     if fast is True:

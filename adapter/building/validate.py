@@ -79,6 +79,7 @@ class _Element:
         self.seen: set[Any] = set()
         """For a primitive: values that passed `validator` (strings as they are, others as _exact keys)."""
         self.cls = cls
+        """For a complex element: its fhir.resources type (`fhirtypes.CodingType`)."""
         self.child: _Model | None = None
         """For a complex element: its model, looked up on first use (the model graph has cycles)."""
 
@@ -167,7 +168,7 @@ def _build(cls: type) -> _Model | None:
         if isinstance(kind, type) and issubclass(kind, FhirBase):
             if issubclass(kind, FhirElementOrResourceBase):
                 continue  # contained resources: their model depends on their content
-            view.elements[key] = _Element(_MANY if many else _ONE, cls=kind.get_model_klass())
+            view.elements[key] = _Element(_MANY if many else _ONE, cls=kind)  # its model is imported when used
         elif is_primitive_type(info):
             element = view.elements[key] = _Element(_PRIMITIVE, SchemaValidator(schema["schema"], config))  # type: ignore[arg-type]
             view.seen[key] = element.seen
@@ -176,13 +177,13 @@ def _build(cls: type) -> _Model | None:
 
 
 def _child(element: _Element) -> _Model:
-    found = element.child = _model(element.cls)  # type: ignore[arg-type]
+    found = element.child = _model(element.cls.get_model_klass())  # type: ignore[union-attr]
     if found is None:
         raise _Irregular
     return found
 
 
-def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tuple[_Element, Any]]) -> None:
+def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tuple[_Element, Any, Any]]) -> None:
     """Appends the shape of `data` (a `view.cls` element) to `shape`, and to `pending` its primitive values
     not yet known to pass.
 
@@ -205,7 +206,7 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
                 raise _Irregular  # an unknown element, or a string where a complex element belongs
             append(key)
             if value not in seen:
-                pending.append((elements[key], value))
+                pending.append((elements[key], value, value))
             continue
         element = elements.get(key)
         if element is None:
@@ -232,7 +233,9 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
                     raise _Irregular
         elif kind in _JSON_SCALARS:
             append(kind)
-            pending.append((element, value))
+            known = (kind, repr(value)) if kind is float else (kind, value)
+            if known not in element.seen:
+                pending.append((element, value, known))
         elif kind is list:
             append(_LIST)
             append(len(value))
@@ -240,27 +243,28 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
                 if item is not None and type(item) not in _JSON_SCALARS:
                     raise _Irregular
                 append(type(item))
-            pending.append((element, value))
+            known = _exact(value)
+            if known not in element.seen:
+                pending.append((element, value, known))
         else:
             raise _Irregular
     append(_CLOSE)
 
 
 def _exact(value: Any) -> Any:
-    """A hashable key that only equal values of equal types share (0.0 and -0.0 are equal floats; True == 1)."""
-    if value is None or type(value) is str:
+    """The key a value is remembered by: only equal values of equal types share one (True == 1 and
+    0.0 == -0.0 in Python, but they need not get the same verdict). Strings are their own key."""
+    kind = type(value)
+    if value is None or kind is str:
         return value
-    if type(value) is list:
+    if kind is list:
         return tuple(_exact(item) for item in value)
-    return (type(value), repr(value))
+    return (kind, repr(value)) if kind is float else (kind, value)
 
 
-def _values_pass(pending: list[tuple[_Element, Any]]) -> bool:
+def _values_pass(pending: list[tuple[_Element, Any, Any]]) -> bool:
     """Whether every value passes its element's own compiled validator (remembering those that do)."""
-    for element, value in pending:
-        key = value if type(value) is str else _exact(value)
-        if key in element.seen:
-            continue
+    for element, value, known in pending:
         try:
             element.validator.validate_python(value)  # type: ignore[union-attr]
         except (ValidationError, ValueError, TypeError):
@@ -269,7 +273,7 @@ def _values_pass(pending: list[tuple[_Element, Any]]) -> bool:
             continue
         if len(element.seen) >= _SEEN_LIMIT:
             element.seen.clear()
-        element.seen.add(key)
+        element.seen.add(known)
     return True
 
 
@@ -279,7 +283,7 @@ def _passes_by_shape(model: type, resource: dict[str, Any]) -> tuple[Any, ...] |
     if view is None:
         return False
     shape: list[Any] = [model]
-    pending: list[tuple[_Element, Any]] = []
+    pending: list[tuple[_Element, Any, Any]] = []
     try:
         _walk(view, resource, shape, pending)
     except _Irregular:

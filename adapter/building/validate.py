@@ -94,8 +94,12 @@ class _Model:
     cls: type
     resource_type: str
     elements: dict[str, _Element] = field(default_factory=dict)
+    """JSON key -> element; split by kind below, so that the walk looks up only what a value can be."""
     seen: dict[str, set[Any]] = field(default_factory=dict)
-    """JSON key of a primitive element -> its `_Element.seen` (the most frequent look-up, one step shorter)."""
+    """Primitive elements: JSON key -> its `_Element.seen` (the most frequent look-up, one step shorter)."""
+    primitives: dict[str, _Element] = field(default_factory=dict)
+    ones: dict[str, _Element] = field(default_factory=dict)
+    manys: dict[str, _Element] = field(default_factory=dict)
 
 
 _models: dict[type, _Model | None] = {}
@@ -168,10 +172,12 @@ def _build(cls: type) -> _Model | None:
         if isinstance(kind, type) and issubclass(kind, FhirBase):
             if issubclass(kind, FhirElementOrResourceBase):
                 continue  # contained resources: their model depends on their content
-            view.elements[key] = _Element(_MANY if many else _ONE, cls=kind)  # its model is imported when used
+            element = view.elements[key] = _Element(_MANY if many else _ONE, cls=kind)  # model imported when used
+            (view.manys if many else view.ones)[key] = element
         elif is_primitive_type(info):
             element = view.elements[key] = _Element(_PRIMITIVE, SchemaValidator(schema["schema"], config))  # type: ignore[arg-type]
             view.seen[key] = element.seen
+            view.primitives[key] = element
     _models[cls] = view
     return view
 
@@ -192,7 +198,6 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
     or the tokens of a complex element), then _CLOSE. Keys are strings and no other token is, so two shapes
     are equal only when the structures are."""
     append = shape.append
-    elements = view.elements
     seen_of = view.seen
     append(_OPEN)
     for key, value in data.items():
@@ -206,37 +211,31 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
                 raise _Irregular  # an unknown element, or a string where a complex element belongs
             append(key)
             if value not in seen:
-                pending.append((elements[key], value, value))
-            continue
-        element = elements.get(key)
-        if element is None:
-            raise _Irregular  # an unknown element, or one the fast way does not read
-        append(key)
-        if value is None:
-            append(None)
-        elif element.kind == _ONE:
-            if kind is not dict:
+                pending.append((view.primitives[key], value, value))
+        elif kind is dict:
+            element = view.ones.get(key)
+            if element is None:
                 raise _Irregular
+            append(key)
             _walk(element.child or _child(element), value, shape, pending)
-        elif element.kind == _MANY:
-            if kind is not list:
-                raise _Irregular
-            child = element.child or _child(element)
-            append(_LIST)
-            append(len(value))
-            for item in value:
-                if item is None:
-                    append(None)
-                elif type(item) is dict:
-                    _walk(child, item, shape, pending)
-                else:
-                    raise _Irregular
-        elif kind in _JSON_SCALARS:
-            append(kind)
-            known = (kind, repr(value)) if kind is float else (kind, value)
-            if known not in element.seen:
-                pending.append((element, value, known))
         elif kind is list:
+            append(key)
+            element = view.manys.get(key)
+            if element is not None:
+                child = element.child or _child(element)
+                append(_LIST)
+                append(len(value))
+                for item in value:
+                    if type(item) is dict:
+                        _walk(child, item, shape, pending)
+                    elif item is None:
+                        append(None)
+                    else:
+                        raise _Irregular
+                continue
+            element = view.primitives.get(key)
+            if element is None:
+                raise _Irregular
             append(_LIST)
             append(len(value))
             for item in value:
@@ -246,8 +245,20 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
             known = _exact(value)
             if known not in element.seen:
                 pending.append((element, value, known))
+        elif value is None:
+            if key not in view.elements:
+                raise _Irregular  # an unknown element, or one the fast way does not read
+            append(key)
+            append(None)
         else:
-            raise _Irregular
+            element = view.primitives.get(key)
+            if element is None or kind not in _JSON_SCALARS:
+                raise _Irregular
+            append(key)
+            append(kind)
+            known = (kind, repr(value)) if kind is float else (kind, value)
+            if known not in element.seen:
+                pending.append((element, value, known))
     append(_CLOSE)
 
 

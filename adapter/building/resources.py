@@ -96,11 +96,18 @@ class _Context:
     accounts: Accounts
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True)
+"""What `json.dumps(item, sort_keys=True)` builds for every call, built once."""
+
+
 def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The items without repeats (equal JSON with keys sorted), first occurrence kept."""
+    if len(items) < 2:  # the common case: nothing to compare
+        return list(items)
     seen: set[str] = set()
     out = []
     for item in items:
-        key = json.dumps(item, sort_keys=True)
+        key = _CANONICAL.encode(item)
         if key not in seen:
             seen.add(key)
             out.append(item)

@@ -44,47 +44,30 @@ class _Entries:
         raise NotImplementedError("the streaming index cannot list every resource of the input")
 
 
-class _Superseded:
-    """`ResourceIndex.superseded`: older copies of a key (only keys with several copies have any)."""
+class _PerKey:
+    """`ResourceIndex.superseded` / `.conflicts` read from the store: one field of a key's stored `Versions`
+    (older copies; origins of copies that differ at the same version), present only where it is not empty."""
 
-    def __init__(self, index: StoredIndex) -> None:
+    def __init__(self, index: StoredIndex, field: str) -> None:
         self.index = index
+        self.field = field
 
-    def get(self, key: str, default: Any = None) -> list[Entry] | Any:
+    def get(self, key: str, default: Any = None) -> Any:
         found = self.index.load(key)
-        return found.superseded if found is not None and found.superseded else default
+        value = getattr(found, self.field) if found is not None else None
+        return value if value else default
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self.get(key))
 
-    def __getitem__(self, key: str) -> list[Entry]:
+    def __getitem__(self, key: str) -> Any:
         found = self.get(key)
         if not found:
             raise KeyError(key)
-        return found  # type: ignore[no-any-return]
-
-
-class _Conflicts:
-    """`ResourceIndex.conflicts`: origins of copies that differ at the same version."""
-
-    def __init__(self, index: StoredIndex) -> None:
-        self.index = index
-
-    def get(self, key: str, default: Any = None) -> list[str] | Any:
-        found = self.index.load(key)
-        return found.conflicts if found is not None and found.conflicts else default
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(self.get(key))
-
-    def __getitem__(self, key: str) -> list[str]:
-        found = self.get(key)
-        if not found:
-            raise KeyError(key)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def items(self) -> Any:
-        raise NotImplementedError("conflicts are reported by the streaming run, not by a batch")
+        raise NotImplementedError(f"the streaming index cannot list every key's {self.field} (the run reports them)")
 
 
 class _Origins:
@@ -125,8 +108,8 @@ class StoredIndex(ResourceIndex):
         self._definitions = definitions
         self._loaded: dict[str, Versions | None] = {}
         self.entries = _Entries(self)  # type: ignore[assignment]
-        self.superseded = _Superseded(self)  # type: ignore[assignment]
-        self.conflicts = _Conflicts(self)  # type: ignore[assignment]
+        self.superseded = _PerKey(self, "superseded")  # type: ignore[assignment]
+        self.conflicts = _PerKey(self, "conflicts")  # type: ignore[assignment]
         self.origins = _Origins(self)  # type: ignore[assignment]
         self._full_urls = _FullUrls(store)  # type: ignore[assignment]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click.testing
@@ -35,6 +37,17 @@ def _collect_adapter_logs() -> Iterator[None]:
         click.testing.CliRunner.invoke = invoke  # type: ignore[method-assign]
         logger.removeHandler(handler)
         logger.setLevel(previous)
+
+
+@pytest.fixture(scope="session")
+def synthea_population() -> Path:
+    """The fixed Synthea population (scripts/synthea): generated on first use, then cached under .cache/synthea/;
+    the folder of its FHIR files."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts/synthea"), "generate"], cwd=root, capture_output=True,
+                          text=True, timeout=1500, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, f"scripts/synthea failed:\n{done.stderr[-3000:]}"
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

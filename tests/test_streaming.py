@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FHIR = ROOT / "fixtures/fhir"
 SCENARIOS = sorted(p for p in (FHIR / "scenarios").iterdir() if (p / "input.json").exists())
 FEEDS = sorted(p for p in (FHIR / "feeds").iterdir() if p.is_dir())
-SYNTHEA = next((p for p in sorted((ROOT / ".cache/synthea").glob("synthea-*/fhir")) if p.is_dir()), ROOT / "-")
 """The population `scripts/synthea generate` caches (the Synthea integration test generates it)."""
 TABLES = load_tables()
 NOW = datetime(2026, 4, 1, 12, tzinfo=UTC)
@@ -154,9 +153,8 @@ def test_a_generated_population_in_export_shape_streams_to_the_same_bytes(tmp_pa
     assert_same([tmp_path / "export"], batch=500)
 
 
-@pytest.mark.skipif(not SYNTHEA.is_dir(), reason="Synthea population not generated (scripts/synthea)")
-def test_the_synthea_population_streams_to_the_same_bytes() -> None:
-    assert_same([SYNTHEA], batch=25)
+def test_the_synthea_population_streams_to_the_same_bytes(synthea_population: Path) -> None:
+    assert_same([synthea_population], batch=25)
 
 
 # ------------------------------------------------------------------------------------------- property

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,8 @@ FNA_LUNG = "432231006"
 
 
 @pytest.fixture(scope="module")
-def population() -> Path:
-    done = subprocess.run(["bash", str(ROOT / "scripts/synthea"), "generate"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1500, stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 0, f"scripts/synthea failed:\n{done.stderr[-3000:]}"
-    return Path(done.stdout.strip().splitlines()[-1])
+def population(synthea_population: Path) -> Path:
+    return synthea_population
 
 
 def bundles(folder: Path) -> list[Path]:

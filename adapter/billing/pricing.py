@@ -75,6 +75,12 @@ def _holds(conditions: list[Any], charge_item: dict[str, Any], where: str) -> bo
     return True
 
 
+def _venues(definition: dict[str, Any]) -> list[Any]:
+    """The billing organizations a definition is limited to (its `venue` useContexts)."""
+    return [uc.get("valueReference") or {} for uc in definition.get("useContext") or []
+            if isinstance(uc, dict) and (uc.get("code") or {}).get("code") == "venue"]
+
+
 def _day(text: Any) -> date | None:
     try:
         return date.fromisoformat(str(text)[:10]) if text else None
@@ -127,8 +133,7 @@ class PriceBook:
         start, end = _day(period.get("start")), _day(period.get("end"))
         if (start and day < start) or (end and day > end):
             return False
-        venues = [uc.get("valueReference") or {} for uc in definition.get("useContext") or []
-                  if isinstance(uc, dict) and (uc.get("code") or {}).get("code") == "venue"]
+        venues = _venues(definition)
         return not venues or any(self.key_of(v, definition) == billing_org for v in venues if isinstance(v, dict))
 
     def price(self, code: str, modifiers: tuple[str, ...], day: date, charge_item: dict[str, Any],
@@ -177,18 +182,12 @@ class PriceBook:
     def _applies(self, definition: dict[str, Any], day: date, charge_item: dict[str, Any],
                  billing_org: str | None) -> int | None:
         """None when it does not apply; else its specificity (number of conditions met)."""
-        period = definition.get("effectivePeriod") or {}
-        start, end = _day(period.get("start")), _day(period.get("end"))
-        if (start and day < start) or (end and day > end):
-            return None
-        venues = [uc.get("valueReference") or {} for uc in definition.get("useContext") or []
-                  if isinstance(uc, dict) and (uc.get("code") or {}).get("code") == "venue"]
-        if venues and not any(self.key_of(v, definition) == billing_org for v in venues if isinstance(v, dict)):
+        if not self._in_scope(definition, day, billing_org):
             return None
         conditions = definition.get("applicability") or []
         if not _holds(conditions, charge_item, ""):
             return None
-        return len(conditions) + (1 if venues else 0)
+        return len(conditions) + (1 if _venues(definition) else 0)
 
     def _from_definition(self, definition: dict[str, Any], charge_item: dict[str, Any]) -> Price:
         bases: list[Decimal] = []

@@ -8,6 +8,7 @@ on with the others. Procedures that need review are listed and never charged.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +32,15 @@ from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, local_bases, process
 from adapter.redact import FreeText
 from adapter.runner import failure_kind
-from adapter.sinks.reconcile import IGNORED, Plan, SessionPlan, plan
+from adapter.sinks.reconcile import IGNORED, DriftItem, Plan, SessionPlan, plan
 from adapter.sources.files import SourcedResource
 from adapter.sources.server import ServerSource
 from adapter.state.base import Outcome
 
 log = logging.getLogger("adapter.sync")
+
+CHANGED_ON_SERVER = "changed-on-server"
+"""The review reason of a line someone else changed on the server where our re-code would write otherwise."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,14 @@ class SyncSummary:
     written: int = 0
     unchanged: int = 0
     voided: int = 0
+    credits: int = 0
+    """Credits written for lines that had passed to billing (each offsets one; its replacement is in `written`)."""
     protected: int = 0
+    edits_kept: int = 0
+    """Lines changed or voided by someone else on the server, left as they are (our coding did not change)."""
+    drift: Counter[str] = field(default_factory=Counter)
+    """What the plans found different from the coding, by `reconcile.Drift` kind (before writing)."""
+    drift_items: list[DriftItem] = field(default_factory=list)
     reviews: list[Review] = field(default_factory=list)
     failures: list[WriteFailure] = field(default_factory=list)
     outcomes: list[ProcedureOutcome] = field(default_factory=list)
@@ -110,9 +121,11 @@ class SyncSummary:
     """The free text of the resources coded, to mask it wherever a detail is printed or logged."""
 
     def add(self, other: SyncSummary) -> None:
-        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected",
-                     "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
+        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "credits",
+                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.drift.update(other.drift)
+        self.drift_items += other.drift_items
         self.reviews += other.reviews
         self.failures += other.failures
         self.outcomes += other.outcomes
@@ -141,7 +154,9 @@ class SyncSummary:
         return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients{billed_under}: "
                 f"{self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
-                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
+                + (f"credited {self.credits}, " if self.credits else "")
+                + (f"edited on the server and kept {self.edits_kept}, " if self.edits_kept else "")
+                + f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"
                 + (f"; HL7 v2 messages sent {self.hl7v2_sent} ({self.hl7v2_credits} credits)"
                    if self.hl7v2_sent else ""))
@@ -230,7 +245,7 @@ class Syncer:
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
-        writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
+        writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables, answered=ctx.answered)
         summary = self._summarise(report, writes, len(wanted))
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
@@ -246,8 +261,8 @@ class Syncer:
         """Bring the server's charges of `patients` in line with an already coded `report` (a batch of
         `backfill`): the same reconciliation and session transactions as `sync_patients`, so it is idempotent."""
         wanted = sorted({p for p in patients if p})
-        charge_items, claims = self.source.our_charges(wanted)
-        writes = plan(report, [*charge_items, *claims], self.tables)
+        charge_items, claims, answered = self.source.our_charges(wanted)
+        writes = plan(report, [*charge_items, *claims], self.tables, answered=answered)
         summary = self._summarise(report, writes, len(wanted))
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
         if not self.dry_run and self.fhir:
@@ -285,10 +300,14 @@ class Syncer:
         return total
 
     def _summarise(self, report: RunReport, writes: Plan, patients: int) -> SyncSummary:
+        origins = {f.ref: f.origin for f in report.facts}
+        conflicts = [Review(ref, origins.get(ref, ref), CHANGED_ON_SERVER, c.detail)
+                     for c in writes.conflicts for ref in c.procedures]
         return SyncSummary(
             procedures=sum(1 for f in report.facts if f.kind is Kind.FNA), patients=patients,
             sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
-            unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
+            unchanged=writes.unchanged, protected=writes.protected, reviews=[*report.reviews, *conflicts],
+            drift=writes.drift_counts(), drift_items=list(writes.drift), edits_kept=writes.edits_kept)
 
     def _write(self, writes: Plan, summary: SyncSummary,
                should_stop: Callable[[], bool] | None = None) -> dict[str, WriteFailure]:
@@ -321,8 +340,9 @@ class Syncer:
                          redact.scrub(session.label), redact.scrub(str(exc)))
                 summary.verified += 1
                 locations = verified
-            summary.written += len(session.entries) - session.voids
+            summary.written += len(session.entries) - session.voids - session.credits
             summary.voided += session.voids
+            summary.credits += session.credits
             session.written += locations
         return failed
 

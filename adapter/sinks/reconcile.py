@@ -342,12 +342,26 @@ def _changed_fields(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
 
 
+@dataclass(frozen=True)
+class _OthersVoid:
+    """A wanted line (or Claim) that someone else voided on the server."""
+
+    kind: str
+    wanted: dict[str, Any]
+    ref: str
+    following: str
+    """The identifier value of the next generation of its chain."""
+    procedures: tuple[str, ...]
+    label: str
+
+
 class _Planner:
     def __init__(self, tables: CodeTables, answered: frozenset[str], written_at: str) -> None:
         self.settings = tables.settings
         self.answered = answered
         self.written_at = written_at
         self.result = Plan()
+        self.voided_by_others: list[tuple[SessionPlan, _OthersVoid]] = []
         self.systems = {"ChargeItem": self.settings.charge_identifier_system,
                         "Claim": self.settings.claim_identifier_system}
 
@@ -412,14 +426,15 @@ class _Planner:
                 self._correct_passed_on(kind, wanted, current, following, target, ref, procedures, label)
             return
         # changed by someone else: their edit (or their void) wins while our coding is what it was
-        if coding_unchanged or (wanted is None and where is Standing.VOIDED_BY_OTHERS):
-            self.result.edits_kept += 1
+        if where is Standing.VOIDED_BY_OTHERS and wanted is not None:
+            void = _OthersVoid(kind, wanted, ref, following, procedures, label)
+            if coding_unchanged:  # unless the coding of its session changes (`settle`)
+                self.voided_by_others.append((target, void))
+            else:
+                self._write_beside(target, void)
             return
-        if where is Standing.VOIDED_BY_OTHERS:  # the coding changed since: a new line (Claim) beside theirs
-            assert wanted is not None
-            body = positioned(kind, wanted, following, ref, self.settings)
-            self._add(target, new_entry(body, self.settings), Drift.MISSING, ref, procedures,
-                      f"{label}: voided on the server, and its coding has changed since")
+        if coding_unchanged or where is Standing.VOIDED_BY_OTHERS:
+            self.result.edits_kept += 1
             return
         ours = f"we would now write {_summary(expected)}" if expected is not None else "we would now void it"
         changed = _changed_fields(current, expected or {}) if expected is not None else ["status"]
@@ -460,6 +475,24 @@ class _Planner:
         self._add(target, entries[0], Drift.BILLED_WRONG, ref, procedures,
                   f"{label} has passed on ({_summary(current)}): {done}")
         target.entries += entries[1:]
+
+    def settle(self, target: SessionPlan, drift_before: int) -> None:
+        """The lines of `target` that someone else voided and whose own coding did not change: respected, unless
+        the coding of their session changed in this pass (then written anew beside the voided ones)."""
+        changed = len(self.result.drift) > drift_before
+        for session, void in self.voided_by_others:
+            if session is not target:
+                continue
+            if changed:
+                self._write_beside(target, void)
+            else:
+                self.result.edits_kept += 1
+        self.voided_by_others = [(s, v) for s, v in self.voided_by_others if s is not target]
+
+    def _write_beside(self, target: SessionPlan, void: _OthersVoid) -> None:
+        body = positioned(void.kind, void.wanted, void.following, void.ref, self.settings)
+        self._add(target, new_entry(body, self.settings), Drift.MISSING, void.ref, void.procedures,
+                  f"{void.label}: voided on the server, and the coding of its session has changed since")
 
     def _void(self, target: SessionPlan, current: dict[str, Any], ref: str, procedures: tuple[str, ...],
               label: str) -> None:
@@ -527,9 +560,11 @@ def plan(report: RunReport, existing: list[dict[str, Any]], tables: CodeTables, 
 def _session_plan(out: SessionOutput, planner: _Planner, chains: dict[tuple[str, str], Chain],
                   handled: set[tuple[str, str]]) -> SessionPlan:
     sp = SessionPlan(out.session.key.text(), [p.ref for p in out.session.procedures])
+    drift_before = len(planner.result.drift)
     for resource in out.resources():
         kind = resource["resourceType"]
         base = identifier_value(resource, planner.systems[kind]) or ""
         handled.add((kind, base))
         planner.decide(kind, base, resource, chains.get((kind, base)), sp)
+    planner.settle(sp, drift_before)
     return sp

@@ -26,7 +26,7 @@ from adapter.client.auth import auth_from_settings
 from adapter.client.errors import AuthError, FhirGone, FhirNotFound
 from adapter.config import CodeTables
 from adapter.errors import AdapterError, ConfigError, LeadLost, StateError, StateUnavailable
-from adapter.extraction.index import reference_of, version_of
+from adapter.extraction.index import reference_of, seen_version
 from adapter.health import Health
 from adapter.hl7v2.sink import from_settings as hl7v2_sink
 from adapter.metrics import Metrics
@@ -223,7 +223,7 @@ class Service:
         final = [o for o in summary.outcomes if o.outcome in RECORDED_OUTCOMES]
         patient_of = {o.procedure: o.patient for o in summary.outcomes}
         record = PassRecord(owner=self.owner, release=sorted(result.claimed))
-        record.processed = [Processed(o.procedure, o.version, o.outcome) for o in final if o.version]
+        record.processed = [Processed(o.procedure, o.seen_as, o.outcome) for o in final if o.seen_as]
 
         def content(patients: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
             return tuple(r for p in patients for r in pushed.get(p, []))
@@ -326,7 +326,7 @@ class Service:
         for page in self.syncer.source.changed_pages(self._since(cursor)):
             if not self._hold_poll_role():  # renewed each page; lost while reading: the holder starts over
                 return total
-            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", seen_version(p))]
             patients, loose = split_by_patient(fresh, self.syncer.local_bases)
             record = PassRecord(owner=self.owner, lead=POLL_ROLE)
             record.due = [WorkItem(WorkKind.PATIENT, {"reference": p}, "poll", dedupe=f"patient:{p}")
@@ -357,7 +357,7 @@ class Service:
         total = self.drain_hl7v2()
         for page in self.syncer.source.changed_pages(self._since(cursor)):
             record = PassRecord(owner=self.owner)
-            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", seen_version(p))]
             deferred = False
             if fresh:
                 patients, loose = split_by_patient(fresh, self.syncer.local_bases)
@@ -519,7 +519,7 @@ class Service:
             touched: set[str] = set()
             if item.kind == WorkKind.PROCEDURE:
                 resource = payload["resource"]
-                ref, version = f"Procedure/{resource.get('id')}", version_of(resource)
+                ref, version = f"Procedure/{resource.get('id')}", seen_version(resource)
                 if item.source == SOURCE_ENGINE or not (version and self.state.seen(ref, version)):
                     subject = reference_of(resource.get("subject"))
                     if item.source == SOURCE_ENGINE or not subject:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapter import redact
@@ -26,7 +26,7 @@ from adapter.client.errors import (
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
-from adapter.extraction.index import local_reference, reference_of, version_of
+from adapter.extraction.index import local_reference, reference_of, seen_version, version_of
 from adapter.extraction.procedures import Disposition, Kind
 from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, local_bases, process
@@ -76,6 +76,8 @@ class ProcedureOutcome:
     """For a Procedure billed under another one (a duplicate delivery, a `partOf` child): that Procedure."""
     merge_basis: str = ""
     """`duplicate (...)` or `part-of`: why (no free text, no identifier values)."""
+    seen_as: str = ""
+    """The version key the poller's "seen" check records (`index.seen_version`: versionId and content hash)."""
 
     @property
     def label(self) -> str:
@@ -432,4 +434,5 @@ class Syncer:
                     state = Outcome.DEFERRED
                 out.append(ProcedureOutcome(facts.ref, version, patient, state, session.key.text(), codes,
                                             tuple(sp.written) if sp else ()))
-        return out
+        seen = {f.ref: seen_version(f.resource) for f in report.facts if f.kind is Kind.FNA}
+        return [replace(o, seen_as=seen.get(o.procedure, "")) for o in out]

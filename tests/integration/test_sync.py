@@ -21,6 +21,7 @@ from adapter.cli import cli
 from adapter.client import FhirClient
 from adapter.config import load_tables
 from adapter.pipeline import process_paths
+from adapter.sinks.ownership import payload
 from adapter.sync import Syncer
 
 from .helpers import namespaced, patients_of, server_now
@@ -37,9 +38,9 @@ def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[d
 
 
 def strip(resource: dict[str, Any]) -> dict[str, Any]:
-    """Without server-managed elements, the time of writing and the identifier value (a hash of the
-    namespaced ids)."""
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text", "created", "enteredDate")}
+    """Without server-managed elements, the time of writing, the fingerprint of what was written (online only) and
+    the identifier value (a hash of the namespaced ids)."""
+    out = payload(resource)
     out["identifier"] = [{k: v for k, v in i.items() if k != "value"} for i in out.get("identifier", [])]
     return out
 

@@ -14,6 +14,7 @@ import pytest
 
 from adapter.client import FhirClient
 from adapter.config import load_tables
+from adapter.extraction.index import seen_version
 from adapter.service import POLL_ROLE, Service
 from adapter.settings import WorkerSettings, load_settings
 from adapter.state.base import Outcome, WorkItem
@@ -69,8 +70,9 @@ class SharedServer:
                     server.by.setdefault(name, []).append(patient)
                     proc = f"Procedure/{patient.split('/')[1]}-1"
                     summary.written += 1
-                    summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.CODED, "s", ("10005 x1",),
-                                                             ("ChargeItem/1/_history/1",)))
+                    summary.outcomes.append(ProcedureOutcome(
+                        proc, "1", patient, Outcome.CODED, "s", ("10005 x1",), ("ChargeItem/1/_history/1",),
+                        seen_as=seen_version(procedure(patient.split("/")[1]))))
                 return summary
 
         return Scripted()

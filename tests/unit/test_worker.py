@@ -50,18 +50,18 @@ class ScriptedSyncer:
             proc = f"Procedure/{patient.split('/')[1]}-1"
             if patient in self.reviewed:
                 summary.reviews.append(Review(proc, "pushed", "modality-missing", "no guidance evidence"))
-                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.REVIEW))
+                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.REVIEW, seen_as="1"))
             elif patient in self.flaky or patient in self.rejected:
                 retry = patient in self.flaky
                 summary.failures.append(WriteFailure(f"session of {patient}", (proc,), "HTTP 503" if retry else
                                                      "HTTP 422: bad ChargeItem", (patient,), retry,
                                                      "fhir-server" if retry else "fhir-rejected"))
                 outcome = Outcome.RETRY if retry else Outcome.FAILED
-                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, outcome))
+                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, outcome, seen_as="1"))
             else:
                 summary.written += 1
                 summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.CODED, "s", ("10005 x1",),
-                                                         ("ChargeItem/1/_history/1",)))
+                                                         ("ChargeItem/1/_history/1",), seen_as="1"))
         return summary
 
 

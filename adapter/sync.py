@@ -235,19 +235,22 @@ class Syncer:
         self.source = ServerSource(client, tables, local=self.local_bases)
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                      should_stop: Callable[[], bool] | None = None) -> SyncSummary:
+                      should_stop: Callable[[], bool] | None = None, scope: set[str] | None = None) -> SyncSummary:
         """Re-code every FNA Procedure of `patients` and bring the server's charges in line.
 
         `loose` are resources pushed to us rather than read from the server (an integration engine's Bundle,
         a Procedure without a usable subject): they replace the server's copy of the same `Type/id`.
         `should_stop` is asked between sessions: a stopping process finishes the session it is writing, and
-        the sessions left are reported `deferred`.
+        the sessions left are reported `deferred`. `scope`: only the sessions that bill one of these Procedures
+        are compared and written (`reconcile --since`).
         """
         wanted = sorted({p for p in patients if p})
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables, answered=ctx.answered)
+        if scope is not None:
+            writes = writes.within(scope)
         summary = self._summarise(report, writes, len(wanted))
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]

@@ -133,6 +133,15 @@ class Plan:
     def drift_counts(self) -> Counter[str]:
         return Counter(d.kind for d in self.drift)
 
+    def within(self, procedures: set[str]) -> Plan:
+        """Only the sessions (and drift, and conflicts) that bill one of `procedures`: `reconcile --since` compares
+        and repairs what changed in its window, whatever else a shared server holds."""
+        def touches(refs: Iterable[str]) -> bool:
+            return not procedures.isdisjoint(refs)
+        return Plan([s for s in self.sessions if touches(s.procedures)], self.protected, self.unvoidable,
+                    [d for d in self.drift if touches(d.procedures)],
+                    [c for c in self.conflicts if touches(c.procedures)], self.edits_kept)
+
 
 def _billed_procedures(resource: dict[str, Any]) -> set[str]:
     if resource.get("resourceType") == "ChargeItem":

@@ -145,7 +145,8 @@ def test_second_sync_writes_nothing_and_versions_stay(client: FhirClient, loaded
 def lines_on_server(client: FhirClient, patients: list[str]) -> list[tuple[str, str, float, str]]:
     out = []
     for item in ours_on_server(client, "ChargeItem", patients):
-        mods = "-".join(e["valueCodeableConcept"]["coding"][0]["code"] for e in item.get("extension", []))
+        mods = "-".join(e["valueCodeableConcept"]["coding"][0]["code"] for e in item.get("extension", [])
+                        if e["url"] == TABLES.settings.modifier_extension)
         out.append((item["code"]["coding"][0]["code"] + (f"-{mods}" if mods else ""), item["status"],
                     item["quantity"]["value"], ",".join(s["reference"].split("/")[1] for s in item["service"])))
     return sorted(out)

@@ -76,6 +76,8 @@ class ProcedureOutcome:
     """For a Procedure billed under another one (a duplicate delivery, a `partOf` child): that Procedure."""
     merge_basis: str = ""
     """`duplicate (...)` or `part-of`: why (no free text, no identifier values)."""
+    corrections: tuple[str, ...] = ()
+    """Credits, replacements and void Claims written for its session, each with why (`SessionPlan.corrections`)."""
     seen_as: str = ""
     """The version key the poller's "seen" check records (`index.seen_version`: versionId and content hash)."""
 
@@ -89,7 +91,7 @@ class ProcedureOutcome:
         """What the audit trail records as its codes: the codes, or `duplicate-of X` / `part-of X`."""
         if self.merged_into and not self.codes:
             return (f"{'part-of' if self.merge_basis == 'part-of' else 'duplicate-of'} {self.merged_into}",)
-        return self.codes
+        return (*self.codes, *self.corrections)
 
 
 @dataclass
@@ -436,6 +438,7 @@ class Syncer:
                 elif sp is not None and sp.deferred:
                     state = Outcome.DEFERRED
                 out.append(ProcedureOutcome(facts.ref, version, patient, state, session.key.text(), codes,
-                                            tuple(sp.written) if sp else ()))
+                                            tuple(sp.written) if sp else (),
+                                            corrections=tuple(sp.corrections) if sp and sp.written else ()))
         seen = {f.ref: seen_version(f.resource) for f in report.facts if f.kind is Kind.FNA}
         return [replace(o, seen_as=seen.get(o.procedure, "")) for o in out]

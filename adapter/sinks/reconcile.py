@@ -100,6 +100,8 @@ class SessionPlan:
     unchanged: int = 0
     voids: int = 0
     credits: int = 0
+    corrections: list[str] = field(default_factory=list)
+    """Why each credit, replacement or void Claim of this session is written (for the audit trail)."""
     written: list[str] = field(default_factory=list)
     """`Type/id/_history/n` of each resource the server wrote, filled in after the transaction."""
     failure: str | None = None
@@ -483,6 +485,8 @@ class _Planner:
                 else "credited" if kind == "ChargeItem" else "replaced" if wanted is not None else "voided")
         self._add(target, entries[0], Drift.BILLED_WRONG, ref, procedures,
                   f"{label} has passed on ({_summary(current)}): {done}")
+        target.corrections.append(f"{'credit of' if kind == 'ChargeItem' else 'replaces' if wanted else 'voids'} "
+                                  f"{ref} ({label}): {why}")
         target.entries += entries[1:]
 
     def settle(self, target: SessionPlan, drift_before: int) -> None:

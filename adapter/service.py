@@ -216,7 +216,7 @@ class Service:
             claimed = self.state.claim_patients(wanted, self.owner, self.settings.worker.lease_seconds) \
                 if wanted else set()
             try:
-                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None, scope)
+                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None, scope=scope)
             except BaseException:
                 with suppress(StateError):
                     self.state.release_patients(claimed, self.owner)

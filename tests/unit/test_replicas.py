@@ -63,7 +63,7 @@ class SharedServer:
             local_bases: frozenset[str] = frozenset()
 
             def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                              should_stop: Any = None) -> SyncSummary:
+                              should_stop: Any = None, scope: Any = None) -> SyncSummary:
                 summary = SyncSummary(patients=len(set(patients)))
                 for patient in sorted(patients):
                     server.coded[patient] += 1

@@ -39,7 +39,7 @@ class ScriptedSyncer:
         self.source = None
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                      should_stop: Any = None) -> SyncSummary:
+                      should_stop: Any = None, scope: Any = None) -> SyncSummary:
         patients, loose = sorted(patients), list(loose)
         self.calls.append((patients, loose))
         for patient in patients:
@@ -151,7 +151,7 @@ def test_a_batch_too_slow_for_the_server_gets_through_in_smaller_batches(service
     slow = FhirTransportError("POST", "http://fhir", "read timeout", 5)
     original = syncer(service).sync_patients
 
-    def times_out_above_two(patients: Any, loose: Any = (), should_stop: Any = None) -> SyncSummary:
+    def times_out_above_two(patients: Any, loose: Any = (), should_stop: Any = None, scope: Any = None) -> SyncSummary:
         if len(set(patients)) > 2:
             raise slow
         return original(patients, loose, should_stop)

@@ -96,6 +96,8 @@ def test_billed_and_edited_lines_are_left_alone_by_every_recode_path_and_correct
     client.transaction(bundle)
     patients = patients_of(resources_of(bundle))
     outbox = tmp_path / "outbox"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "serve").mkdir()
     runner = Adapter(tmp_path / "run", hapi_url, sinks={"hl7v2": {"enabled": True, "transport": "file",
                                                                   "folder": str(outbox)}})
     runner.start_cursor_at(since)

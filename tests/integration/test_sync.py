@@ -24,6 +24,7 @@ from adapter.pipeline import process_paths
 from adapter.sinks.ownership import payload
 from adapter.sync import Syncer
 
+from ..unit.test_lifecycle import corrections_sample
 from .helpers import namespaced, patients_of, server_now
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,15 +118,19 @@ def test_the_official_hl7_validator_finds_no_error_in_golden_or_synced_output(
     broken.update(status="charged-twice", extension=[{"url": "http://fhir-charge-adapter.org/fhir/nowhere",
                                                        "valueString": "x"}])
     (tmp_path / "broken.json").write_text(json.dumps(broken))
+    lifecycle = corrections_sample()  # credits, replacement lines, replacement and void Claims
+    (tmp_path / "lifecycle.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                                         "entry": [{"resource": r} for r in lifecycle]}))
     report = tmp_path / "report.json"
     run = subprocess.run(["bash", str(ROOT / "scripts/validator"), "run", "--report", str(report), "--ig",
-                          str(package), str(golden), str(synced), str(tmp_path / "broken.json")],
+                          str(package), str(golden), str(synced), str(tmp_path / "lifecycle.json"),
+                          str(tmp_path / "broken.json")],
                          capture_output=True, text=True, timeout=1500, check=False)
     assert report.exists(), run.stdout + run.stderr
     result = json.loads(report.read_text())
     # a Bundle is validated entry by entry; an empty one (nothing coded) as itself
     assert result["resources"] == sum(len(json.loads(f.read_text()).get("entry", [])) or 1
-                                      for f in golden.iterdir()) + len(sample) + 1
+                                      for f in golden.iterdir()) + len(sample) + len(lifecycle) + 1
     errors = [i for i in result["issues"] if i["severity"] in ("error", "fatal")]
     assert [e for e in errors if not e["file"].endswith("broken.json")] == []
     assert len([e for e in errors if e["file"].endswith("broken.json")]) >= 2  # bad status, unknown extension

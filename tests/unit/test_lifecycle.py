@@ -285,3 +285,26 @@ def test_net_units_per_code_always_equal_the_current_coding(steps: list[tuple[st
             bill_everything(store)
         if answer:
             answered |= {f"Claim/{c['id']}" for c in store.of("Claim") if c["status"] == "active"}
+
+
+def corrections_sample() -> list[dict[str, Any]]:
+    """Every kind of resource a charge's life produces, as the server would hold them: originals, credits,
+    replacement lines, a replacement Claim (frequency 7) and a void Claim (frequency 8). For the official
+    HL7 validator run (tests/integration/test_sync.py)."""
+    store = Store()
+    answered: set[str] = set()
+    for report in (one_lesion(), two_lesions(), REPORTS["us3"]):
+        sync(store, report, answered)
+        bill_everything(store)
+        answered |= {f"Claim/{c['id']}" for c in store.of("Claim")}
+    sync(store, REPORTS["gone"], answered)
+    return store.all()
+
+
+def test_the_corrections_sample_has_every_kind() -> None:
+    sample = corrections_sample()
+    frequencies = {e["valueCoding"]["code"] for r in sample for e in r.get("extension") or []
+                   if e["url"] == TABLES.settings.claim_frequency_extension}
+    assert frequencies == {"7", "8"}
+    assert any(r["resourceType"] == "ChargeItem" and r["quantity"]["value"] < 0 for r in sample)
+    assert any(e["url"] == TABLES.settings.replaces_extension for r in sample for e in r.get("extension") or [])

@@ -176,7 +176,7 @@ def test_billed_and_edited_lines_are_left_alone_by_every_recode_path_and_correct
         validate(text, TABLES.hl7v2.version)
     kinds = [[(f[6], f[25].split("^")[0], f[10]) for f in (seg.split("|") for seg in text.split("\r"))
               if f[0] == "FT1"] for text in texts[sent_before:]]
-    assert kinds == [[("CD", "10006", "1")], [("CG", "10006", "2")]], kinds
+    assert kinds == [[("CD", "10006", "-1")], [("CG", "10006", "2")]], kinds
     again = runner.cmd("run", "--once")
     assert again.returncode == 0 and versions(client, patients) == after
 

@@ -415,7 +415,10 @@ class _Planner:
                     if wanted is not None else None)
         where = standing(current, self.answered)
         if where is Standing.OURS:
-            if expected is None:
+            prior = self._answered_prior(kind, chain, current)
+            if expected is None and prior is not None:  # our unanswered replacement becomes the void of the prior
+                self._void_answered_in_place(target, current, prior, value, ref, procedures, label)
+            elif expected is None:
                 self._void(target, current, ref, procedures, label)
             elif same_content(current, expected):
                 target.unchanged += 1
@@ -506,6 +509,29 @@ class _Planner:
         body = positioned(void.kind, void.wanted, void.following, void.ref, self.settings)
         self._add(target, new_entry(body, self.settings), Drift.MISSING, void.ref, void.procedures,
                   f"{void.label}: voided on the server, and the coding of its session has changed since")
+
+    def _answered_prior(self, kind: str, chain: Chain, current: dict[str, Any]) -> dict[str, Any] | None:
+        """For a replacement Claim: the earlier generation it replaces, if a payer answered that one."""
+        if kind != "Claim" or recorded_frequency(current, self.settings) == "8":
+            return None
+        prior = _replaced(current, self.settings)
+        found = next((r for r in chain.generations.values() if f"Claim/{r.get('id')}" == prior), None)
+        return found if found is not None and prior in self.answered else None
+
+    def _void_answered_in_place(self, target: SessionPlan, current: dict[str, Any], prior: dict[str, Any],
+                                value: str, ref: str, procedures: tuple[str, ...], label: str) -> None:
+        """A replacement Claim nobody answered yet, while the Claim it replaces was answered: the session no longer
+        bills, so the payer must get the void of the answered one. The replacement is still ours: it becomes
+        that void (frequency 8) in place."""
+        try:
+            claim = void_claim(prior, value, self.settings, self.written_at)
+            validate_resource(claim, f"void of Claim/{prior['id']}")
+        except InvalidOutputError as exc:
+            self.result.unvoidable.append((ref, str(exc)))
+            return
+        self._add(target, _in_place(current, claim, self.settings), Drift.UNKNOWN, ref, procedures,
+                  f"{label}: no longer billed by the coding; it becomes the void of the answered Claim/{prior['id']}")
+        target.corrections.append(f"voids Claim/{prior['id']} ({label}): session {target.label} no longer bills it")
 
     def _void(self, target: SessionPlan, current: dict[str, Any], ref: str, procedures: tuple[str, ...],
               label: str) -> None:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapter.pipeline import RunReport
-from adapter.sinks.ownership import Standing, fingerprint, recorded_fingerprint, standing
+from adapter.sinks.ownership import Standing, chain_key, fingerprint, recorded_fingerprint, standing
 from adapter.sinks.reconcile import Drift, Plan, plan
 
 from .test_engine_rules import TABLES, coverage, procedure, run
@@ -255,6 +255,23 @@ def test_a_line_billed_between_read_and_write_is_not_overwritten() -> None:
     assert in_place and all(e["request"]["ifMatch"] for e in in_place)
 
 
+def claim_stands_for(store: Store, report: RunReport, answered: set[str]) -> bool:
+    """The newest Claim of the chain says what the payer must hold now: the coding's items (active), or, when the
+    session has no Claim any more, a void (frequency 8) if any Claim was answered, else a cancelled one."""
+    chain = sorted(store.of("Claim"), key=lambda c: chain_key(c["identifier"][0]["value"]).generation)
+    wanted = next((s.claim for s in report.built.sessions if s.claim), None)
+    if not chain:
+        return wanted is None
+    newest = chain[-1]
+    frequency = [e["valueCoding"]["code"] for e in newest.get("extension") or []
+                 if e["url"] == TABLES.settings.claim_frequency_extension]
+    if wanted is not None:
+        return newest["status"] == "active" and newest["item"] == wanted["item"] and frequency != ["8"]
+    if any(f"Claim/{c['id']}" in answered for c in chain):
+        return newest["status"] == "active" and frequency == ["8"]
+    return newest["status"] == "cancelled"
+
+
 CODINGS = {
     "us1": lambda: run(procedure("f1", "us", ("a",)), coverage()),
     "us2": lambda: run(procedure("f1", "us", ("a", "b")), coverage()),
@@ -280,6 +297,7 @@ def test_net_units_per_code_always_equal_the_current_coding(steps: list[tuple[st
         for ref, resource in passed.items():
             assert store.resources[ref] == resource, f"{ref} had passed on and was changed"
         assert net_units(store) == coded_units(REPORTS[name]), name
+        assert claim_stands_for(store, REPORTS[name], answered), name
         assert sync(store, REPORTS[name], answered)[1] == 0  # settled: a re-run writes nothing
         if bill:
             bill_everything(store)
@@ -308,3 +326,22 @@ def test_the_corrections_sample_has_every_kind() -> None:
     assert frequencies == {"7", "8"}
     assert any(r["resourceType"] == "ChargeItem" and r["quantity"]["value"] < 0 for r in sample)
     assert any(e["url"] == TABLES.settings.replaces_extension for r in sample for e in r.get("extension") or [])
+
+
+def test_an_unanswered_replacement_becomes_the_void_of_the_answered_claim_when_the_session_is_gone() -> None:
+    """The payer answered Claim 1; Claim 2 replaced it and nobody answered that yet; the Procedure is then entered
+    in error: the payer must get a void of Claim 1, and Claim 2 (still ours) becomes it."""
+    store = Store()
+    sync(store, one_lesion())
+    first = store.of("Claim")[0]
+    answered = {f"Claim/{first['id']}"}
+    sync(store, two_lesions(), answered)
+    second = next(c for c in store.of("Claim") if c["id"] != first["id"])
+    sync(store, REPORTS["gone"], answered)
+    now = store.resources[f"Claim/{second['id']}"]
+    assert now["meta"]["versionId"] == "2" and now["status"] == "active"
+    assert [e["valueCoding"]["code"] for e in now["extension"]
+            if e["url"] == TABLES.settings.claim_frequency_extension] == ["8"]
+    assert now["related"][0]["claim"]["reference"] == f"Claim/{first['id']}" and now["item"] == first["item"]
+    assert store.resources[f"Claim/{first['id']}"] == first
+    assert len(store.of("Claim")) == 2 and sync(store, REPORTS["gone"], answered)[1] == 0

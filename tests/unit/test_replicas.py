@@ -193,3 +193,18 @@ def test_deletes_are_queued_once_and_marked_when_handled(shared: Any) -> None:
         pass
     assert server.coded["Patient/p9"] == 1 and state.seen("Procedure/gone", "deleted")
     assert a.poll_once().queued == 0  # read again in the overlap window: already handled
+
+
+def test_a_restored_server_reusing_a_version_number_for_other_content_is_coded_again(shared: Any) -> None:
+    """"Seen" is keyed on the versionId and the content: a server restored from a backup hands out version 1
+    again for an edited Procedure, which must be coded; the same content re-delivered is still skipped."""
+    state, source, server = shared
+    a = replica(state, server, "a")
+    source.pages = [[procedure("p1")]]
+    a.poll_once()
+    while a.work_once():
+        pass
+    assert a.poll_once().queued == 0
+    edited = {**procedure("p1"), "note": [{"text": "edited after the restore"}]}  # still versionId 1
+    source.pages = [[edited]]
+    assert a.poll_once().queued == 1

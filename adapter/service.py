@@ -63,7 +63,6 @@ POLL_ROLE = "poll"
 POLL_ROLE_MIN_SECONDS = 30.0
 RECONCILE_FROM = "reconcile-from"
 """The cursor a state's reconciliations start from: its first poll cursor (what it is responsible for)."""
-RECONCILE_BATCH = 50
 BATCH_GROWS_AFTER = 10
 """Successful worker turns in a row before a batch size halved by a failure is doubled again."""
 
@@ -429,11 +428,16 @@ class Service:
         self.client.check_server()
         patients, loose, scope = in_scope(self.syncer, origin)
         result = ReconcileResult(patients=len(patients))
-        batches = [(batch, []) for batch in chunks(sorted(patients), RECONCILE_BATCH)]
+        # batches of the workers' size, so a batch is done well within the claims' lease, as a worker's is
+        batches: list[tuple[list[str], list[dict[str, Any]]]] = [
+            (batch, []) for batch in chunks(sorted(patients), self._batch)]
         if loose:
             batches.append(([], loose))
         for batch, pushed in batches:
             if stop is not None and stop.is_set():
+                return result
+            if self.shared and not self._hold_poll_role():  # lost the role (a long pause): the holder redoes it
+                log.warning("stopped reconciling: the poll role passed to another replica")
                 return result
             done = self.sync_patients(batch, pushed, stop, scope)
             record, failing = self.pass_record(done)

@@ -98,8 +98,8 @@ def test_billed_and_edited_lines_are_left_alone_by_every_recode_path_and_correct
     outbox = tmp_path / "outbox"
     (tmp_path / "run").mkdir()
     (tmp_path / "serve").mkdir()
-    runner = Adapter(tmp_path / "run", hapi_url, sinks={"hl7v2": {"enabled": True, "transport": "file",
-                                                                  "folder": str(outbox)}})
+    runner = Adapter(tmp_path / "run", hapi_url, poll={"overlap_seconds": 0},  # only this test's Procedures
+                     sinks={"hl7v2": {"enabled": True, "transport": "file", "folder": str(outbox)}})
     runner.start_cursor_at(since)
     first = runner.cmd("run", "--once")
     assert first.returncode == 0, first.stderr
@@ -212,7 +212,7 @@ def test_a_server_that_lost_its_charges_is_found_by_reconcile_and_repaired(
 
 def test_a_restarted_run_rebills_what_a_restored_server_lost_exactly_once(
         client: FhirClient, hapi_url: str, tmp_path: Path, fhir_ns: str) -> None:
-    runner = Adapter(tmp_path, hapi_url)
+    runner = Adapter(tmp_path, hapi_url, poll={"overlap_seconds": 0})
     runner.start_cursor_at(server_now(client))
     bundle = namespaced("11", fhir_ns)
     client.transaction(bundle)
@@ -246,7 +246,7 @@ def test_kill_9_in_the_middle_of_corrections_leaves_every_patient_balanced(
 
     resources = list(generate(120, prefix=f"{fhir_ns}c"))
     patients = patients_of(resources)
-    runner = Adapter(tmp_path, hapi_url, poll={"reconcile_every_seconds": 0})
+    runner = Adapter(tmp_path, hapi_url, poll={"reconcile_every_seconds": 0, "overlap_seconds": 0})
     since = server_now(client)
     put_all(client, resources)
     assert runner.cmd("sync", "--since", since).returncode == 0

@@ -33,6 +33,7 @@ from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
 from adapter.errors import AdapterError, ConfigError, ExitCode, ListenError, StateSchemaError, exit_code_for
 from adapter.pipeline import RunReport, process_paths
+from adapter.reconciliation import drift_table, reconcile
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
 from adapter.runner import Loop, Runner
 from adapter.service import Service, make_client, parse_instant
@@ -300,6 +301,40 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
     ctx.exit(ExitCode.REVIEW if result.reviews or result.rejected else ExitCode.OK)
 
 
+@cli.command("reconcile")
+@server_options
+@click.option("--since", help="Only Procedures changed (or deleted) at or after this FHIR dateTime, inclusive; "
+                              "only their sessions are compared (default: every FNA Procedure on the server).")
+@click.option("--repair", is_flag=True, help="Write what is missing, the updates and voids of our own lines, and "
+                                             "the credits and replacements that are due; never lines that are no "
+                                             "longer ours.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def reconcile_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: str | None,
+                  client_cert: str | None, since: str | None, repair: bool, fmt: str) -> None:
+    """Re-code every FNA Procedure on the server and compare with the charges it holds.
+
+    Prints the drift by kind: missing on the server, outdated (ours, to update), unknown (ours, no longer
+    billed by the coding), billed-wrong (billed or answered, to credit or replace), changed-by-others (edited
+    on the server where our coding differs: review). Exits 0 when there is none (or `--repair` wrote all of
+    it), 1 when there is (without `--repair` nothing is written), 2 when the server could not be used.
+    """
+    tables = _tables(ctx)
+    client = _server_client(ctx, server, auth_file, ca_bundle, client_cert)
+    result = reconcile(Syncer(client, tables), since, repair=repair)
+    if fmt == "json":
+        click.echo(redact.scrub(json.dumps(result.as_json(), indent=2)))
+    else:
+        click.echo(redact.scrub(drift_table(result)))
+        if repair:
+            click.echo(f"repaired: {result.summary.text()}")
+    for failure in result.summary.failures:
+        click.echo(f"failed: session {redact.scrub(failure.session)}: {redact.scrub(failure.reason)}", err=True)
+    if repair and result.summary.to_retry:
+        ctx.exit(ExitCode.UNAVAILABLE)
+    ctx.exit(ExitCode.REVIEW if result.unrepaired else ExitCode.OK)
+
+
 @cli.command("backfill")
 @click.argument("paths", nargs=-1, type=click.Path())
 @server_options
@@ -497,6 +532,9 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
 
     def poll() -> float:
         service.client.check_server()
+        reconciled = service.reconcile_if_due(stop)
+        if reconciled is not None and reconciled.drift:
+            click.echo(f"reconciled: {reconciled.summary.text()}", err=True)
         result = service.poll_once(stop)
         if result.procedures or result.failures:
             click.echo(result.text(), err=True)
@@ -549,7 +587,8 @@ def serve_cmd(ctx: click.Context) -> None:
     server = _listen(app, settings, service.metrics)
     loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
-        loops.append(Loop("safety-poll", lambda: (service.poll_once(stop), conf.safety_poll_seconds)[1], stop,
+        loops.append(Loop("safety-poll", lambda: (service.reconcile_if_due(stop), service.poll_once(stop),
+                                                  conf.safety_poll_seconds)[2], stop,
                           max(conf.safety_poll_seconds, settings.worker.retry_max_seconds)))
     _serve_until_stopped(service, loops, server, receiver.base_path, stop)
 

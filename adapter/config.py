@@ -37,7 +37,12 @@ def canonical_urls(base: str) -> dict[str, str]:
     base = base.rstrip("/")
     return {"modifier_extension": f"{base}/StructureDefinition/cpt-modifier",
             "charge_identifier_system": f"{base}/sid/charge-line",
-            "claim_identifier_system": f"{base}/sid/claim"}
+            "claim_identifier_system": f"{base}/sid/claim",
+            "fingerprint_extension": f"{base}/StructureDefinition/written-fingerprint",
+            "offsets_extension": f"{base}/StructureDefinition/offsets-charge",
+            "replaces_extension": f"{base}/StructureDefinition/replaces",
+            "claim_frequency_extension": f"{base}/StructureDefinition/claim-frequency",
+            "claim_frequency_system": f"{base}/CodeSystem/claim-frequency"}
 
 
 _DEFAULT_URLS = canonical_urls(DEFAULT_CANONICAL_BASE)
@@ -77,6 +82,14 @@ class Settings:
     modifier_extension: str = _DEFAULT_URLS["modifier_extension"]
     charge_identifier_system: str = _DEFAULT_URLS["charge_identifier_system"]
     claim_identifier_system: str = _DEFAULT_URLS["claim_identifier_system"]
+    fingerprint_extension: str = _DEFAULT_URLS["fingerprint_extension"]
+    """On every ChargeItem and Claim written online: a hash of what we wrote (docs/output.md, ownership)."""
+    offsets_extension: str = _DEFAULT_URLS["offsets_extension"]
+    """On a credit: the ChargeItem it offsets."""
+    replaces_extension: str = _DEFAULT_URLS["replaces_extension"]
+    """On a replacement ChargeItem or Claim: the one it replaces."""
+    claim_frequency_extension: str = _DEFAULT_URLS["claim_frequency_extension"]
+    claim_frequency_system: str = _DEFAULT_URLS["claim_frequency_system"]
 
     @property
     def zone(self) -> ZoneInfo:

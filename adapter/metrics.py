@@ -31,6 +31,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                                       "fhir-rejected, state-unavailable, state, invalid-output, bug", ("kind",)),
     "charge_adapter_retried_total": ("Work put back to be retried after a failure (items and patients)", ()),
     "charge_adapter_verified_total": ("Writes whose answer was lost that the server was found to hold exactly", ()),
+    "charge_adapter_credits_total": ("Credits written for billed lines whose coding changed", ()),
+    "charge_adapter_reconcile_runs_total": ("Scheduled reconciliations finished", ()),
+    "charge_adapter_drift_total": ("Differences scheduled reconciliations found between the coding and the server, "
+                                   "by kind: missing, outdated, unknown, billed-wrong, changed-by-others", ("kind",)),
 }
 """The adapter's counters (help, label names), declared up front so a scrape lists them before anything
 happened: unlabelled ones at 0, labelled ones without samples until their first increment."""

@@ -26,13 +26,15 @@ from adapter.client.auth import auth_from_settings
 from adapter.client.errors import AuthError, FhirGone, FhirNotFound
 from adapter.config import CodeTables
 from adapter.errors import AdapterError, ConfigError, LeadLost, StateError, StateUnavailable
-from adapter.extraction.index import reference_of, version_of
+from adapter.extraction.index import reference_of, seen_version
 from adapter.health import Health
 from adapter.hl7v2.sink import from_settings as hl7v2_sink
 from adapter.metrics import Metrics
+from adapter.reconciliation import ReconcileResult, in_scope
 from adapter.runner import LogOnce, WorkPolicy, backoff, failure_kind, is_transient
 from adapter.settings import AppSettings, ServerSettings
 from adapter.sources.notifications import SOURCE_ENGINE
+from adapter.sources.server import chunks
 from adapter.state import open_state
 from adapter.state.base import (
     RECORDED_OUTCOMES,
@@ -59,6 +61,8 @@ MONITOR_EVERY_SECONDS = 5.0
 POLL_ROLE = "poll"
 """On a shared state, the replica holding this role polls (and queues what changed); every replica works."""
 POLL_ROLE_MIN_SECONDS = 30.0
+RECONCILE_FROM = "reconcile-from"
+"""The cursor a state's reconciliations start from: its first poll cursor (what it is responsible for)."""
 BATCH_GROWS_AFTER = 10
 """Successful worker turns in a row before a batch size halved by a failure is doubled again."""
 
@@ -173,6 +177,9 @@ class Service:
         still gets through in smaller pieces (and the size that failed is not tried again at once)."""
         self._batch_successes = 0
         self._next_prune = 0.0
+        self._next_reconcile = 0.0
+        """Monotonic time of the next scheduled reconciliation: at start, then every reconcile_every_seconds."""
+        self.last_reconcile: ReconcileResult | None = None
         self._register_gauges()
 
     @property
@@ -200,19 +207,20 @@ class Service:
     # -- one pass -----------------------------------------------------------------------------------------------
 
     def sync_patients(self, patients: Iterable[str], loose: list[dict[str, Any]] | None = None,
-                      stop: threading.Event | None = None) -> PassResult:
-        """Recode `patients` (claimed for the time of the pass) and write their charges. Records nothing."""
+                      stop: threading.Event | None = None, scope: set[str] | None = None) -> PassResult:
+        """Recode `patients` (claimed for the time of the pass) and write their charges. Records nothing.
+        `scope`: only sessions billing these Procedures (a reconciliation's window)."""
         wanted = set(patients)
         with self.write_lock:
             claimed = self.state.claim_patients(wanted, self.owner, self.settings.worker.lease_seconds) \
                 if wanted else set()
             try:
-                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None)
+                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None, scope=scope)
             except BaseException:
                 with suppress(StateError):
                     self.state.release_patients(claimed, self.owner)
                 raise
-        if summary.written or summary.voided or summary.verified:
+        if summary.written or summary.voided or summary.verified or summary.credits:
             self.health.wrote()
         return PassResult(summary, claimed, wanted - claimed)
 
@@ -223,7 +231,7 @@ class Service:
         final = [o for o in summary.outcomes if o.outcome in RECORDED_OUTCOMES]
         patient_of = {o.procedure: o.patient for o in summary.outcomes}
         record = PassRecord(owner=self.owner, release=sorted(result.claimed))
-        record.processed = [Processed(o.procedure, o.version, o.outcome) for o in final if o.version]
+        record.processed = [Processed(o.procedure, o.seen_as, o.outcome) for o in final if o.seen_as]
 
         def content(patients: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
             return tuple(r for p in patients for r in pushed.get(p, []))
@@ -260,6 +268,7 @@ class Service:
         self.metrics.inc("charge_adapter_review_total", len({r.procedure for r in summary.reviews}))
         self.metrics.inc("charge_adapter_failed_total", len(summary.failures))
         self.metrics.inc("charge_adapter_verified_total", summary.verified)
+        self.metrics.inc("charge_adapter_credits_total", summary.credits)
         if self.hl7v2 is not None:
             self.metrics.inc("charge_adapter_hl7v2_messages_total", summary.hl7v2_sent)
         for failure in summary.failures:
@@ -326,7 +335,7 @@ class Service:
         for page in self.syncer.source.changed_pages(self._since(cursor)):
             if not self._hold_poll_role():  # renewed each page; lost while reading: the holder starts over
                 return total
-            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", seen_version(p))]
             patients, loose = split_by_patient(fresh, self.syncer.local_bases)
             record = PassRecord(owner=self.owner, lead=POLL_ROLE)
             record.due = [WorkItem(WorkKind.PATIENT, {"reference": p}, "poll", dedupe=f"patient:{p}")
@@ -357,7 +366,7 @@ class Service:
         total = self.drain_hl7v2()
         for page in self.syncer.source.changed_pages(self._since(cursor)):
             record = PassRecord(owner=self.owner)
-            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", version_of(p))]
+            fresh = [p for p in page if not self.state.seen(f"Procedure/{p.get('id')}", seen_version(p))]
             deferred = False
             if fresh:
                 patients, loose = split_by_patient(fresh, self.syncer.local_bases)
@@ -398,6 +407,55 @@ class Service:
         record.cursors["deletes"] = cursor
         self.state.record_pass(record)
         return summary
+
+    def reconcile_if_due(self, stop: threading.Event | None = None) -> ReconcileResult | None:
+        """At start and then every `poll.reconcile_every_seconds`: re-code what this state is responsible for
+        (every FNA Procedure changed since the first cursor it had; everything when it started without one),
+        compare with what the server holds, and repair what is due: charges a restored server lost, lines
+        still ours that drifted, credits for billed lines. Lines no longer ours are never touched; lines others
+        changed where our coding differs go to review. On a shared state only the poll role holder runs it."""
+        every = self.settings.poll.reconcile_every_seconds
+        if not every or time.monotonic() < self._next_reconcile:
+            return None
+        if self.shared and not self._hold_poll_role():
+            return None
+        self._next_reconcile = time.monotonic() + every
+        origin = self.state.cursor(RECONCILE_FROM)
+        if origin is None:
+            origin = self.state.cursor()
+            if origin:
+                self.state.record_pass(PassRecord(owner=self.owner, cursors={RECONCILE_FROM: origin}))
+        self.client.check_server()
+        patients, loose, scope = in_scope(self.syncer, origin)
+        result = ReconcileResult(patients=len(patients))
+        # batches of the workers' size, so a batch is done well within the claims' lease, as a worker's is
+        batches: list[tuple[list[str], list[dict[str, Any]]]] = [
+            (batch, []) for batch in chunks(sorted(patients), self._batch)]
+        if loose:
+            batches.append(([], loose))
+        for batch, pushed in batches:
+            if stop is not None and stop.is_set():
+                return result
+            if self.shared and not self._hold_poll_role():  # lost the role (a long pause): the holder redoes it
+                log.warning("stopped reconciling: the poll role passed to another replica")
+                return result
+            done = self.sync_patients(batch, pushed, stop, scope)
+            record, failing = self.pass_record(done)
+            record.due += self.retry_work(failing)
+            self.state.record_pass(record)
+            result.summary.add(done.summary)
+            result.drift += done.summary.drift_items
+            result.edits_kept += done.summary.edits_kept
+        result.repaired = True
+        for kind, count in sorted(result.summary.drift.items()):
+            self.metrics.inc("charge_adapter_drift_total", count, kind=kind)
+        self.metrics.inc("charge_adapter_reconcile_runs_total")
+        self.last_reconcile = result
+        found = ", ".join(f"{k} {n}" for k, n in sorted(result.summary.drift.items())) or "none"
+        log.info("reconciled %d patient(s) since %s: drift %s; written %d, credited %d, voided %d",
+                 len(patients), origin or "the beginning", found, result.summary.written, result.summary.credits,
+                 result.summary.voided)
+        return result
 
     def drain_hl7v2(self) -> SyncSummary:
         """Send the HL7 v2 messages left pending (a crash between recording and the ACK, a receiver that was
@@ -519,7 +577,7 @@ class Service:
             touched: set[str] = set()
             if item.kind == WorkKind.PROCEDURE:
                 resource = payload["resource"]
-                ref, version = f"Procedure/{resource.get('id')}", version_of(resource)
+                ref, version = f"Procedure/{resource.get('id')}", seen_version(resource)
                 if item.source == SOURCE_ENGINE or not (version and self.state.seen(ref, version)):
                     subject = reference_of(resource.get("subject"))
                     if item.source == SOURCE_ENGINE or not subject:

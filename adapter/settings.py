@@ -173,6 +173,9 @@ class PollSettings:
     """How far each poll reaches back before the cursor: commits become visible out of order."""
     page_size: int = setting(500, low=1, high=1000)
     """Procedures per page; the cursor advances after each page."""
+    reconcile_every_seconds: float = setting(86400.0, low=1, high=365 * 86400, off=0)
+    """`run` and `serve` reconcile at start and then this often (0: never): re-code what this state is
+    responsible for, compare with the server, repair what is missing or due (docs/operations.md)."""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ on with the others. Procedures that need review are listed and never charged.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapter import redact
@@ -25,18 +26,21 @@ from adapter.client.errors import (
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import FhirError
-from adapter.extraction.index import local_reference, reference_of, version_of
+from adapter.extraction.index import local_reference, reference_of, seen_version, version_of
 from adapter.extraction.procedures import Disposition, Kind
 from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, local_bases, process
 from adapter.redact import FreeText
 from adapter.runner import failure_kind
-from adapter.sinks.reconcile import IGNORED, Plan, SessionPlan, plan
+from adapter.sinks.reconcile import IGNORED, DriftItem, Plan, SessionPlan, plan
 from adapter.sources.files import SourcedResource
 from adapter.sources.server import ServerSource
 from adapter.state.base import Outcome
 
 log = logging.getLogger("adapter.sync")
+
+CHANGED_ON_SERVER = "changed-on-server"
+"""The review reason of a line someone else changed on the server where our re-code would write otherwise."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class ProcedureOutcome:
     """For a Procedure billed under another one (a duplicate delivery, a `partOf` child): that Procedure."""
     merge_basis: str = ""
     """`duplicate (...)` or `part-of`: why (no free text, no identifier values)."""
+    corrections: tuple[str, ...] = ()
+    """Credits, replacements and void Claims written for its session, each with why (`SessionPlan.corrections`)."""
+    seen_as: str = ""
+    """The version key the poller's "seen" check records (`index.seen_version`: versionId and content hash)."""
 
     @property
     def label(self) -> str:
@@ -83,7 +91,7 @@ class ProcedureOutcome:
         """What the audit trail records as its codes: the codes, or `duplicate-of X` / `part-of X`."""
         if self.merged_into and not self.codes:
             return (f"{'part-of' if self.merge_basis == 'part-of' else 'duplicate-of'} {self.merged_into}",)
-        return self.codes
+        return (*self.codes, *self.corrections)
 
 
 @dataclass
@@ -95,7 +103,14 @@ class SyncSummary:
     written: int = 0
     unchanged: int = 0
     voided: int = 0
+    credits: int = 0
+    """Credits written for lines that had passed to billing (each offsets one; its replacement is in `written`)."""
     protected: int = 0
+    edits_kept: int = 0
+    """Lines changed or voided by someone else on the server, left as they are (our coding did not change)."""
+    drift: Counter[str] = field(default_factory=Counter)
+    """What the plans found different from the coding, by `reconcile.Drift` kind (before writing)."""
+    drift_items: list[DriftItem] = field(default_factory=list)
     reviews: list[Review] = field(default_factory=list)
     failures: list[WriteFailure] = field(default_factory=list)
     outcomes: list[ProcedureOutcome] = field(default_factory=list)
@@ -110,9 +125,11 @@ class SyncSummary:
     """The free text of the resources coded, to mask it wherever a detail is printed or logged."""
 
     def add(self, other: SyncSummary) -> None:
-        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "protected",
-                     "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
+        for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "credits",
+                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.drift.update(other.drift)
+        self.drift_items += other.drift_items
         self.reviews += other.reviews
         self.failures += other.failures
         self.outcomes += other.outcomes
@@ -141,7 +158,9 @@ class SyncSummary:
         return (f"{queued}{self.procedures} FNA Procedures of {self.patients} patients{billed_under}: "
                 f"{self.sessions} sessions, "
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
-                f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
+                + (f"credited {self.credits}, " if self.credits else "")
+                + (f"edited on the server and kept {self.edits_kept}, " if self.edits_kept else "")
+                + f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"
                 + (f"; HL7 v2 messages sent {self.hl7v2_sent} ({self.hl7v2_credits} credits)"
                    if self.hl7v2_sent else ""))
@@ -218,19 +237,22 @@ class Syncer:
         self.source = ServerSource(client, tables, local=self.local_bases)
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                      should_stop: Callable[[], bool] | None = None) -> SyncSummary:
+                      should_stop: Callable[[], bool] | None = None, scope: set[str] | None = None) -> SyncSummary:
         """Re-code every FNA Procedure of `patients` and bring the server's charges in line.
 
         `loose` are resources pushed to us rather than read from the server (an integration engine's Bundle,
         a Procedure without a usable subject): they replace the server's copy of the same `Type/id`.
         `should_stop` is asked between sessions: a stopping process finishes the session it is writing, and
-        the sessions left are reported `deferred`.
+        the sessions left are reported `deferred`. `scope`: only the sessions that bill one of these Procedures
+        are compared and written (`reconcile --since`).
         """
         wanted = sorted({p for p in patients if p})
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
-        writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
+        writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables, answered=ctx.answered)
+        if scope is not None:
+            writes = writes.within(scope)
         summary = self._summarise(report, writes, len(wanted))
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
@@ -246,8 +268,8 @@ class Syncer:
         """Bring the server's charges of `patients` in line with an already coded `report` (a batch of
         `backfill`): the same reconciliation and session transactions as `sync_patients`, so it is idempotent."""
         wanted = sorted({p for p in patients if p})
-        charge_items, claims = self.source.our_charges(wanted)
-        writes = plan(report, [*charge_items, *claims], self.tables)
+        charge_items, claims, answered = self.source.our_charges(wanted)
+        writes = plan(report, [*charge_items, *claims], self.tables, answered=answered)
         summary = self._summarise(report, writes, len(wanted))
         summary.failures += [WriteFailure(f"void {ref}", (), why) for ref, why in writes.unvoidable]
         if not self.dry_run and self.fhir:
@@ -285,10 +307,14 @@ class Syncer:
         return total
 
     def _summarise(self, report: RunReport, writes: Plan, patients: int) -> SyncSummary:
+        origins = {f.ref: f.origin for f in report.facts}
+        conflicts = [Review(ref, origins.get(ref, ref), CHANGED_ON_SERVER, c.detail)
+                     for c in writes.conflicts for ref in c.procedures]
         return SyncSummary(
             procedures=sum(1 for f in report.facts if f.kind is Kind.FNA), patients=patients,
             sessions=len(report.built.sessions), lines=sum(len(s.charge_items) for s in report.built.sessions),
-            unchanged=writes.unchanged, protected=writes.protected, reviews=list(report.reviews))
+            unchanged=writes.unchanged, protected=writes.protected, reviews=[*report.reviews, *conflicts],
+            drift=writes.drift_counts(), drift_items=list(writes.drift), edits_kept=writes.edits_kept)
 
     def _write(self, writes: Plan, summary: SyncSummary,
                should_stop: Callable[[], bool] | None = None) -> dict[str, WriteFailure]:
@@ -321,8 +347,9 @@ class Syncer:
                          redact.scrub(session.label), redact.scrub(str(exc)))
                 summary.verified += 1
                 locations = verified
-            summary.written += len(session.entries) - session.voids
+            summary.written += len(session.entries) - session.voids - session.credits
             summary.voided += session.voids
+            summary.credits += session.credits
             session.written += locations
         return failed
 
@@ -411,5 +438,7 @@ class Syncer:
                 elif sp is not None and sp.deferred:
                     state = Outcome.DEFERRED
                 out.append(ProcedureOutcome(facts.ref, version, patient, state, session.key.text(), codes,
-                                            tuple(sp.written) if sp else ()))
-        return out
+                                            tuple(sp.written) if sp else (),
+                                            corrections=tuple(sp.corrections) if sp and sp.written else ()))
+        seen = {f.ref: seen_version(f.resource) for f in report.facts if f.kind is Kind.FNA}
+        return [replace(o, seen_as=seen.get(o.procedure, "")) for o in out]

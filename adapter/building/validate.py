@@ -278,7 +278,7 @@ def _values_pass(pending: list[tuple[_Element, Any, Any]]) -> bool:
     for element, value, known in pending:
         try:
             element.validator.validate_python(value)  # type: ignore[union-attr]
-        except (ValidationError, ValueError, TypeError):
+        except (ValidationError, ValueError, TypeError, AttributeError):
             return False
         if type(value) is str and len(value) > _LONG:
             continue
@@ -320,7 +320,7 @@ def validate_resource(resource: dict[str, Any], what: str = "") -> None:
     except ValidationError as exc:
         summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         raise InvalidOutputError(what or kind, summary) from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # AttributeError: fhir.resources tripped on a shape
         raise InvalidOutputError(what or kind, f"invalid ({exc})") from None
     if fast is not False:
         if len(_shapes) >= _SHAPES_LIMIT:

@@ -17,6 +17,7 @@ whose `fullUrl` is RESTful means `ENTRY_BASE/Type/id` and follows the same rule.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -124,6 +125,20 @@ def normalize_reference(reference: str) -> str:
 def version_of(resource: dict[str, Any]) -> str:
     """`meta.versionId` as text ("" when the resource has none)."""
     return str((resource.get("meta") or {}).get("versionId", ""))
+
+
+def seen_version(resource: dict[str, Any]) -> str:
+    """What the poller's "seen" check keys a Procedure version on: `meta.versionId` and a hash of the content.
+
+    A versionId alone is not enough: a server restored from a backup hands out the same version numbers
+    again for other content. Re-delivered identical content still matches (and writes nothing); "" when the
+    resource has no versionId (it is never recorded as seen)."""
+    version = version_of(resource)
+    if not version:
+        return ""
+    content = {k: v for k, v in resource.items() if k != "meta"}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    return f"{version}#{digest[:20]}"
 
 
 def reference_of(value: Any) -> str | None:

@@ -42,6 +42,8 @@ class PatientContext:
     resources: list[SourcedResource] = field(default_factory=list)
     charge_items: list[dict[str, Any]] = field(default_factory=list)
     claims: list[dict[str, Any]] = field(default_factory=list)
+    answered: set[str] = field(default_factory=set)
+    """`Claim/id` of our Claims that a ClaimResponse refers to: passed to the payer, never changed by us."""
 
 
 class ServerSource:
@@ -113,7 +115,7 @@ class ServerSource:
             first += self._search("Coverage", [("beneficiary", joined), ("status", "active"), ("_count", str(PAGE)),
                                                ("_include", "Coverage:payor")])
             first += self._search("Account", {"patient": joined, "status": "active", "_count": str(PAGE)})
-        ctx.charge_items, ctx.claims = self.our_charges(wanted)
+        ctx.charge_items, ctx.claims, ctx.answered = self.our_charges(wanted)
         have = {_key(r) for r in (*procedures, *first)}
         searched: set[tuple[str, str]] = set()
         fetched = [*procedures, *first]
@@ -135,19 +137,26 @@ class ServerSource:
         ctx.resources = [SourcedResource(r, f"{origin}/{ref}") for ref, r in unique.items()]
         return ctx
 
-    def our_charges(self, patients: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The ChargeItems and Claims this adapter wrote for these patients (by our identifier systems)."""
+    def our_charges(self, patients: Iterable[str]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+        """The ChargeItems and Claims this adapter wrote for these patients (by our identifier systems), and which
+        of the Claims a ClaimResponse answers (read with them, `_revinclude`: no extra request)."""
         charge_items: list[dict[str, Any]] = []
         claims: list[dict[str, Any]] = []
+        answered: set[str] = set()
         for batch in chunks(sorted(set(patients))):
             joined = ",".join(batch)
             charge_items += self._search("ChargeItem", {
                 "subject": joined, "identifier": f"{self.tables.settings.charge_identifier_system}|",
                 "_count": str(PAGE)})
-            claims += self._search("Claim", {
-                "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
-                "_count": str(PAGE)})
-        return charge_items, claims
+            for res in self._search("Claim", {
+                    "patient": joined, "identifier": f"{self.tables.settings.claim_identifier_system}|",
+                    "_revinclude": "ClaimResponse:request", "_count": str(PAGE)}):
+                if res.get("resourceType") == "Claim":
+                    claims.append(res)
+                elif res.get("resourceType") == "ClaimResponse":
+                    answered |= answered_claims(res, self.local)
+        return charge_items, claims, answered
 
     def _fetch(self, refs: _References) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -162,6 +171,14 @@ class ServerSource:
 
 FOLLOW_DEPTH = 3
 """Rounds of reference following: Procedure -> Encounter -> participant PractitionerRole -> Organization."""
+
+
+def answered_claims(claim_response: dict[str, Any], bases: frozenset[str] = frozenset()) -> set[str]:
+    """The `Claim/id` a ClaimResponse answers (its `request`), unless it was entered in error."""
+    if claim_response.get("status") == "entered-in-error":
+        return set()
+    ref = local_reference(claim_response.get("request"), bases)
+    return {ref} if ref and ref.startswith("Claim/") else set()
 
 
 def _key(resource: dict[str, Any]) -> str:

@@ -352,6 +352,22 @@ def new_instance_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def owner_alive(owner: str) -> bool:
+    """Whether the process behind an instance id (`host:pid:random`) may still run: False only when it was on
+    this host and its pid is gone."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.split(":", 1)[0]
+    if host != socket.gethostname()[:40] or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
+
+
 def patient_work(patient: str, error: str, not_before: float, source: str = "retry") -> WorkItem:
     """Recode `patient` from the server at `not_before` (at most one such item is queued per patient)."""
     return WorkItem(WorkKind.PATIENT, {"reference": patient}, source, dedupe=f"patient:{patient}",

@@ -36,6 +36,7 @@ from adapter.state.base import (
     WorkItem,
     check_kinds,
     new_instance_id,
+    owner_alive,
 )
 
 SCHEMA_VERSION = 3
@@ -275,6 +276,18 @@ class SqliteState:
             handle.close()
             raise InstanceLocked(self.location, "another charge-adapter run/serve is using this state file") from None
         self._instance_lock = handle  # held until the process exits
+        self._drop_dead_claims()
+
+    @_translated
+    def _drop_dead_claims(self) -> None:
+        """Patient claims and work leases of a run/serve that died (kill -9) on this host: with the instance lock
+        held, no other one is running, so they would only make the restart wait out their lease."""
+        with self._tx() as db:
+            owners = {row[0] for row in db.execute("SELECT owner FROM claims UNION SELECT leased_by FROM queue "
+                                                   "WHERE status='leased' AND leased_by IS NOT NULL")}
+            dead = [owner for owner in owners if owner and owner != self.instance_id and not owner_alive(owner)]
+            db.executemany("DELETE FROM claims WHERE owner=?", [(o,) for o in dead])
+            db.executemany("UPDATE queue SET lease_until=0 WHERE status='leased' AND leased_by=?", [(o,) for o in dead])
 
     # the old name
     lock_instance = acquire_instance_lock

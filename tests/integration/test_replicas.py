@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from adapter.client import FhirClient
+from adapter.extraction.index import seen_version
 from adapter.pipeline import process
 from adapter.sources.files import SourcedResource
 from adapter.state import open_state
@@ -191,7 +192,7 @@ def test_the_same_notification_to_two_replicas_at_once_is_processed_once(
     assert len(state.audit_for(reference)) == 1  # written once, by one replica
     coded = [replicas.adapters[i].metric("charge_adapter_coded_total") or 0 for i in (first, second)]
     assert sorted(coded) == [0, 1]  # and coded once: the other replica found it queued once, or already done
-    assert state.seen(reference, stored["meta"]["versionId"])
+    assert state.seen(reference, seen_version(stored))
 
 
 def test_status_shows_the_replicas_and_what_each_holds(replicas: Replicas) -> None:

@@ -21,8 +21,10 @@ from adapter.cli import cli
 from adapter.client import FhirClient
 from adapter.config import load_tables
 from adapter.pipeline import process_paths
+from adapter.sinks.ownership import payload
 from adapter.sync import Syncer
 
+from ..unit.test_lifecycle import corrections_sample
 from .helpers import namespaced, patients_of, server_now
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +39,9 @@ def ours_on_server(client: FhirClient, kind: str, patients: list[str]) -> list[d
 
 
 def strip(resource: dict[str, Any]) -> dict[str, Any]:
-    """Without server-managed elements, the time of writing and the identifier value (a hash of the
-    namespaced ids)."""
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta", "text", "created", "enteredDate")}
+    """Without server-managed elements, the time of writing, the fingerprint of what was written (online only) and
+    the identifier value (a hash of the namespaced ids)."""
+    out = payload(resource)
     out["identifier"] = [{k: v for k, v in i.items() if k != "value"} for i in out.get("identifier", [])]
     return out
 
@@ -116,15 +118,19 @@ def test_the_official_hl7_validator_finds_no_error_in_golden_or_synced_output(
     broken.update(status="charged-twice", extension=[{"url": "http://fhir-charge-adapter.org/fhir/nowhere",
                                                        "valueString": "x"}])
     (tmp_path / "broken.json").write_text(json.dumps(broken))
+    lifecycle = corrections_sample()  # credits, replacement lines, replacement and void Claims
+    (tmp_path / "lifecycle.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                                         "entry": [{"resource": r} for r in lifecycle]}))
     report = tmp_path / "report.json"
     run = subprocess.run(["bash", str(ROOT / "scripts/validator"), "run", "--report", str(report), "--ig",
-                          str(package), str(golden), str(synced), str(tmp_path / "broken.json")],
+                          str(package), str(golden), str(synced), str(tmp_path / "lifecycle.json"),
+                          str(tmp_path / "broken.json")],
                          capture_output=True, text=True, timeout=1500, check=False)
     assert report.exists(), run.stdout + run.stderr
     result = json.loads(report.read_text())
     # a Bundle is validated entry by entry; an empty one (nothing coded) as itself
     assert result["resources"] == sum(len(json.loads(f.read_text()).get("entry", [])) or 1
-                                      for f in golden.iterdir()) + len(sample) + 1
+                                      for f in golden.iterdir()) + len(sample) + len(lifecycle) + 1
     errors = [i for i in result["issues"] if i["severity"] in ("error", "fatal")]
     assert [e for e in errors if not e["file"].endswith("broken.json")] == []
     assert len([e for e in errors if e["file"].endswith("broken.json")]) >= 2  # bad status, unknown extension
@@ -144,7 +150,8 @@ def test_second_sync_writes_nothing_and_versions_stay(client: FhirClient, loaded
 def lines_on_server(client: FhirClient, patients: list[str]) -> list[tuple[str, str, float, str]]:
     out = []
     for item in ours_on_server(client, "ChargeItem", patients):
-        mods = "-".join(e["valueCodeableConcept"]["coding"][0]["code"] for e in item.get("extension", []))
+        mods = "-".join(e["valueCodeableConcept"]["coding"][0]["code"] for e in item.get("extension", [])
+                        if e["url"] == TABLES.settings.modifier_extension)
         out.append((item["code"]["coding"][0]["code"] + (f"-{mods}" if mods else ""), item["status"],
                     item["quantity"]["value"], ",".join(s["reference"].split("/")[1] for s in item["service"])))
     return sorted(out)

@@ -41,7 +41,10 @@ def test_export_rebases_and_indexes(tmp_path: Path) -> None:
     folder = conformance.export(tmp_path / "pkg", base)
     files = {p.name for p in folder.iterdir()}
     assert files == {"package.json", ".index.json", "StructureDefinition-cpt-modifier.json",
-                     "NamingSystem-charge-line.json", "NamingSystem-claim.json"}
+                     "NamingSystem-charge-line.json", "NamingSystem-claim.json",
+                     "StructureDefinition-written-fingerprint.json", "StructureDefinition-offsets-charge.json",
+                     "StructureDefinition-replaces.json", "StructureDefinition-claim-frequency.json",
+                     "CodeSystem-claim-frequency.json", "ValueSet-claim-frequency.json"}
     text = "".join(p.read_text() for p in folder.iterdir())
     assert "fhir-charge-adapter.org" not in text
     assert canonical_urls(base)["modifier_extension"] in text

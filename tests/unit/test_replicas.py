@@ -14,6 +14,7 @@ import pytest
 
 from adapter.client import FhirClient
 from adapter.config import load_tables
+from adapter.extraction.index import seen_version
 from adapter.service import POLL_ROLE, Service
 from adapter.settings import WorkerSettings, load_settings
 from adapter.state.base import Outcome, WorkItem
@@ -62,15 +63,16 @@ class SharedServer:
             local_bases: frozenset[str] = frozenset()
 
             def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                              should_stop: Any = None) -> SyncSummary:
+                              should_stop: Any = None, scope: Any = None) -> SyncSummary:
                 summary = SyncSummary(patients=len(set(patients)))
                 for patient in sorted(patients):
                     server.coded[patient] += 1
                     server.by.setdefault(name, []).append(patient)
                     proc = f"Procedure/{patient.split('/')[1]}-1"
                     summary.written += 1
-                    summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.CODED, "s", ("10005 x1",),
-                                                             ("ChargeItem/1/_history/1",)))
+                    summary.outcomes.append(ProcedureOutcome(
+                        proc, "1", patient, Outcome.CODED, "s", ("10005 x1",), ("ChargeItem/1/_history/1",),
+                        seen_as=seen_version(procedure(patient.split("/")[1]))))
                 return summary
 
         return Scripted()
@@ -191,3 +193,18 @@ def test_deletes_are_queued_once_and_marked_when_handled(shared: Any) -> None:
         pass
     assert server.coded["Patient/p9"] == 1 and state.seen("Procedure/gone", "deleted")
     assert a.poll_once().queued == 0  # read again in the overlap window: already handled
+
+
+def test_a_restored_server_reusing_a_version_number_for_other_content_is_coded_again(shared: Any) -> None:
+    """"Seen" is keyed on the versionId and the content: a server restored from a backup hands out version 1
+    again for an edited Procedure, which must be coded; the same content re-delivered is still skipped."""
+    state, source, server = shared
+    a = replica(state, server, "a")
+    source.pages = [[procedure("p1")]]
+    a.poll_once()
+    while a.work_once():
+        pass
+    assert a.poll_once().queued == 0
+    edited = {**procedure("p1"), "note": [{"text": "edited after the restore"}]}  # still versionId 1
+    source.pages = [[edited]]
+    assert a.poll_once().queued == 1

@@ -51,7 +51,7 @@ def plain_ok(resource: dict[str, Any]) -> bool:
         return False
     try:
         model.model_validate(copy.deepcopy(resource))
-    except (ValidationError, ValueError, TypeError):
+    except (ValidationError, ValueError, TypeError, AttributeError):  # fhir.resources trips on some shapes
         return False
     return True
 

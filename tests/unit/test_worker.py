@@ -39,7 +39,7 @@ class ScriptedSyncer:
         self.source = None
 
     def sync_patients(self, patients: Iterable[str], loose: Iterable[dict[str, Any]] = (),
-                      should_stop: Any = None) -> SyncSummary:
+                      should_stop: Any = None, scope: Any = None) -> SyncSummary:
         patients, loose = sorted(patients), list(loose)
         self.calls.append((patients, loose))
         for patient in patients:
@@ -50,18 +50,18 @@ class ScriptedSyncer:
             proc = f"Procedure/{patient.split('/')[1]}-1"
             if patient in self.reviewed:
                 summary.reviews.append(Review(proc, "pushed", "modality-missing", "no guidance evidence"))
-                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.REVIEW))
+                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.REVIEW, seen_as="1"))
             elif patient in self.flaky or patient in self.rejected:
                 retry = patient in self.flaky
                 summary.failures.append(WriteFailure(f"session of {patient}", (proc,), "HTTP 503" if retry else
                                                      "HTTP 422: bad ChargeItem", (patient,), retry,
                                                      "fhir-server" if retry else "fhir-rejected"))
                 outcome = Outcome.RETRY if retry else Outcome.FAILED
-                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, outcome))
+                summary.outcomes.append(ProcedureOutcome(proc, "1", patient, outcome, seen_as="1"))
             else:
                 summary.written += 1
                 summary.outcomes.append(ProcedureOutcome(proc, "1", patient, Outcome.CODED, "s", ("10005 x1",),
-                                                         ("ChargeItem/1/_history/1",)))
+                                                         ("ChargeItem/1/_history/1",), seen_as="1"))
         return summary
 
 
@@ -151,7 +151,7 @@ def test_a_batch_too_slow_for_the_server_gets_through_in_smaller_batches(service
     slow = FhirTransportError("POST", "http://fhir", "read timeout", 5)
     original = syncer(service).sync_patients
 
-    def times_out_above_two(patients: Any, loose: Any = (), should_stop: Any = None) -> SyncSummary:
+    def times_out_above_two(patients: Any, loose: Any = (), should_stop: Any = None, scope: Any = None) -> SyncSummary:
         if len(set(patients)) > 2:
             raise slow
         return original(patients, loose, should_stop)

@@ -64,6 +64,7 @@ def diagnostics(report: RunReport) -> list[str]:
     text = free_text_of(report)
     out = [unreadable_line(err) for err in report.read.unreadable]
     out += [problem_line(p) for p in report.problems]
+    out += [info_line(n) for n in report.read.notes]
     out += [review_line(r, text.mask) for r in report.reviews]
     out += [warning_line(w, text.mask) for w in report.built.warnings]
     out += [conflict_line(ref, origins) for ref, origins in report.index.conflicts.items()
@@ -81,6 +82,10 @@ def unreadable_line(err: object) -> str:
 
 def problem_line(problem: EntryProblem) -> str:
     return f"error: {problem.origin}: {problem.reason}"
+
+
+def info_line(note: EntryProblem) -> str:
+    return f"info: {note.origin}: {note.reason}"
 
 
 def review_line(review: Review, mask: Callable[[str], str]) -> str:

@@ -67,6 +67,12 @@ class Rule(StrEnum):
     CORE = "core-biopsy"
     OTHER_PATIENT = "other-patient"
     MODIFIER_EXTENSION = "modifier-extension"
+    MODIFIER_ELEMENT = "modifier-element"
+    """FHIR's core modifier elements (status, active, implicitRules, Patient.link, ...) of the resources read."""
+    TEST_DATA = "test-data"
+    BUNDLE = "bundle-semantics"
+    """What an entry means by its Bundle's type and its request (a DELETE carrying a body deletes)."""
+    LOCAL_CODE = "local-code"
     MODALITY = "modality"
     LESIONS = "lesions"
     STATUS = "status"
@@ -838,10 +844,11 @@ def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: 
     """A Procedure whose newest version is a delete bills nothing; its kind comes from its last content."""
     earlier = [e for e in index.superseded.get(ref, []) if not e.deleted]
     last = max(earlier, key=lambda e: version_rank(e.resource), default=None)
-    kind = classify(last.resource, tables) if last else Kind.OTHER
-    facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=last.resource if last else entry.resource,
-                           entry=entry, status=DELETED)
+    content = entry.resource if "code" in entry.resource else last.resource if last else entry.resource
+    kind = classify(content, tables)
+    facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=content, entry=entry, status=DELETED)
     facts.disposition = Disposition.NO_CHARGE if kind is not Kind.OTHER else Disposition.SKIPPED
-    facts.note(Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it")
+    body = " (a DELETE entry: the resource it still carries is not billed)" if "code" in entry.resource else ""
+    facts.note(Rule.BUNDLE if body else Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it{body}")
     return facts
 

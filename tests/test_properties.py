@@ -86,17 +86,25 @@ def entries_of(folder: Path) -> list[dict[str, Any]]:
             out.append({"resource": data})
             continue
         for entry in data.get("entry") or []:
-            if "resource" in entry:
-                out.append({k: v for k, v in entry.items() if k in ("resource", "fullUrl")})
-            else:
-                out.append({k: v for k, v in entry.items() if k in ("request", "response")})
+            method = (entry.get("request") or {}).get("method")
+            if (entry.get("search") or {}).get("mode") == "outcome" or method in ("GET", "HEAD"):
+                continue  # not data (bundle-semantics)
+            if "resource" in entry and method != "DELETE":
+                kept = {k: v for k, v in entry.items() if k in ("resource", "fullUrl")}
+                if method == "PUT" and "id" not in entry["resource"]:  # `PUT Type/id` gives it the URL's id
+                    kept["resource"] = {**entry["resource"], "id": entry["request"]["url"].split("/")[1]}
+                out.append(kept)
+            else:  # a DELETE, with or without the resource it deletes
+                out.append({k: v for k, v in entry.items() if k in ("resource", "fullUrl", "request", "response")})
     return out
 
 
 def key_of(entry: dict[str, Any]) -> str:
-    if "resource" in entry:
-        return f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
-    return "/".join(entry["request"]["url"].split("/")[:2])
+    if "request" in entry:
+        return "/".join(entry["request"]["url"].split("/")[:2])
+    if "id" not in entry["resource"]:  # known by its fullUrl only (a transaction's create)
+        return str(entry["fullUrl"])
+    return f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
 
 
 def restful(entry: dict[str, Any]) -> bool:

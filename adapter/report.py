@@ -111,7 +111,7 @@ def merged_line(proc: ProcedureFacts) -> str:
 
 
 def no_charge_line(proc: ProcedureFacts) -> str:
-    return f"no charge: {proc.ref}: status {proc.status}"
+    return f"no charge: {proc.ref}: {proc.no_charge_why or f'status {proc.status}'}"
 
 
 def skipped_line(proc: ProcedureFacts) -> str:
@@ -237,7 +237,10 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
-            out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
+            if proc.no_charge_why:
+                out.append(f"No charge {proc.ref}: {proc.no_charge_why} (rule {Rule.TEST_DATA})")
+            else:
+                out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
             out += _notes(proc, "  ")
     for proc in report.coding.skipped:
         if not wanted or proc.ref == wanted:

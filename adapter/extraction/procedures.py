@@ -23,6 +23,7 @@ from adapter.extraction.index import (
     reference_of,
     version_rank,
 )
+from adapter.extraction.modifiers import deceased_before, is_test_data, modifier_findings
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -97,6 +98,7 @@ RULE_OF_REASON = {
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
+    "modifier-element": Rule.MODIFIER_ELEMENT, "unmapped-local-code": Rule.LOCAL_CODE,
 }
 
 
@@ -195,6 +197,8 @@ class ProcedureFacts:
     """The PractitionerRoles of the input its performers name (their content is read)."""
     reference_forms: list[str] = field(default_factory=list)
     """How each reference in a form other than plain `Type/id` was resolved (rule references)."""
+    no_charge_why: str = ""
+    """Why a no-charge Procedure is not billed when its status is not the reason (test data)."""
 
     @property
     def id(self) -> str:
@@ -415,6 +419,7 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
     """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure.
     The BodyStructures found are appended to `structures`."""
     seen: set[str] = set()
+    inactive: list[str] = []
     duplicates = 0
     for element, value, site in body_structure_extensions(resource):
         if value is None:
@@ -434,7 +439,16 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
         seen.add(target.key)
         if structures is not None:
             structures.append(target)
+        if target.resource is not None and target.resource.get("active") is False:
+            inactive.append(f"{element} {target.key}")
+            continue
         facts.lesions.append(_structure_lesion(target, element, site, len(facts.lesions), facts, index, tables))
+    if inactive:
+        facts.note(Rule.MODIFIER_ELEMENT, f"{'; '.join(inactive)}: BodyStructure.active false marks the record not "
+                                          "valid: not a lesion")
+        if not facts.lesions:
+            facts.flag("modifier-element", f"every target BodyStructure is inactive ({'; '.join(inactive)}: "
+                                           "BodyStructure.active false): which lesion was sampled is unknown")
     if facts.lesions or seen:
         if duplicates:
             facts.lesion_note = f"{duplicates} repeated BodyStructure reference(s) counted once"
@@ -787,6 +801,8 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     if facts.status in NO_CHARGE_STATUSES:
         facts.disposition = Disposition.NO_CHARGE
         return _noted_references(facts)
+    if is_test_data(resource):
+        return _test_data(facts, "the Procedure")
     if facts.status in REVIEW_STATUSES:
         facts.flag("status-needs-review", f"status '{facts.status}': whether a lesion was sampled needs a coder")
     elif facts.status != "completed":
@@ -802,6 +818,8 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     else:
         facts.patient = subject.key
         facts.resolved("subject", subject)
+        if is_test_data(subject.resource):
+            return _test_data(facts, f"its subject {subject.key}")
     encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
@@ -818,18 +836,38 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     structures: list[Resolved] = []
     find_lesions(resource, facts, index, tables, structures)
     unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
+    elements = entry.modifier_elements() if entry is not None else modifier_findings(resource, facts.ref)
     for target in structures:
         if target.resource is not None:
             unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
+            if target.entry is not None:
+                elements = [*elements, *target.entry.modifier_elements()]
     for key in context_keys(facts, index, linked):
         found = index.entry(key)
         if found is not None:
             unknown += found.unknown_modifiers(tables.known_modifier_extensions)
+            elements = [*elements, *found.modifier_elements()]
     if unknown:
         facts.flag("unknown-modifier-extension", f"{'; '.join(dict.fromkeys(unknown))}: not understood, and FHIR "
                                                  "forbids processing a resource as if a modifierExtension were absent")
+    died = deceased_before(index.get(facts.patient), facts.service_date)
+    if died:
+        elements = [*elements, f"{facts.patient}.deceasedDateTime {died}: before the date of service "
+                               f"{facts.service_date}"]
+    if elements:
+        facts.flag("modifier-element", f"{'; '.join(dict.fromkeys(elements))}: a modifier element changes what the "
+                                       "resource means, and FHIR forbids processing it as if it were absent")
     if facts.patient and facts.rendering and facts.service_date:
         facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
+    return _noted_references(facts)
+
+
+def _test_data(facts: ProcedureFacts, whose: str) -> ProcedureFacts:
+    """Test data (meta.security HTEST on the Procedure or its Patient) is never billed: no charge, by rule."""
+    facts.findings.clear()
+    facts.disposition = Disposition.NO_CHARGE
+    facts.no_charge_why = f"test data ({whose} carries meta.security HTEST)"
+    facts.note(Rule.TEST_DATA, f"{whose} is marked test data (meta.security v3-ActReason HTEST): never billed")
     return _noted_references(facts)
 
 

@@ -35,30 +35,33 @@ def modifier_findings(resource: dict[str, Any], path: str) -> list[str]:
 def _check(resource: dict[str, Any], path: str, found: list[str]) -> None:
     rules = resource.get("implicitRules")
     if rules is not None:
-        found.append(f"{path}.implicitRules {rules}: rules this adapter does not know may change what the resource "
-                     "means")
+        found.append(f"{resource.get('resourceType')}.implicitRules {rules} ({path}): rules this adapter does not "
+                     "know may change what the resource means")
     kind = resource.get("resourceType")
     if kind == "Encounter":
         status = resource.get("status")
         if status in VOID_ENCOUNTER_STATUSES:
-            found.append(f"{path}.status {status}: the encounter {VOID_ENCOUNTER_STATUSES[status]}; the session is "
-                         "not billed until a coder says which visit it belongs to")
+            found.append(f"Encounter.status {status} ({path}): the encounter {VOID_ENCOUNTER_STATUSES[status]}; the "
+                         "session is not billed until a coder says which visit it belongs to")
     elif kind in ("Patient", "Organization"):
         if resource.get("active") is False:
             what = "patient record" if kind == "Patient" else "organization"
-            found.append(f"{path}.active false: the {what} is not in active use and may have been created in "
-                         "error")
+            found.append(f"{kind}.active false ({path}): the {what} is not in active use and may have been created "
+                         "in error")
         if kind == "Patient":
             for i, link in enumerate(resource.get("link") or []):
                 if isinstance(link, dict) and link.get("type") == "replaced-by":
                     other = (link.get("other") or {}).get("reference") if isinstance(link.get("other"), dict) else None
-                    found.append(f"{path}.link[{i}] replaced-by {other or '(no reference)'}: the patient was merged "
-                                 "into another record; charges belong to the surviving record, never moved silently")
+                    found.append(f"Patient.link[{i}] replaced-by {other or '(no reference)'} ({path}): the patient "
+                                 "was merged into that record; charges belong to the surviving record, never moved "
+                                 "silently")
     elif kind == "ServiceRequest":
         if resource.get("status") == "entered-in-error":
-            found.append(f"{path}.status entered-in-error: the order the Procedure is based on is void")
+            found.append(f"ServiceRequest.status entered-in-error ({path}): the order the Procedure is based on is "
+                         "void")
         if resource.get("doNotPerform") is True:
-            found.append(f"{path}.doNotPerform true: the order says the procedure must not be done")
+            found.append(f"ServiceRequest.doNotPerform true ({path}): the order says the procedure must not be "
+                         "done")
 
 
 def deceased_before(patient: dict[str, Any] | None, day: str | None) -> str | None:

@@ -852,7 +852,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
                                                  "forbids processing a resource as if a modifierExtension were absent")
     died = deceased_before(index.get(facts.patient), facts.service_date)
     if died:
-        elements = [*elements, f"{facts.patient}.deceasedDateTime {died}: before the date of service "
+        elements = [*elements, f"Patient.deceasedDateTime {died} ({facts.patient}): before the date of service "
                                f"{facts.service_date}"]
     if elements:
         facts.flag("modifier-element", f"{'; '.join(dict.fromkeys(elements))}: a modifier element changes what the "

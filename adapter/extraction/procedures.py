@@ -234,8 +234,15 @@ def _extensions(element: dict[str, Any], url: str) -> list[dict[str, Any]]:
     return [e for e in element.get("extension") or [] if isinstance(e, dict) and e.get("url") == url]
 
 
+def code_keys(concept: Any, tables: CodeTables) -> set[CodeKey]:
+    """The codings of `Procedure.code`, with the SNOMED CT/CPT targets of the site's local codes that map to them
+    (config/local-codes.json): a mapped code is coded like its targets (rule local-code)."""
+    keys = _keys(concept)
+    return keys | {(t[0], t[1]) for _, t in tables.local_codes.mapped(concept)} if tables.local_codes.targets else keys
+
+
 def classify(resource: dict[str, Any], tables: CodeTables) -> Kind:
-    keys = _keys(resource.get("code"))
+    keys = code_keys(resource.get("code"), tables)
     if keys & tables.fna:
         return Kind.FNA
     if keys & tables.core_needle_biopsy:
@@ -302,12 +309,41 @@ def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "")
             key = (coding.get("system", ""), coding["code"])
             found.append(Evidence(f"{prefix}extension[procedure-method][{i}]", key[0], key[1],
                                   coding.get("display"), tables.method_codes.get(key)))
-    for coding in _codings(resource.get("code")):
+    codings = [(f"{prefix}Procedure.code", c) for c in _codings(resource.get("code"))]
+    codings += [(f"{prefix}Procedure.code {local.get('system', '')}|{local.get('code')} (local code, mapped)",
+                 {"system": system, "code": code, "display": display or None})
+                for local, (system, code, display) in tables.local_codes.mapped(resource.get("code"))]
+    for element, coding in codings:
         key = (coding.get("system", ""), coding["code"])
         modality = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
         if modality or key in tables.procedure_codes:
-            found.append(Evidence(f"{prefix}Procedure.code", key[0], key[1], coding.get("display"), modality))
+            found.append(Evidence(element, key[0], key[1], coding.get("display"), modality))
     return found
+
+
+STANDARD_PROCEDURE_SYSTEMS = ("http://snomed.info/sct",)
+"""With CPT (tables.cpt_system): code systems whose codes the tables judge; a Procedure coded in none of them
+carries only the site's own codes."""
+
+
+def unmapped_local_code(resource: dict[str, Any], tables: CodeTables) -> str | None:
+    """Why a Procedure we would skip may be an FNA coded with a local code nobody mapped: an FNA word in
+    `code.text` (or a coding's display), or, with no SNOMED CT or CPT coding, our method or target extension."""
+    concept = resource.get("code") if isinstance(resource.get("code"), dict) else {}
+    codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+    named = ", ".join(f"{c.get('system', '')}|{c.get('code', '')}" for c in codings) or "no coding"
+    for text in [concept.get("text"), *(c.get("display") for c in codings)]:
+        word = tables.local_codes.fna_word(text)
+        if word:
+            return f"Procedure.code ({named}) is in no table, but its text says {word!r}"
+    standard = {*STANDARD_PROCEDURE_SYSTEMS, tables.cpt_system}
+    if any(c.get("system") in standard for c in codings):
+        return None
+    ours = [name for url, name in ((EXT_METHOD, "procedure-method"), (EXT_TARGET, "procedure-targetBodyStructure"))
+            if _extensions(resource, url)]
+    if ours:
+        return f"Procedure.code ({named}) is in no table nor SNOMED CT or CPT, but it carries {' and '.join(ours)}"
+    return None
 
 
 def decide_modality(facts: ProcedureFacts, tables: CodeTables) -> None:
@@ -777,9 +813,20 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     if entry is not None and entry.deleted:
         return _deleted(ref, origin, entry, index, tables)
     facts = ProcedureFacts(ref=ref, origin=origin, kind=classify(resource, tables), resource=resource, entry=entry)
-    if facts.kind is Kind.OTHER:
+    suspect = unmapped_local_code(resource, tables) if facts.kind is Kind.OTHER else None
+    if facts.kind is Kind.OTHER and suspect is None:
         facts.disposition = Disposition.SKIPPED
         return facts
+    if suspect is not None:  # read on as an FNA, so that its session waits with it: its lesions may be add-ons
+        facts.kind = Kind.FNA
+        facts.flag("unmapped-local-code", f"{suspect}: map the code in config/local-codes.json (a ConceptMap to "
+                                          "SNOMED CT or CPT), or code the Procedure; never skipped silently")
+    mapped = tables.local_codes.mapped(resource.get("code"))
+    if mapped:
+        facts.note(Rule.LOCAL_CODE, "; ".join(f"Procedure.code {c.get('system', '')}|{c.get('code')} is coded as "
+                                              f"{system}|{code}{f' {display}' if display else ''}"
+                                              for c, (system, code, display) in mapped)
+                   + f" (config/local-codes.json, ConceptMap {tables.local_codes.source})")
     if not (isinstance(rid, str) and rid):
         facts.flag("invalid-resource", "Procedure has no id, so a charge could not point at it")
     if ref in index.superseded:

@@ -866,7 +866,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
         facts.patient = subject.key
         facts.resolved("subject", subject)
         if is_test_data(subject.resource):
-            return _test_data(facts, f"its subject {subject.key}")
+            return _test_data(facts, f"its subject {subject.key}", "its Patient")
     encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
@@ -909,11 +909,12 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     return _noted_references(facts)
 
 
-def _test_data(facts: ProcedureFacts, whose: str) -> ProcedureFacts:
-    """Test data (meta.security HTEST on the Procedure or its Patient) is never billed: no charge, by rule."""
+def _test_data(facts: ProcedureFacts, whose: str, said: str = "") -> ProcedureFacts:
+    """Test data (meta.security HTEST on the Procedure or its Patient) is never billed: no charge, by rule.
+    `said` names it without a patient reference (the no-charge line goes to stderr)."""
     facts.findings.clear()
     facts.disposition = Disposition.NO_CHARGE
-    facts.no_charge_why = f"test data ({whose} carries meta.security HTEST)"
+    facts.no_charge_why = f"test data ({said or whose} carries meta.security HTEST)"
     facts.note(Rule.TEST_DATA, f"{whose} is marked test data (meta.security v3-ActReason HTEST): never billed")
     return _noted_references(facts)
 

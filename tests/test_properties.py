@@ -264,7 +264,7 @@ def older_copy(resource: dict[str, Any], version: str, updated: str) -> dict[str
     elif kind == "ChargeItemDefinition":
         old["status"] = "retired"
     old["modifierExtension"] = [*old.get("modifierExtension", []), POISON]
-    old["meta"] = {"versionId": version, "lastUpdated": updated}
+    old["meta"] = {**(old.get("meta") or {}), "versionId": version, "lastUpdated": updated}  # labels kept (HTEST)
     return old
 
 
@@ -286,7 +286,7 @@ def with_repeats_and_older_versions(entries: list[dict[str, Any]], rng: random.R
             older = dict(last, resource=older_copy(last["resource"], "0", "2099-01-01T00:00:00Z"))
         elif len(found) == 1 and content and not any(versions) and not (
                 content[0]["resource"].get("meta") or {}).get("lastUpdated"):
-            content[0]["resource"]["meta"] = {"versionId": "3"}
+            content[0]["resource"]["meta"] = {**(content[0]["resource"].get("meta") or {}), "versionId": "3"}
             if rng.random() < 0.5:
                 older = dict(content[0], resource=older_copy(content[0]["resource"], "2", "2099-01-01T00:00:00Z"))
         out += found

@@ -20,7 +20,18 @@ from hypothesis import strategies as st
 
 from adapter.cli import output_bundle
 from adapter.pipeline import RunReport, process_paths
-from tests.test_properties import FIXTURES, NOW, SCENARIOS, TABLES, answer, entries_of, fixture_files, key_of, names
+from tests.test_properties import (
+    FIXTURES,
+    NOW,
+    SCENARIOS,
+    TABLES,
+    answer,
+    entries_of,
+    fixture_files,
+    key_of,
+    names,
+    run_report,
+)
 
 BUNDLE_TYPES = ("collection", "transaction", "batch", "searchset", "history")
 OUTCOME = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "processing",
@@ -34,13 +45,7 @@ def outcome_of(report: RunReport) -> tuple[str, list[tuple[str, str]], int, int]
 
 
 def run(bundles: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]], int, int]:
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i, bundle in enumerate(bundles):
-            path = Path(tmp) / f"part-{i}.json"
-            path.write_text(json.dumps(bundle))
-            paths.append(path)
-        return outcome_of(process_paths(paths, TABLES, now=NOW))
+    return outcome_of(run_report(bundles))
 
 
 _BASELINES: dict[Path, tuple[str, list[tuple[str, str]], int, int]] = {}

@@ -132,13 +132,18 @@ def collection(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_files(bundles: list[dict[str, Any]], tables: Any = TABLES) -> tuple[str, list[tuple[str, str]]]:
+    return answer(run_report(bundles, tables))
+
+
+def run_report(bundles: list[dict[str, Any]], tables: Any = TABLES) -> RunReport:
+    """The run over `bundles`, each written to a file of its own."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, bundle in enumerate(bundles):
             path = Path(tmp) / f"part-{i}.json"
             path.write_text(json.dumps(bundle))
             paths.append(path)
-        return answer(process_paths(paths, tables, now=NOW))
+        return process_paths(paths, tables, now=NOW)
 
 
 # ------------------------------------------------------------------------------------- transformations

@@ -102,7 +102,7 @@ def _redact_patients(ctx: click.Context, settings: AppSettings, state: StateBack
 
 def _emit_diagnostics(report: RunReport, quiet: bool) -> None:
     for line in diagnostics(report):
-        if not quiet or not line.startswith(("no charge:", "skipped:")):
+        if not quiet or not line.startswith(("no charge:", "skipped:", "info:")):
             click.echo(line, err=True)
     click.echo(summary(report), err=True)
 
@@ -138,7 +138,7 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
               help="json: one FHIR transaction Bundle; table: the charges for humans; hl7v2: the DFT^P03 charge "
                    "messages (one segment per line, a blank line between messages).")
 @click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
-@click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
+@click.option("--quiet", is_flag=True, help="Leave no-charge, skipped and info lines out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (Claim.created, ChargeItem.enteredDate), e.g. "
                    "2026-03-31T12:00:00Z; default: the clock. Give it for reproducible output.")
@@ -193,7 +193,7 @@ def _stream_out(paths: tuple[str, ...], tables: CodeTables, now: datetime | None
             if out_file:
                 target.close()
         for line in result.diagnostics():
-            if not quiet or not line.startswith(("no charge:", "skipped:")):
+            if not quiet or not line.startswith(("no charge:", "skipped:", "info:")):
                 click.echo(line, err=True)
         click.echo(result.summary(), err=True)
         return result.exit_code
@@ -343,7 +343,7 @@ def reconcile_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bun
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
               help="json: one FHIR transaction Bundle (as dry-run); table: the charges for humans.")
 @click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
-@click.option("--quiet", is_flag=True, help="Leave no-charge and skipped Procedures out of the diagnostics.")
+@click.option("--quiet", is_flag=True, help="Leave no-charge, skipped and info lines out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (default: the clock).")
 @click.option("--write", is_flag=True,

@@ -21,6 +21,7 @@ from adapter.errors import ConfigError
 from adapter.extraction.index import normalize_base
 from adapter.hl7v2.tables import FILE as HL7V2_FILE
 from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
+from adapter.local_codes import LOCAL_CODES_FILE, LocalCodes, load_local_codes
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -130,6 +131,8 @@ class CodeTables:
     """Where each MUE value comes from (a source, or `site decision: ...`)."""
     hl7v2: Hl7v2Tables = field(default_factory=Hl7v2Tables)
     """HL7 v2 charge messages: sender, receiver, version, value maps (config/hl7v2.yaml)."""
+    local_codes: LocalCodes = field(default_factory=LocalCodes)
+    """The site's procedure codes mapped to SNOMED CT/CPT (config/local-codes.json), and FNA words (input.yaml)."""
 
     def display_of(self, modality: str) -> str:
         return self.modalities.get(modality, modality)
@@ -357,17 +360,20 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     needed = {cpt_system: f"{cpt_file.name} system", ICD10CM: "ICD-10-CM diagnoses",
               **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
     hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
+    local_codes = load_local_codes(base, cpt_system, _read_yaml)
 
     digest = hashlib.sha256()
     definitions = sorted((base / DEFINITIONS_DIR).glob("*.json")) if (base / DEFINITIONS_DIR).is_dir() else []
-    for path in [*(base / name for name in (*TABLE_FILES, *BILLING_FILES, HL7V2_FILE)), *definitions]:
+    for path in [*(base / name for name in (*TABLE_FILES, *BILLING_FILES, HL7V2_FILE, LOCAL_CODES_FILE)),
+                 *definitions]:
         if path.exists():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return CodeTables(
         fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
-        guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, **reading,
+        guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, local_codes=local_codes,
+        **reading,
     )
 
 

@@ -40,9 +40,11 @@ class RunReport:
 
     @property
     def problems(self) -> list[EntryProblem]:
-        """Parts of the input that are not usable resources, and resources without an id."""
+        """Parts of the input that are not usable resources, and resources without an id (or a `fullUrl`, which
+        identifies one as FHIR's Bundle rules say: a transaction's create, say)."""
         extra = [EntryProblem(item.origin, f"{item.resource.get('resourceType')} has no id")
-                 for item in self.index.without_id if item.resource.get("resourceType") != "Procedure"]
+                 for item in self.index.without_id
+                 if item.resource.get("resourceType") != "Procedure" and not item.full_url]
         return [*self.read.problems, *extra]
 
     @property

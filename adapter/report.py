@@ -64,6 +64,7 @@ def diagnostics(report: RunReport) -> list[str]:
     text = free_text_of(report)
     out = [unreadable_line(err) for err in report.read.unreadable]
     out += [problem_line(p) for p in report.problems]
+    out += [info_line(n) for n in report.read.notes]
     out += [review_line(r, text.mask) for r in report.reviews]
     out += [warning_line(w, text.mask) for w in report.built.warnings]
     out += [conflict_line(ref, origins) for ref, origins in report.index.conflicts.items()
@@ -81,6 +82,10 @@ def unreadable_line(err: object) -> str:
 
 def problem_line(problem: EntryProblem) -> str:
     return f"error: {problem.origin}: {problem.reason}"
+
+
+def info_line(note: EntryProblem) -> str:
+    return f"info: {note.origin}: {note.reason}"
 
 
 def review_line(review: Review, mask: Callable[[str], str]) -> str:
@@ -106,7 +111,7 @@ def merged_line(proc: ProcedureFacts) -> str:
 
 
 def no_charge_line(proc: ProcedureFacts) -> str:
-    return f"no charge: {proc.ref}: status {proc.status}"
+    return f"no charge: {proc.ref}: {proc.no_charge_why or f'status {proc.status}'}"
 
 
 def skipped_line(proc: ProcedureFacts) -> str:
@@ -232,7 +237,10 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
-            out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
+            if proc.no_charge_why:
+                out.append(f"No charge {proc.ref}: {proc.no_charge_why} (rule {Rule.TEST_DATA})")
+            else:
+                out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
             out += _notes(proc, "  ")
     for proc in report.coding.skipped:
         if not wanted or proc.ref == wanted:

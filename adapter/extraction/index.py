@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from adapter.extraction.modifiers import modifier_findings
 from adapter.sources.files import SourcedResource
 
 _TYPE_ID = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
@@ -190,10 +191,20 @@ class Entry:
     base: str | None = field(default=None, init=False)
     _unknown: tuple[frozenset[str], list[str]] | None = field(default=None, init=False, repr=False)
     """The server base of a RESTful `fullUrl` (relative references inside resolve against it)."""
+    _modifiers: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         match = _RESTFUL.match(self.full_url) if self.full_url else None
         self.base = match.group("base") if match and match.group("base") else None
+
+    def modifier_elements(self) -> list[str]:
+        """The core modifier elements of the resource whose meaning cannot be applied (adapter.extraction.modifiers),
+        computed once per entry; none for a delete."""
+        if self.deleted:
+            return []
+        if self._modifiers is None:
+            self._modifiers = modifier_findings(self.resource, self.key)
+        return self._modifiers
 
     @property
     def root(self) -> Entry:

@@ -23,6 +23,7 @@ from adapter.extraction.index import (
     reference_of,
     version_rank,
 )
+from adapter.extraction.modifiers import deceased_before, is_test_data, modifier_findings
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -67,6 +68,12 @@ class Rule(StrEnum):
     CORE = "core-biopsy"
     OTHER_PATIENT = "other-patient"
     MODIFIER_EXTENSION = "modifier-extension"
+    MODIFIER_ELEMENT = "modifier-element"
+    """FHIR's core modifier elements (status, active, implicitRules, Patient.link, ...) of the resources read."""
+    TEST_DATA = "test-data"
+    BUNDLE = "bundle-semantics"
+    """What an entry means by its Bundle's type and its request (a DELETE carrying a body deletes)."""
+    LOCAL_CODE = "local-code"
     MODALITY = "modality"
     LESIONS = "lesions"
     STATUS = "status"
@@ -91,6 +98,7 @@ RULE_OF_REASON = {
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
+    "modifier-element": Rule.MODIFIER_ELEMENT, "unmapped-local-code": Rule.LOCAL_CODE,
 }
 
 
@@ -189,6 +197,8 @@ class ProcedureFacts:
     """The PractitionerRoles of the input its performers name (their content is read)."""
     reference_forms: list[str] = field(default_factory=list)
     """How each reference in a form other than plain `Type/id` was resolved (rule references)."""
+    no_charge_why: str = ""
+    """Why a no-charge Procedure is not billed when its status is not the reason (test data)."""
 
     @property
     def id(self) -> str:
@@ -224,8 +234,15 @@ def _extensions(element: dict[str, Any], url: str) -> list[dict[str, Any]]:
     return [e for e in element.get("extension") or [] if isinstance(e, dict) and e.get("url") == url]
 
 
+def code_keys(concept: Any, tables: CodeTables) -> set[CodeKey]:
+    """The codings of `Procedure.code`, with the SNOMED CT/CPT targets of the site's local codes that map to them
+    (config/local-codes.json): a mapped code is coded like its targets (rule local-code)."""
+    keys = _keys(concept)
+    return keys | {(t[0], t[1]) for _, t in tables.local_codes.mapped(concept)} if tables.local_codes.targets else keys
+
+
 def classify(resource: dict[str, Any], tables: CodeTables) -> Kind:
-    keys = _keys(resource.get("code"))
+    keys = code_keys(resource.get("code"), tables)
     if keys & tables.fna:
         return Kind.FNA
     if keys & tables.core_needle_biopsy:
@@ -292,12 +309,41 @@ def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "")
             key = (coding.get("system", ""), coding["code"])
             found.append(Evidence(f"{prefix}extension[procedure-method][{i}]", key[0], key[1],
                                   coding.get("display"), tables.method_codes.get(key)))
-    for coding in _codings(resource.get("code")):
+    codings = [(f"{prefix}Procedure.code", c) for c in _codings(resource.get("code"))]
+    codings += [(f"{prefix}Procedure.code {local.get('system', '')}|{local.get('code')} (local code, mapped)",
+                 {"system": system, "code": code, "display": display or None})
+                for local, (system, code, display) in tables.local_codes.mapped(resource.get("code"))]
+    for element, coding in codings:
         key = (coding.get("system", ""), coding["code"])
         modality = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
         if modality or key in tables.procedure_codes:
-            found.append(Evidence(f"{prefix}Procedure.code", key[0], key[1], coding.get("display"), modality))
+            found.append(Evidence(element, key[0], key[1], coding.get("display"), modality))
     return found
+
+
+STANDARD_PROCEDURE_SYSTEMS = ("http://snomed.info/sct",)
+"""With CPT (tables.cpt_system): code systems whose codes the tables judge; a Procedure coded in none of them
+carries only the site's own codes."""
+
+
+def unmapped_local_code(resource: dict[str, Any], tables: CodeTables) -> str | None:
+    """Why a Procedure we would skip may be an FNA coded with a local code nobody mapped: an FNA word in
+    `code.text` (or a coding's display), or, with no SNOMED CT or CPT coding, our method or target extension."""
+    concept = resource.get("code") if isinstance(resource.get("code"), dict) else {}
+    codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+    named = ", ".join(f"{c.get('system', '')}|{c.get('code', '')}" for c in codings) or "no coding"
+    for text in [concept.get("text"), *(c.get("display") for c in codings)]:
+        word = tables.local_codes.fna_word(text)
+        if word:
+            return f"Procedure.code ({named}) is in no table, but its text says {word!r}"
+    standard = {*STANDARD_PROCEDURE_SYSTEMS, tables.cpt_system}
+    if any(c.get("system") in standard for c in codings):
+        return None
+    ours = [name for url, name in ((EXT_METHOD, "procedure-method"), (EXT_TARGET, "procedure-targetBodyStructure"))
+            if _extensions(resource, url)]
+    if ours:
+        return f"Procedure.code ({named}) is in no table nor SNOMED CT or CPT, but it carries {' and '.join(ours)}"
+    return None
 
 
 def decide_modality(facts: ProcedureFacts, tables: CodeTables) -> None:
@@ -409,6 +455,7 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
     """One lesion per distinct BodyStructure; else per distinct coded bodySite; else one for the Procedure.
     The BodyStructures found are appended to `structures`."""
     seen: set[str] = set()
+    inactive: list[str] = []
     duplicates = 0
     for element, value, site in body_structure_extensions(resource):
         if value is None:
@@ -428,7 +475,16 @@ def find_lesions(resource: dict[str, Any], facts: ProcedureFacts, index: Resourc
         seen.add(target.key)
         if structures is not None:
             structures.append(target)
+        if target.resource is not None and target.resource.get("active") is False:
+            inactive.append(f"{element} {target.key}")
+            continue
         facts.lesions.append(_structure_lesion(target, element, site, len(facts.lesions), facts, index, tables))
+    if inactive:
+        facts.note(Rule.MODIFIER_ELEMENT, f"{'; '.join(inactive)}: BodyStructure.active false marks the record not "
+                                          "valid: not a lesion")
+        if not facts.lesions:
+            facts.flag("modifier-element", f"every target BodyStructure is inactive ({'; '.join(inactive)}: "
+                                           "BodyStructure.active false): which lesion was sampled is unknown")
     if facts.lesions or seen:
         if duplicates:
             facts.lesion_note = f"{duplicates} repeated BodyStructure reference(s) counted once"
@@ -757,9 +813,20 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     if entry is not None and entry.deleted:
         return _deleted(ref, origin, entry, index, tables)
     facts = ProcedureFacts(ref=ref, origin=origin, kind=classify(resource, tables), resource=resource, entry=entry)
-    if facts.kind is Kind.OTHER:
+    suspect = unmapped_local_code(resource, tables) if facts.kind is Kind.OTHER else None
+    if facts.kind is Kind.OTHER and suspect is None:
         facts.disposition = Disposition.SKIPPED
         return facts
+    if suspect is not None:  # read on as an FNA, so that its session waits with it: its lesions may be add-ons
+        facts.kind = Kind.FNA
+        facts.flag("unmapped-local-code", f"{suspect}: map the code in config/local-codes.json (a ConceptMap to "
+                                          "SNOMED CT or CPT), or code the Procedure; never skipped silently")
+    mapped = tables.local_codes.mapped(resource.get("code"))
+    if mapped:
+        facts.note(Rule.LOCAL_CODE, "; ".join(f"Procedure.code {c.get('system', '')}|{c.get('code')} is coded as "
+                                              f"{system}|{code}{f' {display}' if display else ''}"
+                                              for c, (system, code, display) in mapped)
+                   + f" (config/local-codes.json, ConceptMap {tables.local_codes.source})")
     if not (isinstance(rid, str) and rid):
         facts.flag("invalid-resource", "Procedure has no id, so a charge could not point at it")
     if ref in index.superseded:
@@ -781,6 +848,8 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     if facts.status in NO_CHARGE_STATUSES:
         facts.disposition = Disposition.NO_CHARGE
         return _noted_references(facts)
+    if is_test_data(resource):
+        return _test_data(facts, "the Procedure")
     if facts.status in REVIEW_STATUSES:
         facts.flag("status-needs-review", f"status '{facts.status}': whether a lesion was sampled needs a coder")
     elif facts.status != "completed":
@@ -796,6 +865,8 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     else:
         facts.patient = subject.key
         facts.resolved("subject", subject)
+        if is_test_data(subject.resource):
+            return _test_data(facts, f"its subject {subject.key}", "its Patient")
     encounter: Resolved | None = None
     if resource.get("encounter") is not None:
         encounter = _check_subject_of(resource.get("encounter"), "encounter", facts, index, "subject")
@@ -812,18 +883,39 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     structures: list[Resolved] = []
     find_lesions(resource, facts, index, tables, structures)
     unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
+    elements = entry.modifier_elements() if entry is not None else modifier_findings(resource, facts.ref)
     for target in structures:
         if target.resource is not None:
             unknown += _unknown_modifiers(target.resource, target.key or "", tables, target.entry)
+            if target.entry is not None:
+                elements = [*elements, *target.entry.modifier_elements()]
     for key in context_keys(facts, index, linked):
         found = index.entry(key)
         if found is not None:
             unknown += found.unknown_modifiers(tables.known_modifier_extensions)
+            elements = [*elements, *found.modifier_elements()]
     if unknown:
         facts.flag("unknown-modifier-extension", f"{'; '.join(dict.fromkeys(unknown))}: not understood, and FHIR "
                                                  "forbids processing a resource as if a modifierExtension were absent")
+    died = deceased_before(index.get(facts.patient), facts.service_date)
+    if died:
+        elements = [*elements, f"Patient.deceasedDateTime {died} ({facts.patient}): before the date of service "
+                               f"{facts.service_date}"]
+    if elements:
+        facts.flag("modifier-element", f"{'; '.join(dict.fromkeys(elements))}: a modifier element changes what the "
+                                       "resource means, and FHIR forbids processing it as if it were absent")
     if facts.patient and facts.rendering and facts.service_date:
         facts.session = SessionKey(facts.service_date, facts.patient, facts.rendering, facts.encounter)
+    return _noted_references(facts)
+
+
+def _test_data(facts: ProcedureFacts, whose: str, said: str = "") -> ProcedureFacts:
+    """Test data (meta.security HTEST on the Procedure or its Patient) is never billed: no charge, by rule.
+    `said` names it without a patient reference (the no-charge line goes to stderr)."""
+    facts.findings.clear()
+    facts.disposition = Disposition.NO_CHARGE
+    facts.no_charge_why = f"test data ({said or whose} carries meta.security HTEST)"
+    facts.note(Rule.TEST_DATA, f"{whose} is marked test data (meta.security v3-ActReason HTEST): never billed")
     return _noted_references(facts)
 
 
@@ -838,10 +930,11 @@ def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: 
     """A Procedure whose newest version is a delete bills nothing; its kind comes from its last content."""
     earlier = [e for e in index.superseded.get(ref, []) if not e.deleted]
     last = max(earlier, key=lambda e: version_rank(e.resource), default=None)
-    kind = classify(last.resource, tables) if last else Kind.OTHER
-    facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=last.resource if last else entry.resource,
-                           entry=entry, status=DELETED)
+    content = entry.resource if "code" in entry.resource else last.resource if last else entry.resource
+    kind = classify(content, tables)
+    facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=content, entry=entry, status=DELETED)
     facts.disposition = Disposition.NO_CHARGE if kind is not Kind.OTHER else Disposition.SKIPPED
-    facts.note(Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it")
+    body = " (a DELETE entry: the resource it still carries is not billed)" if "code" in entry.resource else ""
+    facts.note(Rule.BUNDLE if body else Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it{body}")
     return facts
 

@@ -49,6 +49,8 @@ class ReadResult:
     resources: list[SourcedResource] = field(default_factory=list)
     problems: list[EntryProblem] = field(default_factory=list)
     unreadable: list[InputError] = field(default_factory=list)
+    notes: list[EntryProblem] = field(default_factory=list)
+    """What is reported at info level only (a searchset's outcome entries): never a problem, never exit 1."""
 
     def mark(self) -> tuple[int, int]:
         return len(self.resources), len(self.problems)
@@ -71,7 +73,11 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
 
 
 def flatten(resource: dict[str, Any], origin: str, result: ReadResult, modifier_free: bool = False) -> None:
-    """Add a resource, or every resource inside a Bundle (of any type, nested Bundles too)."""
+    """Add a resource, or every resource inside a Bundle (of any type, nested Bundles too), as its type says
+    (docs/input-contract.md, bundle-semantics): an entry whose `request.method` is DELETE deletes its resource,
+    whether or not it carries a body; a GET/HEAD entry is a read request and carries no data; a PATCH is not
+    applied; a searchset's `search.mode: outcome` entry is reported at info level; a message Bundle starts with
+    its MessageHeader, whose focus must be in the message."""
     if resource.get("resourceType") != "Bundle":
         result.resources.append(SourcedResource(resource, origin, modifier_free=modifier_free))
         return
@@ -79,24 +85,46 @@ def flatten(resource: dict[str, Any], origin: str, result: ReadResult, modifier_
     if not isinstance(entries, list):
         result.problems.append(EntryProblem(origin, "Bundle.entry is not a list"))
         return
+    kind = resource.get("type")
+    if kind == "message":
+        _check_message(entries, origin, result)
     for i, entry in enumerate(entries):
         where = f"{origin}#entry[{i}]"
         if not isinstance(entry, dict):
             result.problems.append(EntryProblem(where, "entry is not a JSON object"))
             continue
         inner = entry.get("resource")
+        request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+        method = request.get("method")
+        if method == "DELETE":  # deleted, whether or not the entry still carries the old resource
+            body = inner if isinstance(inner, dict) and isinstance(inner.get("resourceType"), str) else None
+            tombstone = _tombstone(request, entry.get("response") or {}, body)
+            if tombstone:
+                result.resources.append(SourcedResource(tombstone, where, deleted=True))
+            else:
+                result.problems.append(EntryProblem(where, f"DELETE {str(request.get('url', ''))[:80]!r} names no "
+                                                           "resource by Type/id and carries none: what it deletes "
+                                                           "is the server's to tell (not applied)"))
+            continue
         if inner is None:
-            request = entry.get("request") or {}
-            if request.get("method") != "DELETE":
+            if method not in ("GET", "HEAD"):  # a read request of a batch carries no data by design
                 result.problems.append(EntryProblem(where, "entry has no resource"))
-            else:  # a history DELETE carries no resource by design, but it is the newest version
-                tombstone = _tombstone(request, entry.get("response") or {})
-                if tombstone:
-                    result.resources.append(SourcedResource(tombstone, where, deleted=True))
             continue
         if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
             result.problems.append(EntryProblem(where, "entry resource has no resourceType"))
             continue
+        if method == "PATCH":
+            result.problems.append(EntryProblem(where, f"PATCH {str(request.get('url', ''))[:80]!r}: a patch is "
+                                                       "not applied offline; read the patched resource instead"))
+            continue
+        search = entry.get("search") if isinstance(entry.get("search"), dict) else {}
+        if kind == "searchset" and search.get("mode") == "outcome":
+            result.notes.append(EntryProblem(where, _outcome_summary(inner)))
+            continue
+        if method == "PUT" and not inner.get("id"):  # `PUT Type/id` gives the resource that id
+            named = _DELETED_URL.match(str(request.get("url", "")).split("?", 1)[0].strip())
+            if named and named.group(1) == inner["resourceType"]:
+                inner = {**inner, "id": named.group(2)}
         full_url = entry.get("fullUrl")
         if inner.get("resourceType") == "Bundle" or not isinstance(full_url, str) or not full_url.strip():
             flatten(inner, where, result, modifier_free)
@@ -104,23 +132,67 @@ def flatten(resource: dict[str, Any], origin: str, result: ReadResult, modifier_
             result.resources.append(SourcedResource(inner, where, full_url.strip(), modifier_free=modifier_free))
 
 
+def _outcome_summary(outcome: dict[str, Any]) -> str:
+    """What a searchset's outcome entry says, by severity and code only (its text may carry search values)."""
+    issues = [i for i in outcome.get("issue") or [] if isinstance(i, dict)]
+    said = ", ".join(f"{i.get('severity', '?')} {i.get('code', '?')}" for i in issues[:5]) or "no issue"
+    return f"{outcome.get('resourceType')} of the search (search.mode outcome: {said}): not data, nothing to code"
+
+
+def _check_message(entries: list[Any], origin: str, result: ReadResult) -> None:
+    """A message Bundle's first entry is its MessageHeader (bdl-12); its `focus` is the data of the message and
+    must be in the Bundle. Every entry is still read (nothing is lost); what is wrong is a problem."""
+    first = entries[0] if entries and isinstance(entries[0], dict) else {}
+    header = first.get("resource") if isinstance(first.get("resource"), dict) else {}
+    if header.get("resourceType") != "MessageHeader":
+        result.problems.append(EntryProblem(origin, "a message Bundle must start with its MessageHeader (FHIR "
+                                                    "bdl-12): its entries are read, but what the message is about "
+                                                    "is not known"))
+        return
+    urls: set[str] = set()
+    for entry in entries[1:]:
+        res = entry.get("resource") if isinstance(entry, dict) and isinstance(entry.get("resource"), dict) else {}
+        if isinstance(entry, dict) and isinstance(entry.get("fullUrl"), str):
+            urls.add(entry["fullUrl"].strip())
+        if isinstance(res.get("resourceType"), str) and isinstance(res.get("id"), str):
+            urls.add(f"{res['resourceType']}/{res['id']}")
+    for j, focus in enumerate(header.get("focus") or []):
+        literal = focus.get("reference") if isinstance(focus, dict) else None
+        written = literal.strip().split("/_history/", 1)[0] if isinstance(literal, str) else ""
+        tail = "/".join(written.split("/")[-2:])
+        if written not in urls and tail not in urls:
+            result.problems.append(EntryProblem(f"{origin}#entry[0]", f"MessageHeader.focus[{j}] "
+                                                f"{written or '(no reference)'} is not in the message: the data "
+                                                "the message is about is missing"))
+
+
 _DELETED_URL = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?$")
 _ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
 
 
-def _tombstone(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any] | None:
-    """Type, id and version of a history DELETE entry (`request.url`, `response.etag`/`lastModified`)."""
-    match = _DELETED_URL.match(str(request.get("url", "")).split("?", 1)[0].strip())
-    if not match:
+def _tombstone(request: dict[str, Any], response: dict[str, Any],
+               body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The deleted resource of a DELETE entry: type and id from `request.url` (else from the body it still
+    carries), version from the URL, `response.etag`/`lastModified`, else the body's `meta`. A body is kept as
+    the tombstone's content (what kind of Procedure was deleted), never as a live resource."""
+    url = str(request.get("url", ""))
+    match = _DELETED_URL.match(url.split("?", 1)[0].strip()) if "?" not in url else None
+    if match:
+        kind, rid, version = match.group(1), match.group(2), match.group(3)
+    elif body is not None and isinstance(body.get("id"), str) and body["id"]:
+        kind, rid, version = body["resourceType"], body["id"], None
+    else:
         return None
-    meta: dict[str, Any] = {}
+    same = body is not None and body.get("resourceType") == kind and body.get("id") in (rid, None)
+    old = body.get("meta") if same and body is not None and isinstance(body.get("meta"), dict) else {}
+    meta: dict[str, Any] = {k: v for k, v in old.items() if k in ("versionId", "lastUpdated")}
     etag = _ETAG.match(str(response.get("etag", "")).strip())
-    version = match.group(3) or (etag.group(1) if etag else None)
+    version = version or (etag.group(1) if etag else None)
     if version:
         meta["versionId"] = version
     if isinstance(response.get("lastModified"), str):
         meta["lastUpdated"] = response["lastModified"]
-    return {"resourceType": match.group(1), "id": match.group(2), "meta": meta}
+    return {**(body if same and body is not None else {}), "resourceType": kind, "id": rid, "meta": meta}
 
 
 def _read_json(path: Path, text: str, result: ReadResult) -> None:

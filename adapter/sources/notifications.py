@@ -188,10 +188,42 @@ def engine_post(resource: dict[str, Any]) -> Received:
         shown = bundle_type if isinstance(bundle_type, str) else "(none)"
         raise ReceiveError(422, "not-supported", f"Bundle type {shown[:40]!r} is not handled; send a transaction, "
                            "batch, collection, searchset or message Bundle")
-    resources = local_references([entry for entry in _entries(resource) if "resource" in entry])
-    if not any(r.get("resourceType") == "Procedure" for r in resources):
+    entries = _entries(resource)
+    deleted = sorted({ref for ref in (_deleted_procedure(e) for e in entries) if ref})
+    resources = local_references([entry for entry in entries if "resource" in entry and _is_data(entry, bundle_type)])
+    if not any(r.get("resourceType") == "Procedure" for r in resources) and not deleted:
         raise ReceiveError(400, "invalid", "the Bundle contains no Procedure")
-    return Received("engine-bundle", [WorkItem("resources", {"resources": resources}, SOURCE_ENGINE)])
+    items = [WorkItem("resources", {"resources": resources}, SOURCE_ENGINE)] if resources else []
+    items += [WorkItem("delete", {"reference": ref}, SOURCE_ENGINE) for ref in deleted]
+    return Received("engine-bundle", items)
+
+
+def _method(entry: dict[str, Any]) -> object:
+    request = entry.get("request")
+    return request.get("method") if isinstance(request, dict) else None
+
+
+def _is_data(entry: dict[str, Any], bundle_type: object) -> bool:
+    """Whether an entry's resource is data (docs/input-contract.md, bundle-semantics): not what a DELETE
+    removes (even when the entry still carries it), not a PATCH's patch, not a searchset's outcome."""
+    search = entry.get("search")
+    outcome = bundle_type == "searchset" and isinstance(search, dict) and search.get("mode") == "outcome"
+    return _method(entry) not in ("DELETE", "PATCH") and not outcome
+
+
+def _deleted_procedure(entry: dict[str, Any]) -> str | None:
+    """`Procedure/id` that a DELETE entry deletes (from `request.url`, else from the body it still carries)."""
+    if _method(entry) != "DELETE":
+        return None
+    url = str(entry["request"].get("url", "")).split("/_history/", 1)[0].strip().rstrip("/")
+    parts = url.split("/")
+    if "?" not in url and len(parts) >= 2 and parts[-2] == "Procedure" and FHIR_ID.match(parts[-1]):
+        return f"Procedure/{parts[-1]}"
+    body = entry.get("resource")
+    if isinstance(body, dict) and body.get("resourceType") == "Procedure" and isinstance(body.get("id"), str) \
+            and FHIR_ID.match(body["id"]):
+        return f"Procedure/{body['id']}"
+    return None
 
 
 def local_references(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from adapter.report import (
     charge_rows,
     conflict_line,
     duplicate_line,
+    info_line,
     merged_line,
     no_charge_line,
     problem_line,
@@ -104,6 +105,8 @@ class StreamResult:
     counts: Counts
     problems: int
     reviews: int
+    notes: list[EntryProblem] = field(default_factory=list)
+    """Info-level lines of the reading (a searchset's outcome entries), in read order."""
     _masker: StoredFreeText | None = field(default=None, repr=False)
 
     @property
@@ -133,8 +136,10 @@ class StreamResult:
             yield problem_line(problem)
         if self.store.unnamed:  # (a scan of every copy: only when there are some)
             for origin, kind in db.execute("SELECT origin, type FROM copy WHERE flags & ? = 0 "
-                                           "AND type != 'Procedure' ORDER BY seq", (HAS_ID,)):
+                                           "AND type != 'Procedure' AND full_url IS NULL ORDER BY seq", (HAS_ID,)):
                 yield problem_line_of(origin, kind)
+        for note in self.notes:
+            yield info_line(note)
         for kind, payload in db.execute(
                 "SELECT kind, payload FROM diag WHERE cat < ? ORDER BY cat, a, d, p, f, e, n", (_MERGED,)):
             yield self._line(kind, payload)
@@ -196,6 +201,7 @@ class StreamRun:
         self._n = 0
         self._reviews = 0
         self.unreadable: list[InputError] = []
+        self.notes: list[EntryProblem] = []
 
     def __enter__(self) -> StreamRun:
         return self
@@ -218,6 +224,7 @@ class StreamRun:
             read = SpillingRead(self.store)
             read_paths(paths, read)
             self.unreadable += read.unreadable
+            self.notes += read.notes
             self.store.finish_reading()
 
     # ------------------------------------------------------------------------------------ pass 2
@@ -260,7 +267,7 @@ class StreamRun:
             CREATE INDEX diag_order ON diag(cat, a, d, p, f, e, n);
         """)
         problems = self.store.db.execute("SELECT count(*) FROM problem").fetchone()[0] + self.store.unnamed
-        return StreamResult(self.store, self.unreadable, self.counts, problems, self._reviews)
+        return StreamResult(self.store, self.unreadable, self.counts, problems, self._reviews, self.notes)
 
     def _code_batch(self, lo: int, hi: int, definitions: list[tuple[str, dict[str, Any]]]
                     ) -> tuple[RunReport, list[str]]:

@@ -144,14 +144,14 @@ class Store:
             (HAS_ID if has_id else 0)
         seq = self.next_seq
         self.next_seq += 1
-        if not has_id and kind != "Procedure":
+        if not has_id and kind != "Procedure" and not item.full_url:
             self.unnamed += 1
         body = dumps(resource)
         self._copies.append((seq, key, kind, item.origin, item.full_url, url, flags, body))
-        if key is not None:
+        if key is not None and not item.deleted:  # a DELETE's body is no current resource's identifier
             self._idents += [(encode(system), encode(value), kind_, seq)
                              for kind_, system, value in identifier_triples(resource)]
-        if any(marker in body for marker in _FREE_TEXT_MARKERS):  # most resources of a feed carry no free text
+        if not item.deleted and any(marker in body for marker in _FREE_TEXT_MARKERS):  # most carry no free text
             self._texts.update(FreeText.strings_of(resource))
         if len(self._copies) >= FLUSH_ROWS:
             self.flush()
@@ -192,8 +192,8 @@ class Store:
         self.db.execute("DELETE FROM ident WHERE seq >= ?", (seq,))
         self.db.execute("DELETE FROM problem WHERE seq >= ?", (problem,))
         self.next_seq, self.next_problem = seq, problem
-        self.unnamed = self.db.execute("SELECT count(*) FROM copy WHERE flags & ? = 0 AND type != 'Procedure'",
-                                       (HAS_ID,)).fetchone()[0]
+        self.unnamed = self.db.execute("SELECT count(*) FROM copy WHERE flags & ? = 0 AND type != 'Procedure' "
+                                       "AND full_url IS NULL", (HAS_ID,)).fetchone()[0]
 
     # ---------------------------------------------------------------------------------- after reading
     def finish_reading(self) -> None:
@@ -255,7 +255,7 @@ class Store:
         flags = next(c.flags for c in copies if c.seq == winner)
         self.db.execute("UPDATE entry SET seq = ?, flags = ?, listed = ? WHERE key = ?", (winner, flags, listed, key))
         for c in copies:
-            if c.seq != winner and c.flags & HAS_ID:  # id-less copies all stay (`without_id`)
+            if c.seq != winner and c.flags & HAS_ID and not c.flags & DELETED:  # id-less copies all stay
                 gone.update(FreeText.strings_of(c.resource))
 
     def versions(self, key: str) -> Versions:

@@ -106,6 +106,8 @@ def merged_line(proc: ProcedureFacts) -> str:
 
 
 def no_charge_line(proc: ProcedureFacts) -> str:
+    if proc.included_in:
+        return f"no charge: {proc.ref}: included in {proc.included_in} (its code includes the FNA)"
     return f"no charge: {proc.ref}: status {proc.status}"
 
 
@@ -141,6 +143,8 @@ def _skip_rule(proc: ProcedureFacts) -> str:
         return str(Rule.CORE)
     if proc.kind is Kind.GUIDANCE:
         return str(Rule.GUIDANCE)
+    if proc.kind is Kind.INCLUDING:
+        return str(Rule.INCLUDED)
     return str(Rule.KIND)
 
 
@@ -149,6 +153,9 @@ def _skip_reason(proc: ProcedureFacts) -> str:
         return "core needle biopsy, not an FNA (config/fna-valueset.yaml core_needle_biopsy)"
     if proc.kind is Kind.GUIDANCE:
         return "imaging guidance: included in the FNA code, never billed (config/modalities.yaml guidance_procedures)"
+    if proc.kind is Kind.INCLUDING:
+        return ("its code already includes the FNA (config/including-procedures.yaml): not ours to bill, it is billed "
+                "under its own code by its own workflow")
     return "not an FNA biopsy (Procedure.code is not in config/fna-valueset.yaml)"
 
 
@@ -232,7 +239,10 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
-            out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
+            if proc.included_in:
+                out.append(f"No charge {proc.ref}: included in {proc.included_in} (rule {Rule.INCLUDED})")
+            else:
+                out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")
             out += _notes(proc, "  ")
     for proc in report.coding.skipped:
         if not wanted or proc.ref == wanted:

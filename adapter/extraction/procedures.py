@@ -39,6 +39,9 @@ class Kind(StrEnum):
     FNA = "fna"
     CORE = "core-needle-biopsy"
     GUIDANCE = "imaging-guidance"
+    INCLUDING = "including-procedure"
+    """A procedure whose code already includes the FNA (an EUS/EBUS endoscopy): not ours, but it makes the FNA
+    it includes bill nothing (config/including-procedures.yaml)."""
     OTHER = "other"
 
 
@@ -77,6 +80,10 @@ class Rule(StrEnum):
     """Primary and add-on codes per modality, modifier 59 (section 7)."""
     BILLING = "billing"
     """What a Claim needs: billing provider, payer, place of service, diagnoses, prices (section 8)."""
+    INCLUDED = "included-fna"
+    """An FNA whose service another procedure's code already includes bills nothing."""
+    EFFECTIVE = "effective-dates"
+    """The date of service chooses each table row; a date without a valid row goes to review."""
 
 
 RULE_OF_REASON = {
@@ -91,6 +98,7 @@ RULE_OF_REASON = {
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
+    "no-row-for-date": Rule.EFFECTIVE, "included-fna-distinct-site": Rule.INCLUDED,
 }
 
 
@@ -113,6 +121,8 @@ class Evidence:
     code: str
     display: str | None
     modality: str | None
+    out_of_date: str = ""
+    """Set when the code is in a table whose rows are not valid on the date of service (rule effective-dates)."""
 
     def describe(self) -> str:
         label = f" {self.display}" if self.display else ""
@@ -178,6 +188,8 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    included_in: str = ""
+    """The Procedure whose code already includes this FNA (rule included-fna); it then bills nothing."""
     conflicting_copies: frozenset[str] = frozenset()
     """Procedures that are the same procedure as this one but disagree with it (duplicate-conflict)."""
     merge_basis: str = ""
@@ -232,7 +244,15 @@ def classify(resource: dict[str, Any], tables: CodeTables) -> Kind:
         return Kind.CORE
     if any(k in tables.guidance_procedures for k in keys):
         return Kind.GUIDANCE
+    if any(k in tables.including for k in keys):
+        return Kind.INCLUDING
     return Kind.OTHER
+
+
+def including_codes(resource: dict[str, Any], tables: CodeTables) -> list[tuple[CodeKey, str]]:
+    """The codings of `Procedure.code` that are in config/including-procedures.yaml, with their display."""
+    return [((c.get("system", ""), c["code"]), str(c.get("display") or "")) for c in _codings(resource.get("code"))
+            if (c.get("system", ""), c["code"]) in tables.including]
 
 
 # ------------------------------------------------------------------------------------ date of service
@@ -284,24 +304,37 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
 
 
 # ------------------------------------------------------------------------------------------ modality
-def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "") -> list[Evidence]:
-    """Guidance evidence a Procedure gives about itself: procedure-method extensions and Procedure.code."""
+def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "",
+                 day: str | None = None) -> list[Evidence]:
+    """Guidance evidence a Procedure gives about itself: procedure-method extensions and Procedure.code, each code
+    read with the table row valid on the date of service `day` (rule effective-dates)."""
     found: list[Evidence] = []
     for i, ext in enumerate(_extensions(resource, EXT_METHOD)):
         for coding in _codings(ext.get("valueCodeableConcept")):
             key = (coding.get("system", ""), coding["code"])
+            rows = tables.method_codes.get(key)
+            modality = rows.on(day) if rows else None
+            late = "" if modality or rows is None else f"config/modalities.yaml method_codes: {rows.periods()}"
             found.append(Evidence(f"{prefix}extension[procedure-method][{i}]", key[0], key[1],
-                                  coding.get("display"), tables.method_codes.get(key)))
+                                  coding.get("display"), modality, late))
     for coding in _codings(resource.get("code")):
         key = (coding.get("system", ""), coding["code"])
-        modality = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
-        if modality or key in tables.procedure_codes:
-            found.append(Evidence(f"{prefix}Procedure.code", key[0], key[1], coding.get("display"), modality))
+        rows = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
+        modality = rows.on(day) if rows else None
+        if rows is not None:
+            late = "" if modality else f"config/modalities.yaml: {rows.periods()}"
+            found.append(Evidence(f"{prefix}Procedure.code", key[0], key[1], coding.get("display"), modality, late))
     return found
 
 
 def decide_modality(facts: ProcedureFacts, tables: CodeTables) -> None:
-    """All evidence (own, children's and siblings') agrees -> that modality; disagrees or none -> review."""
+    """All evidence (own, children's and siblings') agrees -> that modality; disagrees or none -> review. A code whose
+    table rows are none valid on the date of service is not read as evidence of anything: review."""
+    late = [e for e in facts.evidence if e.out_of_date]
+    if late:
+        facts.flag("no-row-for-date", "; ".join(f"{e.describe()} has no row valid on {facts.service_date} "
+                                                f"({e.out_of_date})" for e in late))
+        return
     found = sorted({e.modality for e in facts.evidence if e.modality})
     if len(found) == 1:
         facts.modality = found[0]
@@ -808,7 +841,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
     choose_rendering(resource, facts, index, tables)
     parse_performed(resource, facts, tables)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
-        facts.evidence = own_evidence(resource, tables)
+        facts.evidence = own_evidence(resource, tables, day=facts.service_date)
     structures: list[Resolved] = []
     find_lesions(resource, facts, index, tables, structures)
     unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
@@ -841,7 +874,7 @@ def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: 
     kind = classify(last.resource, tables) if last else Kind.OTHER
     facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=last.resource if last else entry.resource,
                            entry=entry, status=DELETED)
-    facts.disposition = Disposition.NO_CHARGE if kind is not Kind.OTHER else Disposition.SKIPPED
+    facts.disposition = Disposition.NO_CHARGE if kind not in (Kind.OTHER, Kind.INCLUDING) else Disposition.SKIPPED
     facts.note(Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it")
     return facts
 

@@ -52,8 +52,9 @@ class ServerSource:
         self.page_size = page_size
         self.local = local if local is not None else tables.local_bases | normalize_bases([client.base_url])
         """Bases whose absolute references are read from this server (its own, and config local_bases)."""
-        # FNAs, core biopsies (same-lesion rule) and separate imaging-guidance Procedures (modality evidence)
-        codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures))
+        # FNAs, core biopsies (same-lesion rule), separate imaging-guidance Procedures (modality evidence) and
+        # procedures whose code includes the FNA (rule included-fna: a same-session EUS/EBUS makes the FNA bill nothing)
+        codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures) | set(tables.including))
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
     def _search(self, resource_type: str, params: SearchParams) -> Iterator[dict[str, Any]]:

@@ -12,6 +12,7 @@ from adapter.building.resources import OutputWarning, SessionOutput
 from adapter.coding.engine import Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
+from adapter.extraction.timezones import fna_bases, utc_feed_warning
 from adapter.pipeline import RunReport
 from adapter.redact import FreeText, scrub
 from adapter.sources.files import EntryProblem
@@ -72,7 +73,8 @@ def diagnostics(report: RunReport) -> list[str]:
     out += [merged_line(f) for f in report.coding.merged]
     out += [no_charge_line(f) for f in report.coding.no_charge]
     out += [skipped_line(f) for f in report.coding.skipped]
-    return out
+    utc = utc_feed_warning(fna_bases(report.facts))
+    return [*out, utc] if utc else out
 
 
 def unreadable_line(err: object) -> str:

@@ -27,6 +27,7 @@ from adapter.config import CodeTables
 from adapter.errors import FhirError
 from adapter.extraction.index import local_reference, reference_of, version_of
 from adapter.extraction.procedures import Disposition, Kind
+from adapter.extraction.timezones import warn_utc_feed_once
 from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, local_bases, process
 from adapter.redact import FreeText
@@ -230,6 +231,7 @@ class Syncer:
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
+        warn_utc_feed_once(report.facts, log)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables)
         summary = self._summarise(report, writes, len(wanted))
         summary.free_text = FreeText.of(item.resource for item in [*ctx.resources, *extra])

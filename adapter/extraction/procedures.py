@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from adapter.config import CodeKey, CodeTables
 from adapter.extraction.index import (
@@ -23,6 +24,7 @@ from adapter.extraction.index import (
     reference_of,
     version_rank,
 )
+from adapter.extraction.timezones import DEFAULT_ZONE, FacilityZone, facility_zone
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -98,7 +100,7 @@ RULE_OF_REASON = {
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
-    "no-row-for-date": Rule.EFFECTIVE, "included-fna-distinct-site": Rule.INCLUDED,
+    "no-row-for-date": Rule.EFFECTIVE, "time-zone-conflict": Rule.DATE, "included-fna-distinct-site": Rule.INCLUDED,
 }
 
 
@@ -188,6 +190,9 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    time_basis: str = ""
+    """How the date of service was read: `offset`, `utc-facility`, `utc-setting`, `utc-default` (session.time_zone
+    left at UTC), `date` or `local`."""
     included_in: str = ""
     """The Procedure whose code already includes this FNA (rule included-fna); it then bills nothing."""
     conflicting_copies: frozenset[str] = frozenset()
@@ -256,9 +261,38 @@ def including_codes(resource: dict[str, Any], tables: CodeTables) -> list[tuple[
 
 
 # ------------------------------------------------------------------------------------ date of service
-def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables) -> None:
+def _utc_day(moment: datetime, element: str, text: str, facts: ProcedureFacts, tables: CodeTables,
+             index: ResourceIndex | None, resource: dict[str, Any]) -> tuple[str | None, str]:
+    """(date of service, why) of a time written in UTC: the facility's zone (adapter/extraction/timezones.py),
+    else `session.time_zone`. None when the facility's zones disagree on the date, or one is not a zone."""
+    found = facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role, index, facts.entry) \
+        if index is not None else FacilityZone(())
+    if found.problems:
+        facts.flag("invalid-resource", "; ".join(found.problems))
+        return None, ""
+    if found.zones:
+        days = {moment.astimezone(ZoneInfo(zone)).date().isoformat() for zone, _ in found.zones}
+        if len(days) > 1:
+            said = "; ".join(f"{zone} ({where})" for zone, where in found.zones)
+            facts.flag("time-zone-conflict", f"{element} {text} is written in UTC and the facility's time zones "
+                                             f"disagree on its date ({', '.join(sorted(days))}): {said}")
+            return None, ""
+        zone, where = found.zones[0]
+        facts.time_basis = "utc-facility"
+        day = days.pop()
+        return day, f"{element} {text} is written in UTC: its date in {zone} ({where}) is {day}"
+    zone_info = tables.settings.zone
+    facts.time_basis = "utc-default" if zone_info.key == DEFAULT_ZONE else "utc-setting"
+    day = moment.astimezone(zone_info).date().isoformat()
+    return day, (f"{element} {text} is written in UTC and no Location or Organization carries a timezone "
+                 f"extension: its date in session.time_zone {zone_info.key} is {day}")
+
+
+def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables,
+                    index: ResourceIndex | None = None) -> None:
     """Sets `performed` (an instant, for ordering) and the date of service: the local calendar date of the
-    time as written; `session.time_zone` only for times written in UTC and for dates without a time."""
+    time as written; for times written in UTC the facility's zone (the timezone extension of a Location or the
+    performing Organization), else `session.time_zone`, which also dates values without a time."""
     text: Any = resource.get("performedDateTime")
     element = "performedDateTime"
     if text is None and isinstance(resource.get("performedPeriod"), dict):
@@ -281,6 +315,7 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
             moment = datetime.combine(date.fromisoformat(text), time(0), tzinfo=zone)
             day = text
             how = f"{element} {text} is a date: the date of service itself"
+            facts.time_basis = "date"
         else:
             moment = datetime.fromisoformat(text)
             offset = moment.utcoffset()
@@ -288,12 +323,16 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
                 moment = moment.replace(tzinfo=zone)
                 day = text[:10]
                 how = f"{element} {text} has no UTC offset: its own calendar date"
+                facts.time_basis = "local"
             elif offset == timedelta(0):
-                day = moment.astimezone(zone).date().isoformat()
-                how = f"{element} {text} is written in UTC: its date in session.time_zone {zone.key} is {day}"
+                found, how = _utc_day(moment, element, text, facts, tables, index, resource)
+                if found is None:
+                    return
+                day = found
             else:
                 day = text[:10]
                 how = f"{element} {text}: the local date as written (its own UTC offset)"
+                facts.time_basis = "offset"
     except ValueError:
         facts.flag("invalid-resource", f"{element} {text!r} is not a valid FHIR dateTime")
         return
@@ -839,7 +878,7 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
             facts.reasons.append((target.key, target.resource))
     linked = linked_resources(resource, facts, index, encounter)
     choose_rendering(resource, facts, index, tables)
-    parse_performed(resource, facts, tables)
+    parse_performed(resource, facts, tables, index)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
         facts.evidence = own_evidence(resource, tables, day=facts.service_date)
     structures: list[Resolved] = []

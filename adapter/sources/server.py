@@ -202,7 +202,7 @@ class _References:
         if kind == "Procedure":
             self.add(*(value for _, value, _ in body_structure_extensions(res)))
             self.add(*(res.get("reasonReference") or []), res.get("encounter"), *(res.get("partOf") or []),
-                     *(res.get("basedOn") or []))
+                     *(res.get("basedOn") or []), res.get("location"))  # location: its time zone (date-of-service)
             for performer in res.get("performer") or []:
                 if isinstance(performer, dict):
                     self.add(performer.get("actor"), performer.get("onBehalfOf"))

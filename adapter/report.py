@@ -108,6 +108,8 @@ def merged_line(proc: ProcedureFacts) -> str:
 
 
 def no_charge_line(proc: ProcedureFacts) -> str:
+    if proc.included_in == proc.ref:
+        return f"no charge: {proc.ref}: its own Procedure.code includes the FNA (an endoscopic code)"
     if proc.included_in:
         return f"no charge: {proc.ref}: included in {proc.included_in} (its code includes the FNA)"
     return f"no charge: {proc.ref}: status {proc.status}"

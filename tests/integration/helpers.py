@@ -19,7 +19,7 @@ SCENARIOS = ROOT / "fixtures/fhir/scenarios"
 def namespaced(scenario: str, ns: str) -> dict[str, Any]:
     """Scenario `NN` with every id prefixed by `ns`, so a test can change it without touching the others."""
     folder = next(SCENARIOS.glob(f"{scenario}-*"))
-    return json.loads(re.sub(r"\b([sn]\d\d)-", rf"{ns}-\1-", (folder / "input.json").read_text()))
+    return json.loads(re.sub(r"\b([sn]\d{2,3})-", rf"{ns}-\1-", (folder / "input.json").read_text()))
 
 
 def resources_of(bundle: dict[str, Any]) -> list[dict[str, Any]]:

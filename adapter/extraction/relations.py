@@ -155,17 +155,7 @@ def _included(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], 
 
 def _root(proc: ProcedureFacts, by_ref: dict[str, ProcedureFacts]) -> ProcedureFacts | None:
     """The FNA at the top of a `partOf` chain above `proc` (None when no FNA is above it)."""
-    seen = {proc.ref}
-    found: ProcedureFacts | None = None
-    current = proc
-    while True:
-        parent = next((by_ref[t.key] for t in current.part_of if t.key in by_ref), None)
-        if parent is None or parent.ref in seen:
-            return found
-        seen.add(parent.ref)
-        if parent.kind is Kind.FNA:
-            found = parent
-        current = parent
+    return next((a for a in reversed(_ancestors(proc, by_ref)) if a.kind is Kind.FNA), None)
 
 
 def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], used: set[str]) -> None:

@@ -265,8 +265,14 @@ def _utc_day(moment: datetime, element: str, text: str, facts: ProcedureFacts, t
              index: ResourceIndex | None, resource: dict[str, Any]) -> tuple[str | None, str]:
     """(date of service, why) of a time written in UTC: the facility's zone (adapter/extraction/timezones.py),
     else `session.time_zone`. None when the facility's zones disagree on the date, or one is not a zone."""
-    found = facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role, index, facts.entry) \
-        if index is not None else FacilityZone(())
+    if index is None:
+        found = FacilityZone(())
+    elif resource.get("location") is None:  # what Procedures of one encounter and performer share: once
+        found = index.memo(("facility-zone", facts.encounter, facts.on_behalf_of, facts.rendering_role),
+                           lambda: facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role,
+                                                 index, facts.entry))
+    else:
+        found = facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role, index, facts.entry)
     if found.problems:
         facts.flag("invalid-resource", "; ".join(found.problems))
         return None, ""

@@ -290,3 +290,41 @@ def test_an_all_utc_feed_with_the_default_zone_is_warned_about_once(caplog: pyte
         timezones.warn_utc_feed_once(utc.facts, log)
         timezones.warn_utc_feed_once(utc.facts, log)
     assert [r.getMessage()[:37] for r in caplog.records] == ["every performed time in this input is"]
+
+
+@pytest.mark.parametrize(("file", "old", "new", "message"), [
+    ("mue.yaml", '"10004": {units: 3,', '"10004": {units: 3, mai: 4,', r"mue.yaml: limits.10004.mai: must be 1"),
+    ("mue.yaml", '"10004": {units: 3,', '"10004": {units: 3, effective: {start: 2026-05-01, end: 2026-04-01},',
+     r"mue.yaml: limits.10004.effective: ends before it starts"),
+    ("cpt-fna.yaml", "effective: {start: 2019-01-01}}\n  ultrasound:",
+     "effective: {start: 2019-01-01}}\n  ultrasound: []\n  ignored:", r"cpt-fna.yaml: family.ultrasound: must have"),
+    ("including-procedures.yaml", 'code: "43232", display:', 'code: "43238", display:',
+     r"including-procedures.yaml: codes\[2\]: .*43238 overlaps codes\[0\]"),
+    ("including-procedures.yaml", "effective: {start: 2016-01-01}}\n  - {system: \"http://www.ama-assn.org/go/cpt\", "
+     "code: \"31653\"", "effective: {begin: 2016-01-01}}\n  - {system: \"http://www.ama-assn.org/go/cpt\", "
+     "code: \"31653\"", r"including-procedures.yaml: codes\[5\].effective: must be a mapping with start"),
+])
+def test_dated_table_errors_name_the_file_and_the_row(tmp_path: Path, file: str, old: str, new: str,
+                                                      message: str) -> None:
+    folder = tmp_path / "config"
+    shutil.copytree(DEFAULT_CONFIG_DIR, folder)
+    text = (folder / file).read_text()
+    assert old in text
+    (folder / file).write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_tables(folder)
+
+
+def test_family_rows_may_change_codes_by_date(tmp_path: Path) -> None:
+    folder = tmp_path / "config"
+    shutil.copytree(DEFAULT_CONFIG_DIR, folder)
+    path = folder / "cpt-fna.yaml"
+    text = path.read_text()
+    start = text.index("  none:")
+    end = text.index("  ultrasound:")
+    rows = ('  none:\n    - {primary: "10021", add_on: "10004", effective: {start: 2019-01-01, end: 2026-06-30}}\n'
+            '    - {primary: "10021", add_on: "10004", primary_display: "renamed", effective: {start: 2026-07-01}}\n')
+    path.write_text(text[:start] + rows + text[end:])
+    tables = load_tables(folder)
+    assert tables.family["none"].on("2026-07-01").primary_display == "renamed"
+    assert tables.family["none"].on("2026-06-30").primary_display == "10021"

@@ -732,6 +732,41 @@ def conformance_install(ctx: click.Context, server: str | None, auth_file: str |
     click.echo(f"{len(result.written)} written, {len(result.unchanged)} unchanged")
 
 
+@cli.group("mue")
+def mue_group() -> None:
+    """Medically Unlikely Edits: config/mue.yaml from the CMS practitioner MUE table."""
+
+
+@mue_group.command("import")
+@click.argument("csv_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--quarter", required=True, help="The quarter the CMS file is for, e.g. 2026Q2: its rows are valid "
+                                               "from the quarter's first to its last day.")
+@click.option("--code", "codes", multiple=True, help="Import this code (repeatable). Default: the FNA family's "
+                                                     "codes (config/cpt-fna.yaml).")
+@click.option("--all-codes", is_flag=True, help="Import every code of the file.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="The mue.yaml to update (default: the one of the tables folder).")
+@click.pass_context
+def mue_import(ctx: click.Context, csv_file: str, quarter: str, codes: tuple[str, ...], all_codes: bool,
+               out_file: str | None) -> None:
+    """Read the CMS practitioner MUE CSV (code, MUE value, adjudication indicator, rationale) into mue.yaml."""
+    from adapter.config import DEFAULT_CONFIG_DIR
+    from adapter.mue_import import import_file
+
+    tables = _tables(ctx)
+    wanted: set[str] | None = None if all_codes else set(codes) or {
+        code for rows in tables.family.values() for _, fam in rows.rows for code in (fam.primary, fam.add_on)}
+    folder = ctx.obj.get("tables_dir") or (_settings(ctx).tables if ctx.obj.get("config_file") else None)
+    target = Path(out_file) if out_file else Path(folder or DEFAULT_CONFIG_DIR) / "mue.yaml"
+    result = import_file(Path(csv_file), target, quarter, wanted)
+    click.echo(f"{len(result.imported)} code(s) imported for {quarter.upper()} ({result.start} to {result.end}) "
+               f"into {target}: {', '.join(result.imported) or 'none'}")
+    if result.trimmed:
+        click.echo(f"earlier rows ended before the quarter or replaced: {', '.join(sorted(set(result.trimmed)))}")
+    if result.missing:
+        click.echo(f"not in the CMS file (their rows unchanged): {', '.join(result.missing)}", err=True)
+
+
 def main() -> None:
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr, for a hung process
         faulthandler.register(signal.SIGUSR1, all_threads=True)

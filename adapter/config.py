@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
+from adapter.dated import Effective, Rows, collect, effective_of
 from adapter.errors import ConfigError
 from adapter.extraction.index import normalize_base
 from adapter.hl7v2.tables import FILE as HL7V2_FILE
@@ -26,7 +27,8 @@ from adapter.local_codes import LOCAL_CODES_FILE, LocalCodes, load_local_codes
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
 
-TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml", "input.yaml")
+TABLE_FILES = ("fna-valueset.yaml", "modalities.yaml", "cpt-fna.yaml", "mue.yaml", "settings.yaml", "input.yaml",
+               "including-procedures.yaml")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 DEFAULT_CANONICAL_BASE = "http://fhir-charge-adapter.org/fhir"
 """Where this project's identifier systems and extension live unless `urls.canonical_base` says otherwise.
@@ -59,6 +61,46 @@ class FamilyEntry:
     primary_display: str
     add_on: str
     add_on_display: str
+
+
+@dataclass(frozen=True)
+class MueLimit:
+    """One row of config/mue.yaml: the most units of a code per the adjudication indicator's unit of counting.
+
+    `mai` is CMS's MUE Adjudication Indicator: 1 = a claim-line edit (each line is checked on its own), 2 = a
+    date-of-service edit by policy (all lines of the day added up; an absolute limit), 3 = a date-of-service edit
+    on clinical grounds (added up per day; units above it need medical-necessity documentation). A row without
+    one is counted per day, the strictest reading."""
+
+    units: int
+    source: str
+    mai: int | None = None
+    rationale: str = ""
+
+    @property
+    def per_day(self) -> bool:
+        return self.mai != 1
+
+
+MAI_MEANING = {1: "MAI 1, a claim-line edit: each line is checked on its own",
+               2: "MAI 2, a date-of-service edit by policy: units of the day are added up and the limit is absolute",
+               3: "MAI 3, a date-of-service edit on clinical grounds: units of the day are added up; more need "
+                  "medical-necessity documentation",
+               None: "no adjudication indicator: units of the day are added up (the strictest reading)"}
+
+
+@dataclass(frozen=True)
+class IncludingCode:
+    """A procedure code whose service already includes fine needle aspiration (config/including-procedures.yaml)."""
+
+    system: str
+    code: str
+    display: str
+    source: str
+
+    def label(self) -> str:
+        name = "CPT" if "ama-assn.org" in self.system else ("SNOMED CT" if "snomed" in self.system else self.system)
+        return f"{name} {self.code} ({self.display})"
 
 
 @dataclass(frozen=True)
@@ -104,20 +146,23 @@ class CodeTables:
     fna: frozenset[CodeKey]
     core_needle_biopsy: frozenset[CodeKey]
     modalities: dict[str, str]
-    method_codes: dict[CodeKey, str]
-    procedure_codes: dict[CodeKey, str]
+    method_codes: dict[CodeKey, Rows[str]]
+    procedure_codes: dict[CodeKey, Rows[str]]
     cpt_system: str
-    family: dict[str, FamilyEntry]
+    family: dict[str, Rows[FamilyEntry]]
+    """Modality -> its primary and add-on codes, by date of service (rule effective-dates)."""
     never_emit: dict[str, str]
     modifiers: dict[str, Modifier]
-    mue: dict[str, int]
+    mue: dict[str, Rows[MueLimit]]
     settings: Settings = field(default_factory=Settings)
     billing: BillingTables = field(default_factory=BillingTables)
     """Billing providers, place of service, diagnosis map and prices (adapter/billing/tables.py)."""
     version: str = ""
     """Short hash of the table files: which rules produced a charge, for the audit trail."""
-    guidance_procedures: dict[CodeKey, str] = field(default_factory=dict)
+    guidance_procedures: dict[CodeKey, Rows[str]] = field(default_factory=dict)
     """Procedure.code of a separate imaging-guidance Procedure -> its modality (evidence, never billed)."""
+    including: dict[CodeKey, Rows[IncludingCode]] = field(default_factory=dict)
+    """Procedure codes whose service already includes the FNA (config/including-procedures.yaml)."""
     rendering_functions: frozenset[CodeKey] = frozenset()
     non_rendering_functions: frozenset[CodeKey] = frozenset()
     rendering_actor_types: frozenset[str] = frozenset({"Practitioner", "PractitionerRole"})
@@ -181,7 +226,9 @@ def _mapping(value: Any, file: Path, entry: str) -> dict[str, Any]:
     return value
 
 
-def _codings(items: list[Any], key: str, file: Path) -> list[tuple[CodeKey, dict[str, Any]]]:
+def _codings(items: list[Any], key: str, file: Path, dated: bool = False) -> list[tuple[CodeKey, dict[str, Any]]]:
+    """The rows of a coding table; `dated`: one code may have several rows, kept apart by `effective` (checked by
+    adapter.dated.collect)."""
     out: list[tuple[CodeKey, dict[str, Any]]] = []
     seen: set[CodeKey] = set()
     for i, raw in enumerate(items):
@@ -189,7 +236,7 @@ def _codings(items: list[Any], key: str, file: Path) -> list[tuple[CodeKey, dict
         item = _mapping(raw, file, entry)
         system = _str(item.get("system"), file, f"{entry}.system")
         code = _str(item.get("code"), file, f"{entry}.code")
-        if (system, code) in seen:
+        if (system, code) in seen and not dated:
             raise ConfigError(str(file), entry, f"duplicate code {system}|{code}")
         seen.add((system, code))
         out.append(((system, code), item))
@@ -273,21 +320,21 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         for k, v in modalities_raw.items()
     }
 
-    def modality_table(key: str, required: bool) -> dict[CodeKey, str]:
-        table: dict[CodeKey, str] = {}
-        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file)):
+    def modality_table(key: str, required: bool) -> dict[CodeKey, Rows[str]]:
+        rows: list[tuple[CodeKey, Effective, str, str]] = []
+        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file, dated=True)):
             modality = _str(item.get("modality"), mod_file, f"{key}[{i}].modality")
             if modality not in modalities:
                 raise ConfigError(str(mod_file), f"{key}[{i}].modality",
                                   f"{modality!r} is not one of the modalities ({', '.join(modalities)})")
-            table[k] = modality
-        return table
+            rows.append((k, effective_of(item, mod_file, f"{key}[{i}]"), modality, f"{key}[{i}]"))
+        return collect(rows, mod_file, lambda k: f"{k[0]}|{k[1]}")
 
     method_codes = modality_table("method_codes", True)
     procedure_codes = modality_table("procedure_codes", False)
     guidance_procedures = modality_table("guidance_procedures", False)
     none_key = (settings.guidance_code_system, "none")
-    if method_codes.get(none_key) != "none":
+    if none_key not in method_codes or {v for _, v in method_codes[none_key].rows} != {"none"}:
         raise ConfigError(str(mod_file), "method_codes",
                           f"must map the project code {none_key[0]}|none to modality none")
 
@@ -298,33 +345,39 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         item = _mapping(raw, cpt_file, f"never_emit[{i}]")
         never_emit[_str(item.get("code"), cpt_file, f"never_emit[{i}].code")] = _str(
             item.get("why"), cpt_file, f"never_emit[{i}].why")
-    family: dict[str, FamilyEntry] = {}
     family_raw = _mapping(cpt.get("family"), cpt_file, "family")
     for modality in modalities:
         if modality not in family_raw:
             raise ConfigError(str(cpt_file), f"family.{modality}", "missing: every modality needs its codes")
-    used: set[str] = set()
+    used: dict[str, str] = {}
+    family_rows: list[tuple[str, Effective, FamilyEntry, str]] = []
     for modality, raw in family_raw.items():
-        entry = f"family.{modality}"
         if modality not in modalities:
-            raise ConfigError(str(cpt_file), entry, f"{modality!r} is not a modality of {mod_file.name}")
-        item = _mapping(raw, cpt_file, entry)
-        fam = FamilyEntry(
-            modality=str(modality),
-            primary=_str(item.get("primary"), cpt_file, f"{entry}.primary"),
-            primary_display=_str(item.get("primary_display", item.get("primary")), cpt_file, entry),
-            add_on=_str(item.get("add_on"), cpt_file, f"{entry}.add_on"),
-            add_on_display=_str(item.get("add_on_display", item.get("add_on")), cpt_file, entry),
-        )
-        for code in (fam.primary, fam.add_on):
-            if code in never_emit:
-                raise ConfigError(str(cpt_file), entry, f"{code} may never be emitted: {never_emit[code]}")
-            if code in used:
-                raise ConfigError(str(cpt_file), entry, f"code {code} is used twice in the family")
-            used.add(code)
-            # a CPT FNA code in Procedure.code is evidence of its modality
-            procedure_codes.setdefault((cpt_system, code), fam.modality)
-        family[fam.modality] = fam
+            raise ConfigError(str(cpt_file), f"family.{modality}", f"{modality!r} is not a modality of {mod_file.name}")
+        if isinstance(raw, list) and not raw:
+            raise ConfigError(str(cpt_file), f"family.{modality}", "must have at least one row")
+        for n, row in enumerate(raw if isinstance(raw, list) else [raw]):  # one row, or rows by date of service
+            entry = f"family.{modality}" + (f"[{n}]" if isinstance(raw, list) else "")
+            item = _mapping(row, cpt_file, entry)
+            fam = FamilyEntry(
+                modality=str(modality),
+                primary=_str(item.get("primary"), cpt_file, f"{entry}.primary"),
+                primary_display=_str(item.get("primary_display", item.get("primary")), cpt_file, entry),
+                add_on=_str(item.get("add_on"), cpt_file, f"{entry}.add_on"),
+                add_on_display=_str(item.get("add_on_display", item.get("add_on")), cpt_file, entry),
+            )
+            if fam.primary == fam.add_on:
+                raise ConfigError(str(cpt_file), entry, f"code {fam.primary} is used twice in the family")
+            for code in (fam.primary, fam.add_on):
+                if code in never_emit:
+                    raise ConfigError(str(cpt_file), entry, f"{code} may never be emitted: {never_emit[code]}")
+                if used.setdefault(code, str(modality)) != modality:  # rows of one modality may repeat a code
+                    raise ConfigError(str(cpt_file), entry, f"code {code} is used twice in the family")
+                # a CPT FNA code in Procedure.code is evidence of its modality (on every date: what a code means
+                # does not change; whether it may be billed on a date is the family row's question)
+                procedure_codes.setdefault((cpt_system, code), Rows(((Effective(), fam.modality),)))
+            family_rows.append((str(modality), effective_of(item, cpt_file, entry), fam, entry))
+    family = collect(family_rows, cpt_file, lambda m: f"family.{m}")
 
     modifiers: dict[str, Modifier] = {}
     for code, raw in _mapping(cpt.get("modifiers"), cpt_file, "modifiers").items():
@@ -337,23 +390,8 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
                           f"{settings.distinct_modifier!r} is not in {cpt_file.name} modifiers "
                           f"({', '.join(modifiers)})")
 
-    mue: dict[str, int] = {}
-    mue_sources: dict[str, str] = {}
-    for code, raw in _mapping(_read_yaml(mue_file).get("limits", {}), mue_file, "limits").items():
-        entry = f"limits.{code}"
-        limit, source = raw, ""
-        if isinstance(raw, dict):
-            limit = raw.get("units")
-            if raw.get("source") is not None:
-                source = _str(raw.get("source"), mue_file, f"{entry}.source")
-            elif raw.get("site_decision") is not None:
-                source = "site decision: " + _str(raw.get("site_decision"), mue_file, f"{entry}.site_decision")
-            else:
-                raise ConfigError(str(mue_file), entry, "needs a source or a site_decision")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigError(str(mue_file), entry, "must be a whole number of at least 1")
-        mue[str(code)] = limit
-        mue_sources[str(code)] = source
+    mue, mue_sources = load_mue(mue_file, _read_yaml(mue_file))
+    including = _load_including(base / "including-procedures.yaml")
     reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
     billing = load_billing_tables(base, _read_yaml)
@@ -373,8 +411,56 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
         guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, local_codes=local_codes,
+        including=including,
         **reading,
     )
+
+
+def load_mue(mue_file: Path, data: dict[str, Any]) -> tuple[dict[str, Rows[MueLimit]], dict[str, str]]:
+    """config/mue.yaml: per code one row (a mapping, or a bare number) or a list of rows by date of service, each
+    with `units`, a `source` or `site_decision`, and optionally `mai` (1, 2, 3), `rationale` and `effective`."""
+    rows: list[tuple[str, Effective, MueLimit, str]] = []
+    for code, raw in _mapping(data.get("limits", {}), mue_file, "limits").items():
+        for n, row in enumerate(raw if isinstance(raw, list) else [raw]):
+            entry = f"limits.{code}" + (f"[{n}]" if isinstance(raw, list) else "")
+            limit, source, mai, rationale = row, "", None, ""
+            effective = Effective()
+            if isinstance(row, dict):
+                limit = row.get("units")
+                if row.get("source") is not None:
+                    source = _str(row.get("source"), mue_file, f"{entry}.source")
+                elif row.get("site_decision") is not None:
+                    source = "site decision: " + _str(row.get("site_decision"), mue_file, f"{entry}.site_decision")
+                else:
+                    raise ConfigError(str(mue_file), entry, "needs a source or a site_decision")
+                mai = row.get("mai")
+                if mai is not None and mai not in (1, 2, 3):
+                    raise ConfigError(str(mue_file), f"{entry}.mai", "must be 1 (line), 2 (day, policy) or 3 (day, "
+                                                                     "clinical): the CMS MUE adjudication indicator")
+                if row.get("rationale") is not None:
+                    rationale = _str(row.get("rationale"), mue_file, f"{entry}.rationale")
+                effective = effective_of(row, mue_file, entry)
+            # CMS publishes MUE 0 for codes never payable per day; a hand-written row needs at least 1
+            least = 0 if mai is not None else 1
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < least:
+                raise ConfigError(str(mue_file), entry, f"must be a whole number of at least {least}")
+            rows.append((str(code), effective, MueLimit(limit, source, mai, rationale), entry))
+    mue = collect(rows, mue_file, lambda c: f"limits.{c}")
+    return mue, {code: r.any.source for code, r in mue.items()}
+
+
+def _load_including(path: Path) -> dict[CodeKey, Rows[IncludingCode]]:
+    """config/including-procedures.yaml: the codes whose service includes the FNA (optional: none without it)."""
+    if not path.exists():
+        return {}
+    data = _read_yaml(path)
+    rows: list[tuple[CodeKey, Effective, IncludingCode, str]] = []
+    for i, (key, item) in enumerate(_codings(_list(data, "codes", path, required=False), "codes", path, dated=True)):
+        entry = f"codes[{i}]"
+        found = IncludingCode(key[0], key[1], _str(item.get("display"), path, f"{entry}.display"),
+                              _str(item.get("source"), path, f"{entry}.source"))
+        rows.append((key, effective_of(item, path, entry), found, entry))
+    return collect(rows, path, lambda k: f"{k[0]}|{k[1]}")
 
 
 def _load_input(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from adapter.building.resources import OutputWarning, SessionOutput
 from adapter.coding.engine import Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.procedures import RULE_OF_REASON, Kind, ProcedureFacts, Rule
+from adapter.extraction.timezones import fna_bases, utc_feed_warning
 from adapter.pipeline import RunReport
 from adapter.redact import FreeText, scrub
 from adapter.sources.files import EntryProblem
@@ -73,7 +74,8 @@ def diagnostics(report: RunReport) -> list[str]:
     out += [merged_line(f) for f in report.coding.merged]
     out += [no_charge_line(f) for f in report.coding.no_charge]
     out += [skipped_line(f) for f in report.coding.skipped]
-    return out
+    utc = utc_feed_warning(fna_bases(report.facts))
+    return [*out, utc] if utc else out
 
 
 def unreadable_line(err: object) -> str:
@@ -111,6 +113,10 @@ def merged_line(proc: ProcedureFacts) -> str:
 
 
 def no_charge_line(proc: ProcedureFacts) -> str:
+    if proc.included_in == proc.ref:
+        return f"no charge: {proc.ref}: its own Procedure.code includes the FNA (an endoscopic code)"
+    if proc.included_in:
+        return f"no charge: {proc.ref}: included in {proc.included_in} (its code includes the FNA)"
     return f"no charge: {proc.ref}: {proc.no_charge_why or f'status {proc.status}'}"
 
 
@@ -146,6 +152,8 @@ def _skip_rule(proc: ProcedureFacts) -> str:
         return str(Rule.CORE)
     if proc.kind is Kind.GUIDANCE:
         return str(Rule.GUIDANCE)
+    if proc.kind is Kind.INCLUDING:
+        return str(Rule.INCLUDED)
     return str(Rule.KIND)
 
 
@@ -154,6 +162,9 @@ def _skip_reason(proc: ProcedureFacts) -> str:
         return "core needle biopsy, not an FNA (config/fna-valueset.yaml core_needle_biopsy)"
     if proc.kind is Kind.GUIDANCE:
         return "imaging guidance: included in the FNA code, never billed (config/modalities.yaml guidance_procedures)"
+    if proc.kind is Kind.INCLUDING:
+        return ("its code already includes the FNA (config/including-procedures.yaml): not ours to bill, it is billed "
+                "under its own code by its own workflow")
     return "not an FNA biopsy (Procedure.code is not in config/fna-valueset.yaml)"
 
 
@@ -237,7 +248,9 @@ def explain(report: RunReport, tables: CodeTables, procedure: str | None = None)
             out += _notes(proc, "  ")
     for proc in report.coding.no_charge:
         if not wanted or proc.ref == wanted:
-            if proc.no_charge_why:
+            if proc.included_in:
+                out.append(f"No charge {proc.ref}: included in {proc.included_in} (rule {Rule.INCLUDED})")
+            elif proc.no_charge_why:
                 out.append(f"No charge {proc.ref}: {proc.no_charge_why} (rule {Rule.TEST_DATA})")
             else:
                 out.append(f"No charge {proc.ref}: status {proc.status} is not billable (rule {Rule.STATUS})")

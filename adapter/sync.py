@@ -28,6 +28,7 @@ from adapter.config import CodeTables
 from adapter.errors import FhirError
 from adapter.extraction.index import local_reference, reference_of, seen_version, version_of
 from adapter.extraction.procedures import Disposition, Kind
+from adapter.extraction.timezones import warn_utc_feed_once
 from adapter.hl7v2.sink import Hl7v2Sink
 from adapter.pipeline import RunReport, local_bases, process
 from adapter.redact import FreeText
@@ -250,6 +251,7 @@ class Syncer:
         ctx = self.source.context(wanted)
         extra = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in loose]
         report = process([*ctx.resources, *extra], self.tables, server_base=self.client.base_url)
+        warn_utc_feed_once(report.facts, log)
         writes = plan(report, [*ctx.charge_items, *ctx.claims], self.tables, answered=ctx.answered)
         if scope is not None:
             writes = writes.within(scope)

@@ -63,6 +63,9 @@ REVIEW_REASONS = {
     "unknown-modifier-extension",
     "modifier-element",
     "unmapped-local-code",
+    "no-row-for-date",
+    "included-fna-distinct-site",
+    "time-zone-conflict",
 } | {"missing-diagnosis", "missing-payer", "missing-billing-provider", "missing-place-of-service", "missing-price"}
 CLAIM_REVIEW_REASONS = {"missing-diagnosis", "missing-payer", "missing-billing-provider", "missing-place-of-service",
                         "missing-price"}
@@ -74,6 +77,12 @@ WARNING_CODES = {"no-coverage", "missing-price", "ambiguous-account"}
 BILLING_SCENARIOS = range(80, 1000)
 """Numbers kept apart from 01-79 (numbered without gaps): billing scenarios (issue 10) and, 94-99, the gaps an
 audit of issue 8 found; 100 and above: real-feed fidelity III (issue 18)."""
+REAL_FEED_III_SCENARIOS = range(100, 200)
+"""Issue 18 (real-feed fidelity III): 100-111 Bundle semantics, modifier elements and local codes; 130-149 included
+FNAs, tables by date and time zones."""
+INCLUDING_CODES = {(CPT, c) for c in ("43238", "43242", "43232", "45342", "45392", "31652", "31653", "31629",
+                                      "31633")} | {(SCT, "1217420009")}
+"""Procedure codes whose service already includes the FNA (rule included-fna), written here apart from config."""
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
 EXT_BODYSITE = "http://hl7.org/fhir/StructureDefinition/bodySite"
 
@@ -224,7 +233,7 @@ def test_scenario_directory_names_are_numbered_and_kebab_case():
     # numbers are unique (ranges are shared out between engineers); 01-79 are numbered without gaps
     all_numbers = numbers + [int(DIR_RE.match(d.name).group(1)) for d in FEED_DIRS if DIR_RE.match(d.name)]
     assert len(all_numbers) == len(set(all_numbers)), "scenario numbers must be unique across scenarios/ and feeds/"
-    coding = [n for n in numbers if n not in BILLING_SCENARIOS]
+    coding = [n for n in numbers if n not in BILLING_SCENARIOS and n not in REAL_FEED_III_SCENARIOS]
     assert coding == list(range(1, len(coding) + 1)), "scenario numbers 01-79 must be 01, 02, ... without gaps"
 
 
@@ -437,9 +446,15 @@ def test_expected_is_complete_and_consistent(sdir: Path):
         assert set(m) == {"procedure", "into", "reason"} and m["reason"] in ("duplicate", "part-of"), m
         assert m["procedure"] in procedures and m["into"] in procedures and m["into"] != m["procedure"]
         assert codings(procedures[m["procedure"]]["code"]) & FNA_CODES
+    included = expected.get("included", [])
+    for inc in included:  # an FNA whose service another procedure's code (or its own) already includes
+        assert set(inc) == {"procedure", "in"}, inc
+        assert procedures[inc["procedure"]]["status"] == "completed"
+        assert codings(procedures[inc["procedure"]]["code"]) & FNA_CODES
+        assert codings(procedures[inc["in"]]["code"]) & INCLUDING_CODES
     coding_reviews = {r["procedure"] for r in expected["reviews"] if r["reason"] not in CLAIM_REVIEW_REASONS}
     buckets = [coding_reviews, set(expected["no_charge"]), set(expected["skipped"]), line_ids,
-               {m["procedure"] for m in merged}]
+               {m["procedure"] for m in merged}, {i["procedure"] for i in included}]
     assert len({(r["procedure"], r["reason"]) for r in expected["reviews"]}) == len(review_ids)
     for i, a in enumerate(buckets):
         for b in buckets[i + 1 :]:

@@ -76,7 +76,9 @@ def observed(report: RunReport) -> dict[str, Any]:
         "claims": [_claim(s.claim) for s in report.built.sessions if s.claim],
         "reviews": sorted(({"procedure": short(r.procedure), "reason": r.reason} for r in report.reviews),
                           key=lambda r: (r["procedure"], r["reason"])),
-        "no_charge": sorted(short(f.ref) for f in report.coding.no_charge),
+        "no_charge": sorted(short(f.ref) for f in report.coding.no_charge if not f.included_in),
+        "included": sorted(({"procedure": short(f.ref), "in": short(f.included_in)}
+                            for f in report.coding.no_charge if f.included_in), key=lambda i: i["procedure"]),
         "skipped": sorted(short(f.ref) for f in report.coding.skipped),
         "warnings": [{"code": w.code, "patient": w.subject} for w in report.built.warnings],
         "merged": sorted(({"procedure": short(f.ref), "into": short(f.merged_into or ""),
@@ -94,6 +96,7 @@ def expected_of(folder: Path) -> dict[str, Any]:
         "claims": [{"referral": None, **claim} for claim in data["claims"]],
         "reviews": sorted(data["reviews"], key=lambda r: (r["procedure"], r["reason"])),
         "no_charge": sorted(data["no_charge"]),
+        "included": sorted(data.get("included", []), key=lambda i: i["procedure"]),
         "skipped": sorted(data["skipped"]),
         "warnings": data["warnings"],
         "merged": sorted(data.get("merged", []), key=lambda m: m["procedure"]),

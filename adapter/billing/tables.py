@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from adapter.dated import day_of
 from adapter.errors import ConfigError
 
 CodeKey = tuple[str, str]
@@ -215,15 +216,7 @@ def load_diagnosis_map(file: Path, data: dict[str, Any]) -> dict[CodeKey, tuple[
     return out
 
 
-def _day(value: Any, file: Path, entry: str) -> date | None:
-    if value is None:
-        return None
-    if isinstance(value, date):
-        return value
-    try:
-        return date.fromisoformat(str(value))
-    except ValueError:
-        raise ConfigError(str(file), entry, f"{value!r} is not a date (YYYY-MM-DD)") from None
+_day = day_of
 
 
 def load_chargemaster(file: Path, data: dict[str, Any]) -> tuple[str, tuple[ChargemasterRow, ...]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from adapter.config import CodeTables
+from adapter.config import MAI_MEANING, CodeTables
 from adapter.extraction.procedures import Disposition, Finding, Kind, Lesion, ProcedureFacts, Rule, SessionKey
 
 
@@ -116,7 +116,8 @@ def _build_lines(session: Session, tables: CodeTables) -> None:
     first = session.first_modality
     distinct = tables.settings.distinct_modifier
     for modality, members in groups.items():  # dicts keep first-appearance order
-        fam = tables.family[modality]
+        fam = tables.family[modality].on(session.key.date)
+        assert fam is not None, "checked by _family_rows before lines are built"
         name = tables.display_of(modality)
         lesion, ref = members[0]
         if modality == first:
@@ -137,6 +138,19 @@ def _build_lines(session: Session, tables: CodeTables) -> None:
                 f"each additional lesion under {name} "
                 f"({len(members)} lesions, the first billed as {fam.primary}): "
                 f"{_lesion_list([lesion for lesion, _ in extra])}; add-on codes never take a modifier"))
+
+
+def _family_rows(session: Session, tables: CodeTables) -> list[tuple[str, Finding]]:
+    """Every modality of the session needs a row of config/cpt-fna.yaml valid on its date of service (rule
+    effective-dates): before 1 January 2019 the FNA family did not exist, and no code is guessed for it."""
+    out: list[tuple[str, Finding]] = []
+    for _, modality, ref in session.lesions:
+        rows = tables.family.get(modality)
+        if rows is not None and rows.on(session.key.date) is None:
+            out.append((ref, Finding("no-row-for-date", f"config/cpt-fna.yaml has no {tables.display_of(modality)} "
+                                                        f"row valid on {session.key.date} (rows: {rows.periods()}): "
+                                                        "no FNA code is known for that date")))
+    return list(dict.fromkeys(out))
 
 
 def _same_lesion(fna: Lesion, core: Lesion) -> bool:
@@ -205,6 +219,8 @@ def code_procedures(facts: list[ProcedureFacts], tables: CodeTables) -> CodingRe
                 own[ref].append(finding)
         for ref, finding in _core_conflicts(session, cores.get((key.patient, key.date), [])):
             own[ref].append(finding)
+        for ref, finding in _family_rows(session, tables):
+            own[ref].append(finding)
         if any(own.values()) or key in forced:
             _hold(session, own, result, forced.get(key, "") if not any(own.values()) else "")
             continue
@@ -244,23 +260,36 @@ def _join_sessions(by_session: dict[SessionKey, list[ProcedureFacts]]) -> dict[S
 
 
 def _check_mue(result: CodingResult, tables: CodeTables) -> None:
-    """MUE limits are per patient, provider and day: units of a code are added up over every session of that
-    day (two encounters on one day are two sessions, but one MUE day). Over the limit -> review, never cut."""
+    """MUE limits are per patient and provider: with a date-of-service indicator (MAI 2 or 3, or none) the units
+    of a code are added up over every session of that day (two encounters on one day are two sessions, but one
+    MUE day); with MAI 1 (a claim-line edit) each line is checked on its own. The row is the one valid on the date
+    of service; a code with rows, none valid then, is not checked against a guess: review. Over the limit ->
+    review, never cut."""
     per_day: dict[tuple[str, str, str, str], list[tuple[Session, ChargeLine]]] = defaultdict(list)
     for session in result.coded_sessions:
-        for line in session.lines:
+        for n, line in enumerate(session.lines):
             if line.code in tables.mue:
-                per_day[(session.key.patient, session.key.performer, session.key.date, line.code)].append(
-                    (session, line))
+                row = tables.mue[line.code].on(session.key.date)
+                per_line = row is not None and not row.per_day
+                per_day[(session.key.patient, session.key.performer, session.key.date,
+                         line.code + (f"#{id(session)}:{n}" if per_line else ""))].append((session, line))
     over: dict[int, tuple[Session, dict[str, list[Finding]]]] = {}
-    for (_, _, day, code), members in per_day.items():
+    for (_, _, day, _), members in per_day.items():
+        code = members[0][1].code
+        rows = tables.mue[code]
+        row = rows.on(day)
         units = sum(line.units for _, line in members)
-        limit = tables.mue[code]
-        if units <= limit:
+        if row is None:
+            finding = Finding("no-row-for-date", f"config/mue.yaml has rows for {code} ({rows.periods()}) but none "
+                                                 f"valid on {day}: its MUE limit that day is unknown (import the "
+                                                 "quarter's CMS table: charge-adapter mue import)")
+        elif units <= row.units:
             continue
-        where = "" if len(members) == 1 else f" on {day} over {len(members)} sessions"
-        finding = Finding("mue-exceeded", f"{code} x{units}{where} exceeds its MUE limit of {limit} "
-                                          "(config/mue.yaml); never cut silently")
+        else:
+            where = "" if len(members) == 1 else f" on {day} over {len(members)} sessions"
+            why = f" ({row.rationale})" if row.rationale else ""
+            finding = Finding("mue-exceeded", f"{code} x{units}{where} exceeds its MUE limit of {row.units} "
+                                              f"(config/mue.yaml{why}; {MAI_MEANING[row.mai]}); never cut silently")
         for session, line in members:
             _, own = over.setdefault(id(session), (session, {p.ref: [] for p in session.procedures}))
             for ref in line.procedures:

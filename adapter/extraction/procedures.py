@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from adapter.config import CodeKey, CodeTables
 from adapter.extraction.index import (
@@ -24,6 +25,7 @@ from adapter.extraction.index import (
     version_rank,
 )
 from adapter.extraction.modifiers import deceased_before, is_test_data, modifier_findings
+from adapter.extraction.timezones import DEFAULT_ZONE, FacilityZone, facility_zone
 
 EXT_METHOD = "http://hl7.org/fhir/StructureDefinition/procedure-method"
 EXT_TARGET = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
@@ -40,6 +42,9 @@ class Kind(StrEnum):
     FNA = "fna"
     CORE = "core-needle-biopsy"
     GUIDANCE = "imaging-guidance"
+    INCLUDING = "including-procedure"
+    """A procedure whose code already includes the FNA (an EUS/EBUS endoscopy): not ours, but it makes the FNA
+    it includes bill nothing (config/including-procedures.yaml)."""
     OTHER = "other"
 
 
@@ -84,6 +89,10 @@ class Rule(StrEnum):
     """Primary and add-on codes per modality, modifier 59 (section 7)."""
     BILLING = "billing"
     """What a Claim needs: billing provider, payer, place of service, diagnoses, prices (section 8)."""
+    INCLUDED = "included-fna"
+    """An FNA whose service another procedure's code already includes bills nothing."""
+    EFFECTIVE = "effective-dates"
+    """The date of service chooses each table row; a date without a valid row goes to review."""
 
 
 RULE_OF_REASON = {
@@ -99,6 +108,7 @@ RULE_OF_REASON = {
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
     "modifier-element": Rule.MODIFIER_ELEMENT, "unmapped-local-code": Rule.LOCAL_CODE,
+    "no-row-for-date": Rule.EFFECTIVE, "time-zone-conflict": Rule.DATE, "included-fna-distinct-site": Rule.INCLUDED,
 }
 
 
@@ -121,6 +131,8 @@ class Evidence:
     code: str
     display: str | None
     modality: str | None
+    out_of_date: str = ""
+    """Set when the code is in a table whose rows are not valid on the date of service (rule effective-dates)."""
 
     def describe(self) -> str:
         label = f" {self.display}" if self.display else ""
@@ -186,6 +198,11 @@ class ProcedureFacts:
     identifiers: tuple[tuple[str, str], ...] = ()
     part_of: list[Resolved] = field(default_factory=list)
     merged_into: str | None = None
+    time_basis: str = ""
+    """How the date of service was read: `offset`, `utc-facility`, `utc-setting`, `utc-default` (session.time_zone
+    left at UTC), `date` or `local`."""
+    included_in: str = ""
+    """The Procedure whose code already includes this FNA (rule included-fna); it then bills nothing."""
     conflicting_copies: frozenset[str] = frozenset()
     """Procedures that are the same procedure as this one but disagree with it (duplicate-conflict)."""
     merge_basis: str = ""
@@ -249,13 +266,56 @@ def classify(resource: dict[str, Any], tables: CodeTables) -> Kind:
         return Kind.CORE
     if any(k in tables.guidance_procedures for k in keys):
         return Kind.GUIDANCE
+    if any(k in tables.including for k in keys):
+        return Kind.INCLUDING
     return Kind.OTHER
 
 
+def including_codes(resource: dict[str, Any], tables: CodeTables) -> list[tuple[CodeKey, str]]:
+    """The codings of `Procedure.code` that are in config/including-procedures.yaml, with their display."""
+    return [((c.get("system", ""), c["code"]), str(c.get("display") or "")) for c in _codings(resource.get("code"))
+            if (c.get("system", ""), c["code"]) in tables.including]
+
+
 # ------------------------------------------------------------------------------------ date of service
-def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables) -> None:
+def _utc_day(moment: datetime, element: str, text: str, facts: ProcedureFacts, tables: CodeTables,
+             index: ResourceIndex | None, resource: dict[str, Any]) -> tuple[str | None, str]:
+    """(date of service, why) of a time written in UTC: the facility's zone (adapter/extraction/timezones.py),
+    else `session.time_zone`. None when the facility's zones disagree on the date, or one is not a zone."""
+    if index is None:
+        found = FacilityZone(())
+    elif resource.get("location") is None:  # what Procedures of one encounter and performer share: once
+        found = index.memo(("facility-zone", facts.encounter, facts.on_behalf_of, facts.rendering_role),
+                           lambda: facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role,
+                                                 index, facts.entry))
+    else:
+        found = facility_zone(resource, facts.encounter, facts.on_behalf_of, facts.rendering_role, index, facts.entry)
+    if found.problems:
+        facts.flag("invalid-resource", "; ".join(found.problems))
+        return None, ""
+    if found.zones:
+        days = {moment.astimezone(ZoneInfo(zone)).date().isoformat() for zone, _ in found.zones}
+        if len(days) > 1:
+            said = "; ".join(f"{zone} ({where})" for zone, where in found.zones)
+            facts.flag("time-zone-conflict", f"{element} {text} is written in UTC and the facility's time zones "
+                                             f"disagree on its date ({', '.join(sorted(days))}): {said}")
+            return None, ""
+        zone, where = found.zones[0]
+        facts.time_basis = "utc-facility"
+        day = days.pop()
+        return day, f"{element} {text} is written in UTC: its date in {zone} ({where}) is {day}"
+    zone_info = tables.settings.zone
+    facts.time_basis = "utc-default" if zone_info.key == DEFAULT_ZONE else "utc-setting"
+    day = moment.astimezone(zone_info).date().isoformat()
+    return day, (f"{element} {text} is written in UTC and no Location or Organization carries a timezone "
+                 f"extension: its date in session.time_zone {zone_info.key} is {day}")
+
+
+def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: CodeTables,
+                    index: ResourceIndex | None = None) -> None:
     """Sets `performed` (an instant, for ordering) and the date of service: the local calendar date of the
-    time as written; `session.time_zone` only for times written in UTC and for dates without a time."""
+    time as written; for times written in UTC the facility's zone (the timezone extension of a Location or the
+    performing Organization), else `session.time_zone`, which also dates values without a time."""
     text: Any = resource.get("performedDateTime")
     element = "performedDateTime"
     if text is None and isinstance(resource.get("performedPeriod"), dict):
@@ -278,6 +338,7 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
             moment = datetime.combine(date.fromisoformat(text), time(0), tzinfo=zone)
             day = text
             how = f"{element} {text} is a date: the date of service itself"
+            facts.time_basis = "date"
         else:
             moment = datetime.fromisoformat(text)
             offset = moment.utcoffset()
@@ -285,12 +346,16 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
                 moment = moment.replace(tzinfo=zone)
                 day = text[:10]
                 how = f"{element} {text} has no UTC offset: its own calendar date"
+                facts.time_basis = "local"
             elif offset == timedelta(0):
-                day = moment.astimezone(zone).date().isoformat()
-                how = f"{element} {text} is written in UTC: its date in session.time_zone {zone.key} is {day}"
+                found, how = _utc_day(moment, element, text, facts, tables, index, resource)
+                if found is None:
+                    return
+                day = found
             else:
                 day = text[:10]
                 how = f"{element} {text}: the local date as written (its own UTC offset)"
+                facts.time_basis = "offset"
     except ValueError:
         facts.flag("invalid-resource", f"{element} {text!r} is not a valid FHIR dateTime")
         return
@@ -301,23 +366,30 @@ def parse_performed(resource: dict[str, Any], facts: ProcedureFacts, tables: Cod
 
 
 # ------------------------------------------------------------------------------------------ modality
-def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "") -> list[Evidence]:
-    """Guidance evidence a Procedure gives about itself: procedure-method extensions and Procedure.code."""
+def own_evidence(resource: dict[str, Any], tables: CodeTables, prefix: str = "",
+                 day: str | None = None) -> list[Evidence]:
+    """Guidance evidence a Procedure gives about itself: procedure-method extensions and Procedure.code, each code
+    read with the table row valid on the date of service `day` (rule effective-dates)."""
     found: list[Evidence] = []
     for i, ext in enumerate(_extensions(resource, EXT_METHOD)):
         for coding in _codings(ext.get("valueCodeableConcept")):
             key = (coding.get("system", ""), coding["code"])
+            rows = tables.method_codes.get(key)
+            modality = rows.on(day) if rows else None
+            late = "" if modality or rows is None else f"config/modalities.yaml method_codes: {rows.periods()}"
             found.append(Evidence(f"{prefix}extension[procedure-method][{i}]", key[0], key[1],
-                                  coding.get("display"), tables.method_codes.get(key)))
+                                  coding.get("display"), modality, late))
     codings = [(f"{prefix}Procedure.code", c) for c in _codings(resource.get("code"))]
     codings += [(f"{prefix}Procedure.code {local.get('system', '')}|{local.get('code')} (local code, mapped)",
                  {"system": system, "code": code, "display": display or None})
                 for local, (system, code, display) in tables.local_codes.mapped(resource.get("code"))]
     for element, coding in codings:
         key = (coding.get("system", ""), coding["code"])
-        modality = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
-        if modality or key in tables.procedure_codes:
-            found.append(Evidence(element, key[0], key[1], coding.get("display"), modality))
+        rows = tables.procedure_codes.get(key) or tables.guidance_procedures.get(key)
+        modality = rows.on(day) if rows else None
+        if rows is not None:
+            late = "" if modality else f"config/modalities.yaml: {rows.periods()}"
+            found.append(Evidence(element, key[0], key[1], coding.get("display"), modality, late))
     return found
 
 
@@ -347,7 +419,13 @@ def unmapped_local_code(resource: dict[str, Any], tables: CodeTables) -> str | N
 
 
 def decide_modality(facts: ProcedureFacts, tables: CodeTables) -> None:
-    """All evidence (own, children's and siblings') agrees -> that modality; disagrees or none -> review."""
+    """All evidence (own, children's and siblings') agrees -> that modality; disagrees or none -> review. A code whose
+    table rows are none valid on the date of service is not read as evidence of anything: review."""
+    late = [e for e in facts.evidence if e.out_of_date]
+    if late:
+        facts.flag("no-row-for-date", "; ".join(f"{e.describe()} has no row valid on {facts.service_date} "
+                                                f"({e.out_of_date})" for e in late))
+        return
     found = sorted({e.modality for e in facts.evidence if e.modality})
     if len(found) == 1:
         facts.modality = found[0]
@@ -877,9 +955,9 @@ def extract(item_resource: dict[str, Any], origin: str, index: ResourceIndex, ta
             facts.reasons.append((target.key, target.resource))
     linked = linked_resources(resource, facts, index, encounter)
     choose_rendering(resource, facts, index, tables)
-    parse_performed(resource, facts, tables)
+    parse_performed(resource, facts, tables, index)
     if facts.kind in (Kind.FNA, Kind.GUIDANCE):
-        facts.evidence = own_evidence(resource, tables)
+        facts.evidence = own_evidence(resource, tables, day=facts.service_date)
     structures: list[Resolved] = []
     find_lesions(resource, facts, index, tables, structures)
     unknown = _unknown_modifiers(resource, "Procedure", tables, entry)
@@ -933,7 +1011,7 @@ def _deleted(ref: str, origin: str, entry: Entry, index: ResourceIndex, tables: 
     content = entry.resource if "code" in entry.resource else last.resource if last else entry.resource
     kind = classify(content, tables)
     facts = ProcedureFacts(ref=ref, origin=origin, kind=kind, resource=content, entry=entry, status=DELETED)
-    facts.disposition = Disposition.NO_CHARGE if kind is not Kind.OTHER else Disposition.SKIPPED
+    facts.disposition = Disposition.NO_CHARGE if kind not in (Kind.OTHER, Kind.INCLUDING) else Disposition.SKIPPED
     body = " (a DELETE entry: the resource it still carries is not billed)" if "code" in entry.resource else ""
     facts.note(Rule.BUNDLE if body else Rule.VERSIONS, f"the newest version in the input ({origin}) deletes it{body}")
     return facts

@@ -6,6 +6,9 @@
   to an FNA is evidence of the FNA's modality and is never billed.
 - The same procedure delivered twice (same identifier, or same patient, provider, time and site) is
   billed once; copies that disagree go to review.
+- An FNA done as part of a procedure whose code already includes the aspiration (EUS-/EBUS-guided sampling:
+  config/including-procedures.yaml), as its `partOf` child or in the same session by the same provider, bills
+  nothing (rule included-fna).
 
 Pure: works on the facts of one run, in an order that does not depend on the input's order.
 """
@@ -23,6 +26,7 @@ from adapter.extraction.procedures import (
     ProcedureFacts,
     Rule,
     decide_modality,
+    including_codes,
 )
 
 KEEP_ON_CHILDREN = {"other-patient", "unknown-modifier-extension", "version-conflict", "unresolved-reference"}
@@ -34,30 +38,124 @@ def link(facts: list[ProcedureFacts], tables: CodeTables) -> None:
     ordered = sorted(facts, key=ProcedureFacts.sort_key)
     by_ref = {f.ref: f for f in ordered}
     used: set[str] = set()
+    _included(ordered, by_ref, tables)
     _children(ordered, by_ref, used)
     _siblings(ordered, used)
     for proc in ordered:
         if proc.kind is Kind.FNA and proc.disposition in (Disposition.BILLABLE, Disposition.REVIEW):
             decide_modality(proc, tables)
-        elif proc.kind is Kind.GUIDANCE:
+        elif proc.kind in (Kind.GUIDANCE, Kind.INCLUDING):
             proc.disposition = Disposition.SKIPPED
             proc.findings.clear()
     _duplicates(ordered)
 
 
-def _root(proc: ProcedureFacts, by_ref: dict[str, ProcedureFacts]) -> ProcedureFacts | None:
-    """The FNA at the top of a `partOf` chain above `proc` (None when no FNA is above it)."""
+def _including_label(proc: ProcedureFacts, tables: CodeTables) -> tuple[str, str]:
+    """(the including codes of `proc` valid on the FNA's date, those not valid on it) as text for explain."""
+    valid: list[str] = []
+    late: list[str] = []
+    for key, _ in including_codes(proc.resource, tables):
+        rows = tables.including[key]
+        row = rows.on(proc.service_date)
+        if row is not None:
+            valid.append(f"{row.label()}; source: {row.source}")
+        else:
+            late.append(f"{key[0]}|{key[1]} (config/including-procedures.yaml rows: {rows.periods()})")
+    return "; ".join(valid), "; ".join(late)
+
+
+def _ancestors(proc: ProcedureFacts, by_ref: dict[str, ProcedureFacts]) -> list[ProcedureFacts]:
+    """The Procedures above `proc` along `partOf` (nearest first; a cycle ends the walk)."""
+    out: list[ProcedureFacts] = []
     seen = {proc.ref}
-    found: ProcedureFacts | None = None
     current = proc
     while True:
         parent = next((by_ref[t.key] for t in current.part_of if t.key in by_ref), None)
         if parent is None or parent.ref in seen:
-            return found
+            return out
         seen.add(parent.ref)
-        if parent.kind is Kind.FNA:
-            found = parent
+        out.append(parent)
         current = parent
+
+
+NOT_OURS = ("it is not ours to bill (not an FNA code): it is billed under its own code, by the workflow of the "
+            "endoscopy or bronchoscopy")
+
+
+def _include(fna: ProcedureFacts, including: ProcedureFacts, how: str, tables: CodeTables) -> None:
+    """`fna` bills nothing: `including`'s code already includes its aspiration (or, when the code is not valid on
+    the date of service, review no-row-for-date)."""
+    valid, late = _including_label(including, tables)
+    if not valid:
+        fna.flag("no-row-for-date", f"{including.ref} ({how}) is coded {late}: no row valid on {fna.service_date}, "
+                                    "so whether its code includes this FNA cannot be told")
+        return
+    keep = [f for f in including.findings if f.reason in KEEP_ON_CHILDREN]
+    if keep and including is not fna:
+        for finding in keep:
+            fna.flag(finding.reason, f"{including.ref} ({how}, whose code includes this FNA): {finding.detail}")
+        return
+    fna.included_in = including.ref
+    own = [f for f in fna.findings if f.reason in KEEP_ON_CHILDREN]  # still needs an analyst (as a child would)
+    fna.findings = own
+    if not own:
+        fna.disposition = Disposition.NO_CHARGE
+    whose = "its own Procedure.code" if including is fna else f"{including.ref} ({how})"
+    other = "the endoscopic code" if including is fna else including.ref
+    fna.note(Rule.INCLUDED, f"{whose} is coded {valid}: that code's service already includes the fine needle "
+                            f"aspiration, so the FNA bills nothing (NCCI: a component of a more comprehensive "
+                            f"service is not reported separately); {other}: {NOT_OURS}")
+
+
+def _structures(proc: ProcedureFacts) -> set[str]:
+    return {lesion.body_structure for lesion in proc.lesions if lesion.body_structure}
+
+
+def _included(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], tables: CodeTables) -> None:
+    """FNAs whose aspiration another procedure's code already includes (config/including-procedures.yaml): the FNA
+    itself coded with such a code too, a `partOf` ancestor, or a completed Procedure of the same session (patient,
+    rendering provider, date of service and encounter when both have one). A same-session procedure that names
+    other BodyStructures than the FNA's may be a separate service (distinct site): review."""
+    if not tables.including:
+        return
+    includers = [p for p in ordered if p.kind is Kind.INCLUDING and p.status == "completed"]
+    for fna in ordered:
+        if fna.kind is not Kind.FNA or fna.disposition not in (Disposition.BILLABLE, Disposition.REVIEW):
+            continue
+        if including_codes(fna.resource, tables):
+            _include(fna, fna, "itself", tables)
+            continue
+        parent = next((a for a in _ancestors(fna, by_ref) if a.kind is Kind.INCLUDING or
+                       (a.kind is Kind.FNA and including_codes(a.resource, tables))), None)
+        if parent is not None:
+            if parent.status == "completed":
+                _include(fna, parent, "partOf", tables)
+            else:
+                fna.note(Rule.INCLUDED, f"partOf {parent.ref}, whose code includes the FNA, has status "
+                                        f"{parent.status}: it includes nothing, so the FNA is billed on its own")
+            continue
+        if not (fna.patient and fna.rendering and fna.service_date):
+            continue
+        same = [p for p in includers if p.patient == fna.patient and p.rendering == fna.rendering
+                and p.service_date == fna.service_date
+                and not (p.encounter and fna.encounter and p.encounter != fna.encounter)]
+        if not same:
+            continue
+        mine = _structures(fna)
+        apart = [p for p in same if mine and _structures(p) and not (_structures(p) & mine)]
+        if len(apart) == len(same):
+            names = ", ".join(f"{p.ref} ({_including_label(p, tables)[0] or 'no valid row'})" for p in apart)
+            fna.flag("included-fna-distinct-site", f"{names}, in the same session by the same provider, includes "
+                                                   "an FNA, but names other BodyStructures than this FNA's: a "
+                                                   "separate site may be billed apart (with a distinct-service "
+                                                   "modifier), or this is that sampling; a coder decides")
+            continue
+        _include(fna, next(p for p in same if p not in apart), "the same session, by the same provider", tables)
+
+
+def _root(proc: ProcedureFacts, by_ref: dict[str, ProcedureFacts]) -> ProcedureFacts | None:
+    """The FNA at the top of a `partOf` chain above `proc` (None when no FNA is above it)."""
+    return next((a for a in reversed(_ancestors(proc, by_ref)) if a.kind is Kind.FNA), None)
 
 
 def _children(ordered: list[ProcedureFacts], by_ref: dict[str, ProcedureFacts], used: set[str]) -> None:

@@ -54,10 +54,11 @@ class ServerSource:
         self.page_size = page_size
         self.local = local if local is not None else tables.local_bases | normalize_bases([client.base_url])
         """Bases whose absolute references are read from this server (its own, and config local_bases)."""
-        # FNAs, core biopsies (same-lesion rule), separate imaging-guidance Procedures (modality evidence) and the
-        # site's mapped local codes (config/local-codes.json)
+        # FNAs, core biopsies (same-lesion rule), separate imaging-guidance Procedures (modality evidence), the
+        # site's mapped local codes (config/local-codes.json) and procedures whose code includes the FNA (rule
+        # included-fna: a same-session EUS/EBUS makes the FNA bill nothing)
         codes = sorted(tables.fna | tables.core_needle_biopsy | set(tables.guidance_procedures)
-                       | set(tables.local_codes.targets))
+                       | set(tables.local_codes.targets) | set(tables.including))
         self.code_param = ",".join(f"{system}|{code}" for system, code in codes)
 
     def _search(self, resource_type: str, params: SearchParams) -> Iterator[dict[str, Any]]:
@@ -220,7 +221,7 @@ class _References:
         if kind == "Procedure":
             self.add(*(value for _, value, _ in body_structure_extensions(res)))
             self.add(*(res.get("reasonReference") or []), res.get("encounter"), *(res.get("partOf") or []),
-                     *(res.get("basedOn") or []))
+                     *(res.get("basedOn") or []), res.get("location"))  # location: its time zone (date-of-service)
             for performer in res.get("performer") or []:
                 if isinstance(performer, dict):
                     self.add(performer.get("actor"), performer.get("onBehalfOf"))

@@ -36,6 +36,7 @@ from adapter.config import CodeTables
 from adapter.errors import AdapterError, ExitCode, InputError
 from adapter.extraction.index import Entry, identifier_triples
 from adapter.extraction.procedures import SessionKey
+from adapter.extraction.timezones import fna_bases, utc_feed_warning
 from adapter.pipeline import ProcedureItem, RunReport, batch_gc, code_index
 from adapter.report import (
     CHARGE_HEADERS,
@@ -94,6 +95,8 @@ class Counts:
     no_charge: int = 0
     skipped: int = 0
     batches: int = 0
+    time_bases: set[str] = field(default_factory=set)
+    """How the FNAs' dates of service were read (the UTC-feed warning of rule date-of-service)."""
 
 
 @dataclass
@@ -151,6 +154,9 @@ class StreamResult:
         for kind, payload in db.execute(
                 "SELECT kind, payload FROM diag WHERE cat >= ? ORDER BY cat, a, d, p, f, e, n", (_MERGED,)):
             yield self._line(kind, payload)
+        utc = utc_feed_warning(self.counts.time_bases)
+        if utc:
+            yield utc
 
     def _line(self, kind: str, payload: str) -> str:
         if kind == "review":
@@ -310,6 +316,7 @@ class StreamRun:
         c.reviewed += len({r.procedure for r in report.reviews})
         c.no_charge += len(report.coding.no_charge)
         c.skipped += len(report.coding.skipped)
+        c.time_bases.update(fna_bases(report.facts))
         self._reviews += len(report.reviews)
 
         fact_order = {f.ref: o for f, o in zip(report.facts, order, strict=True)}

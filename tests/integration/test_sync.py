@@ -294,3 +294,23 @@ def test_a_duplicate_delivery_is_reported_online_as_dry_run_reports_it(client: F
     offline = CliRunner().invoke(cli, ["dry-run", str(next((ROOT / "fixtures/fhir/scenarios").glob("56-*")) /
                                                        "input.json")])
     assert "duplicate: Procedure/s56-fna-2: billed under Procedure/s56-fna-1" in offline.stderr  # the same words
+
+
+def test_an_including_procedure_that_arrives_later_voids_the_fna_charge(client: FhirClient, fhir_ns: str) -> None:
+    """Rule included-fna online: scenario 131 without its EBUS bills both FNAs; when the EBUS (CPT 31652, same
+    session and provider as fna-1) arrives, fna-1 bills nothing and its charge is voided, fna-2's stays."""
+    bundle = namespaced("131", fhir_ns)
+    ebus = entry(bundle, f"{fhir_ns}-s131-ebus")
+    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["id"] != ebus["id"]]
+    client.transaction(bundle)
+    patients = patients_of(bundle)
+    syncer = Syncer(client, TABLES)
+    syncer.sync_patients(patients)
+    fna1, fna2 = f"{fhir_ns}-s131-fna-1", f"{fhir_ns}-s131-fna-2"
+    assert lines_on_server(client, patients) == [("10005", "billable", 1, fna1), ("10005", "billable", 1, fna2)]
+    client.update(ebus)
+    summary = syncer.sync_patients(patients)
+    assert summary.voided >= 1 and not summary.failures and not summary.reviews
+    assert lines_on_server(client, patients) == [("10005", "billable", 1, fna2), ("10005", "entered-in-error", 1, fna1)]
+    outcome = next(o for o in summary.outcomes if o.procedure == f"Procedure/{fna1}")
+    assert outcome.outcome == "no-charge"

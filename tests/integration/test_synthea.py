@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from adapter.cli import cli
 from adapter.client import FhirClient
 from adapter.config import load_tables
+from adapter.dated import Effective, Rows
 from adapter.extraction.procedures import Kind
 from adapter.pipeline import process_paths
 from adapter.sync import Syncer
@@ -28,8 +29,13 @@ from .helpers import server_now
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = load_tables()
-UNGUIDED = dataclasses.replace(TABLES, settings=dataclasses.replace(TABLES.settings, when_missing="none"))
-"""Synthea records no guidance: with `guidance.when_missing: none` its FNAs are coded as unguided (10021)."""
+GUIDANCE_NONE = dataclasses.replace(TABLES, settings=dataclasses.replace(TABLES.settings, when_missing="none"))
+UNGUIDED = dataclasses.replace(GUIDANCE_NONE, family={m: Rows(((Effective(), rows.any),))
+                                                      for m, rows in TABLES.family.items()})
+"""Synthea records no guidance: with `guidance.when_missing: none` its FNAs are coded as unguided (10021). Its FNAs
+are dated 1988-2002, before the CPT FNA family began (2019-01-01, config/cpt-fna.yaml; rule effective-dates): the
+shipped table sends them to review `no-row-for-date` (checked below), so the population is coded here with the
+family's rows valid on every date."""
 FNA_LUNG = "432231006"
 
 
@@ -73,6 +79,15 @@ def test_dry_run_accounts_for_every_procedure(population: Path) -> None:
     result = CliRunner().invoke(cli, ["dry-run", "--quiet", str(population)])
     assert result.exit_code == 1, result.output  # the reviews
     assert "Traceback" not in result.output and "modality-missing" in result.stderr
+
+
+def test_fnas_before_the_2019_family_are_reviewed_with_the_shipped_tables(population: Path) -> None:
+    report = process_paths([population], GUIDANCE_NONE)
+    fnas = [f for f in report.facts if f.kind is Kind.FNA]
+    early = {f.ref for f in fnas if f.service_date and f.service_date < "2019-01-01"}
+    assert early == {f.ref for f in fnas}  # the fixed seed's lung cancer FNAs are all from before 2019
+    assert sorted((r.procedure, r.reason) for r in report.reviews) == sorted((ref, "no-row-for-date") for ref in early)
+    assert not report.coding.lines
 
 
 def test_unguided_setting_codes_every_synthea_fna(population: Path) -> None:

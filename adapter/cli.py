@@ -14,6 +14,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from adapter.pipeline import RunReport, process_paths
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
 from adapter.runner import Loop, Runner
 from adapter.service import Service, make_client, parse_instant
-from adapter.settings import AppSettings, ServerSettings, load_settings, secret
+from adapter.settings import AppSettings, ServerSettings, SettingError, load_settings, secret
 from adapter.sources.bulk import EXPORT_TYPES, BulkExport, ExportRequest
 from adapter.sources.receive import (
     ReceiverSettings,
@@ -55,7 +56,26 @@ log = logging.getLogger("adapter.cli")
 
 
 class AdapterGroup(click.Group):
-    """Runs a command; an adapter exception becomes one line on stderr and its exit code, never a traceback."""
+    """Runs a command; an adapter exception becomes one line on stderr and its exit code, never a traceback.
+
+    A bad argument or option (click's usage errors) exits 3 like a bad config value: click's own default, 2,
+    means "the environment failed" here. An exception nobody expected (a bug) is one line too, and its
+    traceback is shown at -vv."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.show()
+            sys.exit(ExitCode.CONFIG)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(ExitCode.REVIEW)
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -65,6 +85,14 @@ class AdapterGroup(click.Group):
                 exc, StateSchemaError) else "error"
             click.echo(f"{label}: {redact.scrub(str(exc))}", err=True)
             ctx.exit(exit_code_for(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if (ctx.obj or {}).get("verbose", 0) >= 2:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {redact.scrub(str(exc))} (a bug in the adapter: run "
+                       "it again with -vv for the traceback, and report it)", err=True)
+            ctx.exit(ExitCode.UNAVAILABLE)
 
 
 def _settings(ctx: click.Context) -> AppSettings:
@@ -219,9 +247,13 @@ def explain_cmd(ctx: click.Context, paths: tuple[str, ...], procedure: str | Non
     """Per session: the lesions and where each came from, the modality and its evidence, each line's rule."""
     tables = _tables(ctx)
     report = process_paths(paths, tables)
-    click.echo(explain(report, tables, procedure), nl=False)
     for err in report.read.unreadable:
         click.echo(f"error: cannot read {err}", err=True)
+    wanted = procedure if not procedure or procedure.startswith("Procedure/") else f"Procedure/{procedure}"
+    if wanted and wanted not in {f.ref for f in report.facts}:
+        click.echo(f"no such Procedure: {wanted} is not in the input ({', '.join(paths)})", err=True)
+        ctx.exit(max(report.exit_code, ExitCode.REVIEW))
+    click.echo(explain(report, tables, procedure), nl=False)
     ctx.exit(report.exit_code)
 
 
@@ -236,7 +268,14 @@ def _client(server: str, auth_file: str | None, ca_bundle: str | None, client_ce
         if not isinstance(loaded, dict):
             raise ConfigError(auth_file, "", "must be a mapping such as {type: bearer, token_env: FHIR_TOKEN}")
         auth = loaded
-    settings = ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "", client_cert=client_cert or "")
+    try:
+        settings = ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "", client_cert=client_cert or "")
+    except SettingError as exc:  # named as the option (or the auth file's key) the value came from
+        option = {"url": f"--server {server!r}", "ca_bundle": "--ca-bundle", "client_cert": "--client-cert"}
+        if exc.key.startswith("auth.") and auth_file:
+            raise ConfigError(auth_file, exc.key[len("auth."):], exc.reason) from None
+        hint = " such as http://127.0.0.1:8089/fhir" if exc.key == "url" else ""
+        raise ConfigError(option.get(exc.key, exc.key), "", exc.reason + hint) from None
     return make_client(settings, auth_file or "--server", auth_key="" if auth_file else "server.auth")
 
 
@@ -247,6 +286,17 @@ def _server_client(ctx: click.Context, server: str | None, auth_file: str | None
         return _client(server, auth_file, ca_bundle, client_cert)
     settings = _settings(ctx)
     return make_client(settings.server, settings.source)
+
+
+FHIR_DATETIME = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?)?)?$")
+
+
+def fhir_datetime(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --since value, checked before any server is asked (a bad one is a usage error, exit 3)."""
+    if value is not None and not FHIR_DATETIME.match(value):
+        raise click.BadParameter(f"{value!r} is not a FHIR dateTime such as 2026-03-01 or 2026-03-01T00:00:00Z",
+                                 param=param)
+    return value
 
 
 def server_options(func: Any) -> Any:
@@ -265,7 +315,8 @@ def server_options(func: Any) -> Any:
 
 @cli.command("sync")
 @server_options
-@click.option("--since", help="Only Procedures changed at or after this FHIR dateTime (default: all).")
+@click.option("--since", callback=fhir_datetime,
+              help="Only Procedures changed at or after this FHIR dateTime (default: all).")
 @click.option("--dry-run", is_flag=True, help="Code and plan, but write nothing.")
 @click.pass_context
 def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: str | None,
@@ -324,7 +375,8 @@ def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: 
                    "shared resources such as Practitioners are not in it).")
 @click.option("--types", default=",".join(EXPORT_TYPES), show_default=True,
               help="_type of the export: the resource types to export.")
-@click.option("--since", help="_since of the export: only resources changed at or after this FHIR instant.")
+@click.option("--since", callback=fhir_datetime,
+              help="_since of the export: only resources changed at or after this FHIR instant.")
 @click.option("--type-filter", "type_filters", multiple=True,
               help="_typeFilter of the export (repeatable), e.g. 'Procedure?date=ge2026-01-01'.")
 @click.option("--poll-max-wait", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -523,6 +575,8 @@ def _run_once(ctx: click.Context, service: Service) -> None:
         pass
     click.echo(result.text(), err=True)
     status = service.status()
+    click.echo(f"review: {status.reviews_open} entries open in the state (as status and review list count them)",
+               err=True)
     waiting = sum(count for state, count in status.queue.items() if state in ("pending", "leased"))
     if waiting and not stop.is_set():
         click.echo(f"{waiting} queued item(s) wait for a retry (the FHIR server or the state failed); the next "
@@ -613,7 +667,7 @@ def review_show(ctx: click.Context, review_id: int) -> None:
     state = _state(ctx)
     entry = state.review(review_id)
     if entry is None:
-        click.echo(f"no review entry {review_id}", err=True)
+        click.echo(f"no such review entry: {review_id} (charge-adapter review list --all shows them)", err=True)
         ctx.exit(ExitCode.REVIEW)
         return
     pushed = ", ".join(f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources) or "-"
@@ -635,7 +689,16 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
     """Re-run an entry (or --all) after the data or the tables were fixed; safe to repeat."""
     if (review_id is None) == (not replay_all):
         raise click.UsageError("give one review ID or --all")
-    service = _service(ctx)
+    state = _state(ctx)  # the id is checked before anything needs the FHIR server
+    if review_id is not None:
+        entry = state.review(review_id)
+        if entry is None:
+            click.echo(f"no such review entry: {review_id} (charge-adapter review list shows the open ones)", err=True)
+            ctx.exit(ExitCode.REVIEW)
+        if entry.status != "open":
+            click.echo(f"review entry {review_id} is {entry.status}, not open: nothing to replay", err=True)
+            ctx.exit(ExitCode.OK)
+    service = Service(_settings(ctx), _tables(ctx), state=state)
     result = service.replay(None if replay_all else [review_id])  # type: ignore[list-item]
     click.echo(result.text())
     left = service.state.reviews("open")

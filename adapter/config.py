@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
-from adapter.errors import ConfigError
+from adapter.errors import ConfigError, check_keys
 from adapter.extraction.index import normalize_base
 from adapter.hl7v2.tables import FILE as HL7V2_FILE
 from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
@@ -165,12 +165,15 @@ def _mapping(value: Any, file: Path, entry: str) -> dict[str, Any]:
     return value
 
 
-def _codings(items: list[Any], key: str, file: Path) -> list[tuple[CodeKey, dict[str, Any]]]:
+def _codings(items: list[Any], key: str, file: Path,
+             extra: tuple[str, ...] = ()) -> list[tuple[CodeKey, dict[str, Any]]]:
+    """Codings of a list (`system`, `code`, an optional `display`, and the `extra` keys the caller reads)."""
     out: list[tuple[CodeKey, dict[str, Any]]] = []
     seen: set[CodeKey] = set()
     for i, raw in enumerate(items):
         entry = f"{key}[{i}]"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("system", "code", "display", *extra), file, entry)
         system = _str(item.get("system"), file, f"{entry}.system")
         code = _str(item.get("code"), file, f"{entry}.code")
         if (system, code) in seen:
@@ -192,6 +195,10 @@ def _load_settings(path: Path) -> Settings:
     output = _mapping(data.get("output", {}), path, "output")
     pricing = _mapping(data.get("pricing", {}), path, "pricing")
     urls = _mapping(data.get("urls", {}), path, "urls")
+    for name, section, keys in (("session", session, ("time_zone",)), ("guidance", guidance, ("when_missing",)),
+                                ("coding", coding, ("distinct_modifier",)), ("output", output, ("claims",)),
+                                ("pricing", pricing, ("when_missing",))):
+        check_keys(section, keys, path, name)
     for key in urls:
         if key not in ("canonical_base", "guidance_code_system"):
             raise ConfigError(str(path), f"urls.{key}", "unknown setting (known: canonical_base, "
@@ -242,6 +249,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     settings = _load_settings(base / "settings.yaml")
 
     valueset = _read_yaml(vs_file)
+    check_keys(valueset, ("fna", "core_needle_biopsy"), vs_file, "")
     fna = frozenset(k for k, _ in _codings(_list(valueset, "fna", vs_file), "fna", vs_file))
     core = frozenset(
         k for k, _ in _codings(_list(valueset, "core_needle_biopsy", vs_file, required=False),
@@ -251,15 +259,17 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         raise ConfigError(str(vs_file), "core_needle_biopsy", "codes may not also be in fna")
 
     mods = _read_yaml(mod_file)
+    check_keys(mods, ("modalities", "method_codes", "procedure_codes", "guidance_procedures"), mod_file, "")
     modalities_raw = _mapping(mods.get("modalities"), mod_file, "modalities")
-    modalities = {
-        str(k): _str(_mapping(v, mod_file, f"modalities.{k}").get("display", k), mod_file, f"modalities.{k}.display")
-        for k, v in modalities_raw.items()
-    }
+    modalities = {}
+    for k, v in modalities_raw.items():
+        check_keys(_mapping(v, mod_file, f"modalities.{k}"), ("display",), mod_file, f"modalities.{k}")
+        modalities[str(k)] = _str(v.get("display", k), mod_file, f"modalities.{k}.display")
 
     def modality_table(key: str, required: bool) -> dict[CodeKey, str]:
         table: dict[CodeKey, str] = {}
-        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file)):
+        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file,
+                                                     ("modality",))):
             modality = _str(item.get("modality"), mod_file, f"{key}[{i}].modality")
             if modality not in modalities:
                 raise ConfigError(str(mod_file), f"{key}[{i}].modality",
@@ -276,10 +286,12 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
                           f"must map the project code {none_key[0]}|none to modality none")
 
     cpt = _read_yaml(cpt_file)
+    check_keys(cpt, ("system", "never_emit", "family", "modifiers"), cpt_file, "")
     cpt_system = _str(cpt.get("system"), cpt_file, "system")
     never_emit: dict[str, str] = {}
     for i, raw in enumerate(_list(cpt, "never_emit", cpt_file)):
         item = _mapping(raw, cpt_file, f"never_emit[{i}]")
+        check_keys(item, ("code", "why"), cpt_file, f"never_emit[{i}]")
         never_emit[_str(item.get("code"), cpt_file, f"never_emit[{i}].code")] = _str(
             item.get("why"), cpt_file, f"never_emit[{i}].why")
     family: dict[str, FamilyEntry] = {}
@@ -293,6 +305,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         if modality not in modalities:
             raise ConfigError(str(cpt_file), entry, f"{modality!r} is not a modality of {mod_file.name}")
         item = _mapping(raw, cpt_file, entry)
+        check_keys(item, ("primary", "primary_display", "add_on", "add_on_display"), cpt_file, entry)
         fam = FamilyEntry(
             modality=str(modality),
             primary=_str(item.get("primary"), cpt_file, f"{entry}.primary"),
@@ -313,6 +326,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     modifiers: dict[str, Modifier] = {}
     for code, raw in _mapping(cpt.get("modifiers"), cpt_file, "modifiers").items():
         item = _mapping(raw, cpt_file, f"modifiers.{code}")
+        check_keys(item, ("system", "display"), cpt_file, f"modifiers.{code}")
         modifiers[str(code)] = Modifier(
             str(code), _str(item.get("system"), cpt_file, f"modifiers.{code}.system"),
             _str(item.get("display", code), cpt_file, f"modifiers.{code}.display"))
@@ -323,10 +337,13 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
 
     mue: dict[str, int] = {}
     mue_sources: dict[str, str] = {}
-    for code, raw in _mapping(_read_yaml(mue_file).get("limits", {}), mue_file, "limits").items():
+    mue_data = _read_yaml(mue_file)
+    check_keys(mue_data, ("limits",), mue_file, "")
+    for code, raw in _mapping(mue_data.get("limits", {}), mue_file, "limits").items():
         entry = f"limits.{code}"
         limit, source = raw, ""
         if isinstance(raw, dict):
+            check_keys(raw, ("units", "source", "site_decision"), mue_file, entry)
             limit = raw.get("units")
             if raw.get("source") is not None:
                 source = _str(raw.get("source"), mue_file, f"{entry}.source")
@@ -340,7 +357,8 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         mue_sources[str(code)] = source
     reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
-    billing = load_billing_tables(base, _read_yaml)
+    billing = load_billing_tables(base, _read_yaml,
+                                  "config" if base.resolve() == DEFAULT_CONFIG_DIR else str(base))
     needed = {cpt_system: f"{cpt_file.name} system", ICD10CM: "ICD-10-CM diagnoses",
               **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
     hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
@@ -361,6 +379,8 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
 def _load_input(path: Path) -> dict[str, Any]:
     """config/input.yaml: performer functions, actor types, laterality, known modifierExtensions."""
     data = _read_yaml(path)
+    check_keys(data, ("rendering_functions", "non_rendering_functions", "rendering_actor_types", "laterality",
+                      "laterality_extensions", "known_modifier_extensions", "local_bases"), path, "")
 
     def codes(key: str) -> frozenset[CodeKey]:
         return frozenset(k for k, _ in _codings(_list(data, key, path, required=False), key, path))
@@ -369,7 +389,8 @@ def _load_input(path: Path) -> dict[str, Any]:
         return frozenset(_str(v, path, f"{key}[{i}]") for i, v in enumerate(_list(data, key, path, required=False)))
 
     laterality: dict[CodeKey, str] = {}
-    for i, (k, item) in enumerate(_codings(_list(data, "laterality", path, required=False), "laterality", path)):
+    for i, (k, item) in enumerate(_codings(_list(data, "laterality", path, required=False), "laterality", path,
+                                                     ("side",))):
         side = _str(item.get("side"), path, f"laterality[{i}].side")
         if side not in ("left", "right", "bilateral"):
             raise ConfigError(str(path), f"laterality[{i}].side", "must be left, right or bilateral")

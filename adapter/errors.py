@@ -138,3 +138,12 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         if isinstance(exc, kind):
             return code
     return ExitCode.UNAVAILABLE
+
+
+def check_keys(mapping: dict[str, object], known: tuple[str, ...] | frozenset[str], file: object, entry: str) -> None:
+    """A table entry holds only the keys its reader knows: a typo'd key is named as unknown (not reported as the
+    right key missing or of the wrong type)."""
+    for key in mapping:
+        if key not in known:
+            where = f"{entry}.{key}" if entry else str(key)
+            raise ConfigError(str(file), where, f"unknown key (known: {', '.join(sorted(known))})")

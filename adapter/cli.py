@@ -1,9 +1,10 @@
 """`charge-adapter`: the command line. Results go to stdout, diagnostics to stderr, meaning in the exit code.
 
-Exit codes (`adapter.errors.ExitCode`): 0 every FNA Procedure was coded or is non-billable by rule; 1
-something needs review (or, online, the server rejected a session's charges); 2 an input, the FHIR server or
-the state could not be used (the rest is still processed and reported; work not written stays queued); 3
-configuration error (the message names the file and the key).
+Exit codes (`adapter.errors.ExitCode`, the README's table): 0 every FNA Procedure was coded or is non-billable by
+rule; 1 something needs review (or, online, the server rejected a session's charges), or an unknown id in
+explain/review ("no such ..."); 2 an input file, the FHIR server (host:port named) or the state could not be used
+(the rest is still processed and reported; work not written stays queued); 3 a bad argument or configuration
+value (the message names the option, or the file and the key).
 
 Commands only parse options, build the parts and wire them; every adapter exception is turned into its
 message and exit code in one place (`AdapterGroup`), so no command prints errors of its own.
@@ -48,7 +49,7 @@ from adapter.sources.receive import (
     serve_app,
     stop_server,
 )
-from adapter.state import ReplicaInfo, StateBackend, open_state
+from adapter.state import ReplicaInfo, ReviewEntry, StateBackend, open_state
 from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer, SyncSummary
 
@@ -87,6 +88,12 @@ class AdapterGroup(click.Group):
             ctx.exit(exit_code_for(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            # a file or folder the command reads or writes (--out, a download or work folder): exit 2 naming it
+            click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+            ctx.exit(ExitCode.UNAVAILABLE)
         except Exception as exc:
             if (ctx.obj or {}).get("verbose", 0) >= 2:
                 raise
@@ -608,12 +615,38 @@ def serve_cmd(ctx: click.Context) -> None:
     _serve_until_stopped(service, loops, server, receiver.base_path, stop)
 
 
+def format_option(func: Any) -> Any:
+    """--format text|json: for people, or for an engine's scripts (one JSON document on stdout)."""
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                        help="text for people; json: one JSON document on stdout, for scripts.")(func)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @cli.command("status")
+@format_option
 @click.pass_context
-def status_cmd(ctx: click.Context) -> None:
+def status_cmd(ctx: click.Context, fmt: str) -> None:
     """Cursor, lag, queue and review counts from the state."""
     state = _state(ctx)
     stats, counts, queue = state.stats(), state.counts(), state.queue_counts()
+    if fmt == "json":
+        now = time.time()
+        _echo_json({"state": state.location, "cursor": stats.cursor,
+                    "lag_seconds": round(now - parse_instant(stats.cursor).timestamp(), 3) if stats.cursor else None,
+                    "queue": dict(sorted(queue.items())), "retry_backlog": stats.retry_backlog,
+                    "reviews_open": counts["review_open"], "processed": counts["processed"],
+                    "replicas": [{"instance": r.instance, "alive": now - r.last_seen <= REPLICA_ALIVE_SECONDS,
+                                  "last_heartbeat": _utc(r.last_seen), "started": _utc(r.started),
+                                  "roles": list(r.roles), "claims": r.claims, "leased": r.leased}
+                                 for r in (state.replicas() if getattr(state, "shared", False) else [])]})
+        return
     lag = f"{time.time() - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
     click.echo(f"state:     {state.location}")
     click.echo(f"cursor:    {stats.cursor or '(none: the next poll reads everything)'}  lag {lag}")
@@ -646,11 +679,22 @@ def review_group() -> None:
     """What needs an analyst: list, show, replay."""
 
 
+def _review_data(entry: ReviewEntry) -> dict[str, Any]:
+    return {"id": entry.id, "procedure": entry.procedure, "patients": list(entry.patients), "kind": entry.kind,
+            "reason": entry.reason, "status": entry.status, "attempts": entry.attempts,
+            "first_seen": _utc(entry.first_seen), "last_seen": _utc(entry.last_seen)}
+
+
 @review_group.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Resolved entries too.")
+@format_option
 @click.pass_context
-def review_list(ctx: click.Context, show_all: bool) -> None:
+def review_list(ctx: click.Context, show_all: bool, fmt: str) -> None:
+    """The open review entries (--all: resolved ones too), oldest first."""
     entries = _state(ctx).reviews(None if show_all else "open")
+    if fmt == "json":
+        _echo_json([_review_data(e) for e in entries])
+        return
     if not entries:
         click.echo("Nothing needs review.")
         return
@@ -661,14 +705,21 @@ def review_list(ctx: click.Context, show_all: bool) -> None:
 
 @review_group.command("show")
 @click.argument("review_id", type=int)
+@format_option
 @click.pass_context
-def review_show(ctx: click.Context, review_id: int) -> None:
+def review_show(ctx: click.Context, review_id: int, fmt: str) -> None:
     """Everything about one entry: reason, detail, patients, pushed content, audit trail."""
     state = _state(ctx)
     entry = state.review(review_id)
     if entry is None:
         click.echo(f"no such review entry: {review_id} (charge-adapter review list --all shows them)", err=True)
         ctx.exit(ExitCode.REVIEW)
+        return
+    if fmt == "json":
+        _echo_json({**_review_data(entry), "detail": entry.detail,
+                    "pushed": [f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources],
+                    "audit": [{"version": r.version, "codes": list(r.codes), "table_version": r.table_version,
+                               "written": list(r.written)} for r in state.audit_for(entry.procedure)]})
         return
     pushed = ", ".join(f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources) or "-"
     for name, value in (("id", entry.id), ("procedure", entry.procedure),

@@ -29,7 +29,7 @@ from typing import Any
 import click
 import yaml
 
-from adapter import __version__, redact
+from adapter import __version__, logs, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
@@ -105,6 +105,7 @@ class AdapterGroup(click.Group):
 def _settings(ctx: click.Context) -> AppSettings:
     if "settings" not in ctx.obj:
         ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
+        logs.use_format(ctx.obj["settings"].logging.format)
     return ctx.obj["settings"]
 
 
@@ -161,8 +162,7 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
     ctx.obj["tables_dir"] = tables_dir
     ctx.obj["config_file"] = config_file
     ctx.obj["verbose"] = verbose
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(verbose)
     redact.configure("plain" if verbose >= 2 else "omit")
 
 

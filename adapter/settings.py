@@ -348,6 +348,9 @@ class HealthSettings:
 class LoggingSettings:
     patient_references: str = setting("omit", choices=("omit", "hashed"))
     """omit: log lines name no patient (except at debug level); hashed: a keyed hash per patient."""
+    format: str = setting("text", choices=("text", "json"))
+    """text: one line per record for people; json: one JSON object per line (time, level, logger, thread,
+    message), for an engine that ships logs. The same, redacted, messages either way."""
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,17 @@ def test_review_counts_and_json_agree_across_status_review_list_and_show(tmp_pat
     detail = json.loads(shown.stdout)
     assert detail["procedure"] == "Procedure/p1" and detail["reason"] == "missing-diagnosis"
     assert detail["detail"] == "missing-diagnosis detail" and detail["audit"] == [] and detail["pushed"] == []
+
+
+def test_shell_completion_as_the_readme_documents_it() -> None:
+    """The README's `eval "$(_CHARGE_ADAPTER_COMPLETE=bash_source charge-adapter)"` and what it then completes."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "_CHARGE_ADAPTER_COMPLETE=bash_source" in readme and "_CHARGE_ADAPTER_COMPLETE=zsh_source" in readme
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_CHARGE_ADAPTER")}
+    script = subprocess.run([sys.executable, "-m", "adapter"], capture_output=True, text=True, check=False,
+                            env={**env, "_CHARGE_ADAPTER_COMPLETE": "bash_source"}, timeout=60)
+    assert script.returncode == 0 and "complete -o nosort -F _charge_adapter_completion" in script.stdout
+    words = subprocess.run([sys.executable, "-m", "adapter"], capture_output=True, text=True, check=False,
+                           env={**env, "_CHARGE_ADAPTER_COMPLETE": "bash_complete",
+                                "COMP_WORDS": "charge-adapter status --format ", "COMP_CWORD": "3"}, timeout=60)
+    assert words.stdout.split() == ["plain,text", "plain,json"]

@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
 from adapter.errors import ConfigError, check_keys
-from adapter.extraction.index import normalize_base
-from adapter.hl7v2.tables import FILE as HL7V2_FILE
-from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
+from adapter.tables.billing import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
+from adapter.tables.hl7v2 import FILE as HL7V2_FILE
+from adapter.tables.hl7v2 import Hl7v2Tables, load_hl7v2_tables
+from adapter.urls import normalize_base
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -99,7 +99,7 @@ class CodeTables:
     mue: dict[str, int]
     settings: Settings = field(default_factory=Settings)
     billing: BillingTables = field(default_factory=BillingTables)
-    """Billing providers, place of service, diagnosis map and prices (adapter/billing/tables.py)."""
+    """Billing providers, place of service, diagnosis map and prices (adapter/tables/billing.py)."""
     version: str = ""
     """Short hash of the table files: which rules produced a charge, for the audit trail."""
     guidance_procedures: dict[CodeKey, str] = field(default_factory=dict)

@@ -15,7 +15,7 @@ AdapterError
  |    +-- ReceiveError      one request refused (carries the HTTP status; never leaves the receiver)
  |    +-- ListenError       the receiver cannot listen on its address (port in use ...)
  +-- OutputError            something the adapter built
-      +-- InvalidOutputError  (adapter.building.validate) a resource failed FHIR R4 validation
+      +-- InvalidOutputError  (adapter.validation) a resource failed FHIR R4 validation
 
 Driver errors (sqlite3 today, a PostgreSQL driver later) never leave the state package: each backend
 translates them at its boundary. The CLI maps exceptions to exit codes with `exit_code_for`, nowhere else.

@@ -18,8 +18,8 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from adapter.billing.tables import ChargemasterRow, PricingTables
 from adapter.extraction.index import modifier_extensions, normalize_reference
+from adapter.tables.billing import ChargemasterRow, PricingTables
 
 USAGE_CONTEXT_TYPE = "http://terminology.hl7.org/CodeSystem/usage-context-type"
 FHIRPATH = "text/fhirpath"

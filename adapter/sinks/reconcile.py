@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.building.resources import WRITE_TIME_FIELDS, SessionOutput, transaction_entry
-from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.config import CodeTables
 from adapter.extraction.index import reference_of
 from adapter.pipeline import RunReport
+from adapter.validation import InvalidOutputError, validate_resource
 
 VOID_STATUS = {"ChargeItem": "entered-in-error", "Claim": "cancelled"}
 IGNORED = ("id", "meta", "text")

@@ -283,7 +283,7 @@ def _overlap(a: ChargemasterRow, b: ChargemasterRow) -> bool:
 
 def load_definitions(folder: Path) -> tuple[tuple[str, dict[str, Any]], ...]:
     """ChargeItemDefinition JSON files (one resource, or a Bundle of them), validated as R4."""
-    from adapter.building.validate import InvalidOutputError, validate_resource
+    from adapter.validation import InvalidOutputError, validate_resource
 
     if not folder.is_dir():
         return ()

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +76,10 @@ class AdapterGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("Aborted!", err=True)
+            sys.exit(ExitCode.REVIEW)
+        except BrokenPipeError:  # `charge-adapter dry-run ... | head`: the reader left; as click's standalone mode
+            sys.stdout = typing.cast(typing.TextIO, click.utils.PacifyFlushWrapper(sys.stdout))
+            sys.stderr = typing.cast(typing.TextIO, click.utils.PacifyFlushWrapper(sys.stderr))
             sys.exit(ExitCode.REVIEW)
         sys.exit(code if isinstance(code, int) else ExitCode.OK)
 

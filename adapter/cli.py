@@ -1,9 +1,10 @@
 """`charge-adapter`: the command line. Results go to stdout, diagnostics to stderr, meaning in the exit code.
 
-Exit codes (`adapter.errors.ExitCode`): 0 every FNA Procedure was coded or is non-billable by rule; 1
-something needs review (or, online, the server rejected a session's charges); 2 an input, the FHIR server or
-the state could not be used (the rest is still processed and reported; work not written stays queued); 3
-configuration error (the message names the file and the key).
+Exit codes (`adapter.errors.ExitCode`, the README's table): 0 every FNA Procedure was coded or is non-billable by
+rule; 1 something needs review (or, online, the server rejected a session's charges), or an unknown id in
+explain/review ("no such ..."); 2 an input file, the FHIR server (host:port named) or the state could not be used
+(the rest is still processed and reported; work not written stays queued); 3 a bad argument or configuration
+value (the message names the option, or the file and the key).
 
 Commands only parse options, build the parts and wire them; every adapter exception is turned into its
 message and exit code in one place (`AdapterGroup`), so no command prints errors of its own.
@@ -14,11 +15,13 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import re
 import signal
 import sys
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any
 import click
 import yaml
 
-from adapter import __version__, redact
+from adapter import __version__, logs, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
@@ -37,7 +40,7 @@ from adapter.reconciliation import drift_table, reconcile
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
 from adapter.runner import Loop, Runner
 from adapter.service import Service, make_client, parse_instant
-from adapter.settings import AppSettings, ServerSettings, load_settings, secret
+from adapter.settings import AppSettings, ServerSettings, SettingError, load_settings, secret
 from adapter.sources.bulk import EXPORT_TYPES, BulkExport, ExportRequest
 from adapter.sources.receive import (
     ReceiverSettings,
@@ -48,7 +51,7 @@ from adapter.sources.receive import (
     serve_app,
     stop_server,
 )
-from adapter.state import ReplicaInfo, StateBackend, open_state
+from adapter.state import ReplicaInfo, ReviewEntry, StateBackend, open_state
 from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer, SyncSummary
 
@@ -56,7 +59,30 @@ log = logging.getLogger("adapter.cli")
 
 
 class AdapterGroup(click.Group):
-    """Runs a command; an adapter exception becomes one line on stderr and its exit code, never a traceback."""
+    """Runs a command; an adapter exception becomes one line on stderr and its exit code, never a traceback.
+
+    A bad argument or option (click's usage errors) exits 3 like a bad config value: click's own default, 2,
+    means "the environment failed" here. An exception nobody expected (a bug) is one line too, and its
+    traceback is shown at -vv."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.show()
+            sys.exit(ExitCode.CONFIG)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(ExitCode.REVIEW)
+        except BrokenPipeError:  # `charge-adapter dry-run ... | head`: the reader left; as click's standalone mode
+            sys.stdout = typing.cast(typing.TextIO, click.utils.PacifyFlushWrapper(sys.stdout))
+            sys.stderr = typing.cast(typing.TextIO, click.utils.PacifyFlushWrapper(sys.stderr))
+            sys.exit(ExitCode.REVIEW)
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,11 +92,26 @@ class AdapterGroup(click.Group):
                 exc, StateSchemaError) else "error"
             click.echo(f"{label}: {redact.scrub(str(exc))}", err=True)
             ctx.exit(exit_code_for(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            # a file or folder the command reads or writes (--out, a download or work folder): exit 2 naming it
+            click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+            ctx.exit(ExitCode.UNAVAILABLE)
+        except Exception as exc:
+            if (ctx.obj or {}).get("verbose", 0) >= 2:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {redact.scrub(str(exc))} (a bug in the adapter: run "
+                       "it again with -vv for the traceback, and report it)", err=True)
+            ctx.exit(ExitCode.UNAVAILABLE)
 
 
 def _settings(ctx: click.Context) -> AppSettings:
     if "settings" not in ctx.obj:
         ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
+        logs.use_format(ctx.obj["settings"].logging.format)
     return ctx.obj["settings"]
 
 
@@ -127,8 +168,7 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
     ctx.obj["tables_dir"] = tables_dir
     ctx.obj["config_file"] = config_file
     ctx.obj["verbose"] = verbose
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(verbose)
     redact.configure("plain" if verbose >= 2 else "omit")
 
 
@@ -220,9 +260,13 @@ def explain_cmd(ctx: click.Context, paths: tuple[str, ...], procedure: str | Non
     """Per session: the lesions and where each came from, the modality and its evidence, each line's rule."""
     tables = _tables(ctx)
     report = process_paths(paths, tables)
-    click.echo(explain(report, tables, procedure), nl=False)
     for err in report.read.unreadable:
         click.echo(f"error: cannot read {err}", err=True)
+    wanted = procedure if not procedure or procedure.startswith("Procedure/") else f"Procedure/{procedure}"
+    if wanted and wanted not in {f.ref for f in report.facts}:
+        click.echo(f"no such Procedure: {wanted} is not in the input ({', '.join(paths)})", err=True)
+        ctx.exit(max(report.exit_code, ExitCode.REVIEW))
+    click.echo(explain(report, tables, procedure), nl=False)
     ctx.exit(report.exit_code)
 
 
@@ -237,7 +281,14 @@ def _client(server: str, auth_file: str | None, ca_bundle: str | None, client_ce
         if not isinstance(loaded, dict):
             raise ConfigError(auth_file, "", "must be a mapping such as {type: bearer, token_env: FHIR_TOKEN}")
         auth = loaded
-    settings = ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "", client_cert=client_cert or "")
+    try:
+        settings = ServerSettings(url=server, auth=auth, ca_bundle=ca_bundle or "", client_cert=client_cert or "")
+    except SettingError as exc:  # named as the option (or the auth file's key) the value came from
+        option = {"url": f"--server {server!r}", "ca_bundle": "--ca-bundle", "client_cert": "--client-cert"}
+        if exc.key.startswith("auth.") and auth_file:
+            raise ConfigError(auth_file, exc.key[len("auth."):], exc.reason) from None
+        hint = " such as http://127.0.0.1:8089/fhir" if exc.key == "url" else ""
+        raise ConfigError(option.get(exc.key, exc.key), "", exc.reason + hint) from None
     return make_client(settings, auth_file or "--server", auth_key="" if auth_file else "server.auth")
 
 
@@ -248,6 +299,17 @@ def _server_client(ctx: click.Context, server: str | None, auth_file: str | None
         return _client(server, auth_file, ca_bundle, client_cert)
     settings = _settings(ctx)
     return make_client(settings.server, settings.source)
+
+
+FHIR_DATETIME = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?)?)?$")
+
+
+def fhir_datetime(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --since value, checked before any server is asked (a bad one is a usage error, exit 3)."""
+    if value is not None and not FHIR_DATETIME.match(value):
+        raise click.BadParameter(f"{value!r} is not a FHIR dateTime such as 2026-03-01 or 2026-03-01T00:00:00Z",
+                                 param=param)
+    return value
 
 
 def server_options(func: Any) -> Any:
@@ -266,7 +328,8 @@ def server_options(func: Any) -> Any:
 
 @cli.command("sync")
 @server_options
-@click.option("--since", help="Only Procedures changed at or after this FHIR dateTime (default: all).")
+@click.option("--since", callback=fhir_datetime,
+              help="Only Procedures changed at or after this FHIR dateTime (default: all).")
 @click.option("--dry-run", is_flag=True, help="Code and plan, but write nothing.")
 @click.pass_context
 def sync_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bundle: str | None,
@@ -359,7 +422,8 @@ def reconcile_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bun
                    "shared resources such as Practitioners are not in it).")
 @click.option("--types", default=",".join(EXPORT_TYPES), show_default=True,
               help="_type of the export: the resource types to export.")
-@click.option("--since", help="_since of the export: only resources changed at or after this FHIR instant.")
+@click.option("--since", callback=fhir_datetime,
+              help="_since of the export: only resources changed at or after this FHIR instant.")
 @click.option("--type-filter", "type_filters", multiple=True,
               help="_typeFilter of the export (repeatable), e.g. 'Procedure?date=ge2026-01-01'.")
 @click.option("--poll-max-wait", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -561,6 +625,8 @@ def _run_once(ctx: click.Context, service: Service) -> None:
         pass
     click.echo(result.text(), err=True)
     status = service.status()
+    click.echo(f"review: {status.reviews_open} entries open in the state (as status and review list count them)",
+               err=True)
     waiting = sum(count for state, count in status.queue.items() if state in ("pending", "leased"))
     if waiting and not stop.is_set():
         click.echo(f"{waiting} queued item(s) wait for a retry (the FHIR server or the state failed); the next "
@@ -593,12 +659,38 @@ def serve_cmd(ctx: click.Context) -> None:
     _serve_until_stopped(service, loops, server, receiver.base_path, stop)
 
 
+def format_option(func: Any) -> Any:
+    """--format text|json: for people, or for an engine's scripts (one JSON document on stdout)."""
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                        help="text for people; json: one JSON document on stdout, for scripts.")(func)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @cli.command("status")
+@format_option
 @click.pass_context
-def status_cmd(ctx: click.Context) -> None:
+def status_cmd(ctx: click.Context, fmt: str) -> None:
     """Cursor, lag, queue and review counts from the state."""
     state = _state(ctx)
     stats, counts, queue = state.stats(), state.counts(), state.queue_counts()
+    if fmt == "json":
+        now = time.time()
+        _echo_json({"state": state.location, "cursor": stats.cursor,
+                    "lag_seconds": round(now - parse_instant(stats.cursor).timestamp(), 3) if stats.cursor else None,
+                    "queue": dict(sorted(queue.items())), "retry_backlog": stats.retry_backlog,
+                    "reviews_open": counts["review_open"], "processed": counts["processed"],
+                    "replicas": [{"instance": r.instance, "alive": now - r.last_seen <= REPLICA_ALIVE_SECONDS,
+                                  "last_heartbeat": _utc(r.last_seen), "started": _utc(r.started),
+                                  "roles": list(r.roles), "claims": r.claims, "leased": r.leased}
+                                 for r in (state.replicas() if getattr(state, "shared", False) else [])]})
+        return
     lag = f"{time.time() - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
     click.echo(f"state:     {state.location}")
     click.echo(f"cursor:    {stats.cursor or '(none: the next poll reads everything)'}  lag {lag}")
@@ -631,11 +723,22 @@ def review_group() -> None:
     """What needs an analyst: list, show, replay."""
 
 
+def _review_data(entry: ReviewEntry) -> dict[str, Any]:
+    return {"id": entry.id, "procedure": entry.procedure, "patients": list(entry.patients), "kind": entry.kind,
+            "reason": entry.reason, "status": entry.status, "attempts": entry.attempts,
+            "first_seen": _utc(entry.first_seen), "last_seen": _utc(entry.last_seen)}
+
+
 @review_group.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Resolved entries too.")
+@format_option
 @click.pass_context
-def review_list(ctx: click.Context, show_all: bool) -> None:
+def review_list(ctx: click.Context, show_all: bool, fmt: str) -> None:
+    """The open review entries (--all: resolved ones too), oldest first."""
     entries = _state(ctx).reviews(None if show_all else "open")
+    if fmt == "json":
+        _echo_json([_review_data(e) for e in entries])
+        return
     if not entries:
         click.echo("Nothing needs review.")
         return
@@ -646,14 +749,21 @@ def review_list(ctx: click.Context, show_all: bool) -> None:
 
 @review_group.command("show")
 @click.argument("review_id", type=int)
+@format_option
 @click.pass_context
-def review_show(ctx: click.Context, review_id: int) -> None:
+def review_show(ctx: click.Context, review_id: int, fmt: str) -> None:
     """Everything about one entry: reason, detail, patients, pushed content, audit trail."""
     state = _state(ctx)
     entry = state.review(review_id)
     if entry is None:
-        click.echo(f"no review entry {review_id}", err=True)
+        click.echo(f"no such review entry: {review_id} (charge-adapter review list --all shows them)", err=True)
         ctx.exit(ExitCode.REVIEW)
+        return
+    if fmt == "json":
+        _echo_json({**_review_data(entry), "detail": entry.detail,
+                    "pushed": [f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources],
+                    "audit": [{"version": r.version, "codes": list(r.codes), "table_version": r.table_version,
+                               "written": list(r.written)} for r in state.audit_for(entry.procedure)]})
         return
     pushed = ", ".join(f"{r.get('resourceType')}/{r.get('id')}" for r in entry.resources) or "-"
     for name, value in (("id", entry.id), ("procedure", entry.procedure),
@@ -674,7 +784,16 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
     """Re-run an entry (or --all) after the data or the tables were fixed; safe to repeat."""
     if (review_id is None) == (not replay_all):
         raise click.UsageError("give one review ID or --all")
-    service = _service(ctx)
+    state = _state(ctx)  # the id is checked before anything needs the FHIR server
+    if review_id is not None:
+        entry = state.review(review_id)
+        if entry is None:
+            click.echo(f"no such review entry: {review_id} (charge-adapter review list shows the open ones)", err=True)
+            ctx.exit(ExitCode.REVIEW)
+        if entry.status != "open":
+            click.echo(f"review entry {review_id} is {entry.status}, not open: nothing to replay", err=True)
+            ctx.exit(ExitCode.OK)
+    service = Service(_settings(ctx), _tables(ctx), state=state)
     result = service.replay(None if replay_all else [review_id])  # type: ignore[list-item]
     click.echo(result.text())
     left = service.state.reviews("open")

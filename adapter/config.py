@@ -16,13 +16,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from adapter.billing.tables import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
 from adapter.dated import Effective, Rows, collect, effective_of
-from adapter.errors import ConfigError
-from adapter.extraction.index import normalize_base
-from adapter.hl7v2.tables import FILE as HL7V2_FILE
-from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
+from adapter.errors import ConfigError, check_keys
 from adapter.local_codes import LOCAL_CODES_FILE, LocalCodes, load_local_codes
+from adapter.tables.billing import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
+from adapter.tables.hl7v2 import FILE as HL7V2_FILE
+from adapter.tables.hl7v2 import Hl7v2Tables, load_hl7v2_tables
+from adapter.urls import normalize_base
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -156,7 +156,7 @@ class CodeTables:
     mue: dict[str, Rows[MueLimit]]
     settings: Settings = field(default_factory=Settings)
     billing: BillingTables = field(default_factory=BillingTables)
-    """Billing providers, place of service, diagnosis map and prices (adapter/billing/tables.py)."""
+    """Billing providers, place of service, diagnosis map and prices (adapter/tables/billing.py)."""
     version: str = ""
     """Short hash of the table files: which rules produced a charge, for the audit trail."""
     guidance_procedures: dict[CodeKey, Rows[str]] = field(default_factory=dict)
@@ -226,14 +226,16 @@ def _mapping(value: Any, file: Path, entry: str) -> dict[str, Any]:
     return value
 
 
-def _codings(items: list[Any], key: str, file: Path, dated: bool = False) -> list[tuple[CodeKey, dict[str, Any]]]:
-    """The rows of a coding table; `dated`: one code may have several rows, kept apart by `effective` (checked by
-    adapter.dated.collect)."""
+def _codings(items: list[Any], key: str, file: Path, extra: tuple[str, ...] = (),
+             dated: bool = False) -> list[tuple[CodeKey, dict[str, Any]]]:
+    """Codings of a list (`system`, `code`, an optional `display`, and the `extra` keys the caller reads);
+    `dated`: one code may have several rows, kept apart by `effective` (checked by adapter.dated.collect)."""
     out: list[tuple[CodeKey, dict[str, Any]]] = []
     seen: set[CodeKey] = set()
     for i, raw in enumerate(items):
         entry = f"{key}[{i}]"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("system", "code", "display", *extra), file, entry)
         system = _str(item.get("system"), file, f"{entry}.system")
         code = _str(item.get("code"), file, f"{entry}.code")
         if (system, code) in seen and not dated:
@@ -255,6 +257,10 @@ def _load_settings(path: Path) -> Settings:
     output = _mapping(data.get("output", {}), path, "output")
     pricing = _mapping(data.get("pricing", {}), path, "pricing")
     urls = _mapping(data.get("urls", {}), path, "urls")
+    for name, section, keys in (("session", session, ("time_zone",)), ("guidance", guidance, ("when_missing",)),
+                                ("coding", coding, ("distinct_modifier",)), ("output", output, ("claims",)),
+                                ("pricing", pricing, ("when_missing",))):
+        check_keys(section, keys, path, name)
     for key in urls:
         if key not in ("canonical_base", "guidance_code_system"):
             raise ConfigError(str(path), f"urls.{key}", "unknown setting (known: canonical_base, "
@@ -305,6 +311,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     settings = _load_settings(base / "settings.yaml")
 
     valueset = _read_yaml(vs_file)
+    check_keys(valueset, ("fna", "core_needle_biopsy"), vs_file, "")
     fna = frozenset(k for k, _ in _codings(_list(valueset, "fna", vs_file), "fna", vs_file))
     core = frozenset(
         k for k, _ in _codings(_list(valueset, "core_needle_biopsy", vs_file, required=False),
@@ -314,15 +321,17 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         raise ConfigError(str(vs_file), "core_needle_biopsy", "codes may not also be in fna")
 
     mods = _read_yaml(mod_file)
+    check_keys(mods, ("modalities", "method_codes", "procedure_codes", "guidance_procedures"), mod_file, "")
     modalities_raw = _mapping(mods.get("modalities"), mod_file, "modalities")
-    modalities = {
-        str(k): _str(_mapping(v, mod_file, f"modalities.{k}").get("display", k), mod_file, f"modalities.{k}.display")
-        for k, v in modalities_raw.items()
-    }
+    modalities = {}
+    for k, v in modalities_raw.items():
+        check_keys(_mapping(v, mod_file, f"modalities.{k}"), ("display",), mod_file, f"modalities.{k}")
+        modalities[str(k)] = _str(v.get("display", k), mod_file, f"modalities.{k}.display")
 
     def modality_table(key: str, required: bool) -> dict[CodeKey, Rows[str]]:
         rows: list[tuple[CodeKey, Effective, str, str]] = []
-        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file, dated=True)):
+        for i, (k, item) in enumerate(_codings(_list(mods, key, mod_file, required), key, mod_file,
+                                               ("modality", "effective"), dated=True)):
             modality = _str(item.get("modality"), mod_file, f"{key}[{i}].modality")
             if modality not in modalities:
                 raise ConfigError(str(mod_file), f"{key}[{i}].modality",
@@ -339,10 +348,12 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
                           f"must map the project code {none_key[0]}|none to modality none")
 
     cpt = _read_yaml(cpt_file)
+    check_keys(cpt, ("system", "never_emit", "family", "modifiers"), cpt_file, "")
     cpt_system = _str(cpt.get("system"), cpt_file, "system")
     never_emit: dict[str, str] = {}
     for i, raw in enumerate(_list(cpt, "never_emit", cpt_file)):
         item = _mapping(raw, cpt_file, f"never_emit[{i}]")
+        check_keys(item, ("code", "why"), cpt_file, f"never_emit[{i}]")
         never_emit[_str(item.get("code"), cpt_file, f"never_emit[{i}].code")] = _str(
             item.get("why"), cpt_file, f"never_emit[{i}].why")
     family_raw = _mapping(cpt.get("family"), cpt_file, "family")
@@ -359,6 +370,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         for n, row in enumerate(raw if isinstance(raw, list) else [raw]):  # one row, or rows by date of service
             entry = f"family.{modality}" + (f"[{n}]" if isinstance(raw, list) else "")
             item = _mapping(row, cpt_file, entry)
+            check_keys(item, ("primary", "primary_display", "add_on", "add_on_display", "effective"), cpt_file, entry)
             fam = FamilyEntry(
                 modality=str(modality),
                 primary=_str(item.get("primary"), cpt_file, f"{entry}.primary"),
@@ -382,6 +394,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     modifiers: dict[str, Modifier] = {}
     for code, raw in _mapping(cpt.get("modifiers"), cpt_file, "modifiers").items():
         item = _mapping(raw, cpt_file, f"modifiers.{code}")
+        check_keys(item, ("system", "display"), cpt_file, f"modifiers.{code}")
         modifiers[str(code)] = Modifier(
             str(code), _str(item.get("system"), cpt_file, f"modifiers.{code}.system"),
             _str(item.get("display", code), cpt_file, f"modifiers.{code}.display"))
@@ -394,7 +407,8 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     including = _load_including(base / "including-procedures.yaml")
     reading = _load_input(base / "input.yaml" if (base / "input.yaml").exists() else DEFAULT_CONFIG_DIR / "input.yaml")
 
-    billing = load_billing_tables(base, _read_yaml)
+    billing = load_billing_tables(base, _read_yaml,
+                                  "config" if base.resolve() == DEFAULT_CONFIG_DIR else str(base))
     needed = {cpt_system: f"{cpt_file.name} system", ICD10CM: "ICD-10-CM diagnoses",
               **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
     hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
@@ -455,7 +469,8 @@ def _load_including(path: Path) -> dict[CodeKey, Rows[IncludingCode]]:
         return {}
     data = _read_yaml(path)
     rows: list[tuple[CodeKey, Effective, IncludingCode, str]] = []
-    for i, (key, item) in enumerate(_codings(_list(data, "codes", path, required=False), "codes", path, dated=True)):
+    for i, (key, item) in enumerate(_codings(_list(data, "codes", path, required=False), "codes", path,
+                                                      ("source", "effective"), dated=True)):
         entry = f"codes[{i}]"
         found = IncludingCode(key[0], key[1], _str(item.get("display"), path, f"{entry}.display"),
                               _str(item.get("source"), path, f"{entry}.source"))
@@ -466,6 +481,8 @@ def _load_including(path: Path) -> dict[CodeKey, Rows[IncludingCode]]:
 def _load_input(path: Path) -> dict[str, Any]:
     """config/input.yaml: performer functions, actor types, laterality, known modifierExtensions."""
     data = _read_yaml(path)
+    check_keys(data, ("rendering_functions", "non_rendering_functions", "rendering_actor_types", "laterality",
+                      "laterality_extensions", "known_modifier_extensions", "local_bases"), path, "")
 
     def codes(key: str) -> frozenset[CodeKey]:
         return frozenset(k for k, _ in _codings(_list(data, key, path, required=False), key, path))
@@ -474,7 +491,8 @@ def _load_input(path: Path) -> dict[str, Any]:
         return frozenset(_str(v, path, f"{key}[{i}]") for i, v in enumerate(_list(data, key, path, required=False)))
 
     laterality: dict[CodeKey, str] = {}
-    for i, (k, item) in enumerate(_codings(_list(data, "laterality", path, required=False), "laterality", path)):
+    for i, (k, item) in enumerate(_codings(_list(data, "laterality", path, required=False), "laterality", path,
+                                                     ("side",))):
         side = _str(item.get("side"), path, f"laterality[{i}].side")
         if side not in ("left", "right", "bilateral"):
             raise ConfigError(str(path), f"laterality[{i}].side", "must be left, right or bilateral")

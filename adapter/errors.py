@@ -15,7 +15,7 @@ AdapterError
  |    +-- ReceiveError      one request refused (carries the HTTP status; never leaves the receiver)
  |    +-- ListenError       the receiver cannot listen on its address (port in use ...)
  +-- OutputError            something the adapter built
-      +-- InvalidOutputError  (adapter.building.validate) a resource failed FHIR R4 validation
+      +-- InvalidOutputError  (adapter.validation) a resource failed FHIR R4 validation
 
 Driver errors (sqlite3 today, a PostgreSQL driver later) never leave the state package: each backend
 translates them at its boundary. The CLI maps exceptions to exit codes with `exit_code_for`, nowhere else.
@@ -138,3 +138,12 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         if isinstance(exc, kind):
             return code
     return ExitCode.UNAVAILABLE
+
+
+def check_keys(mapping: dict[str, object], known: tuple[str, ...] | frozenset[str], file: object, entry: str) -> None:
+    """A table entry holds only the keys its reader knows: a typo'd key is named as unknown (not reported as the
+    right key missing or of the wrong type)."""
+    for key in mapping:
+        if key not in known:
+            where = f"{entry}.{key}" if entry else str(key)
+            raise ConfigError(str(file), where, f"unknown key (known: {', '.join(sorted(known))})")

@@ -124,10 +124,17 @@ def skipped_line(proc: ProcedureFacts) -> str:
     return f"skipped: {proc.ref}: {_skip_reason(proc)}"
 
 
+def output_counts(report: RunReport) -> tuple[int, int, int, int]:
+    """(sessions, charge lines, units, claims) of what the output holds: a session held back while it was built
+    (its output failed validation, or a ChargeItem could not be made) is in review, not counted as coded."""
+    built = report.built.sessions
+    return (len(built), sum(len(s.charge_items) for s in built),
+            sum(line.units for s in built for line in s.session.lines), sum(1 for s in built if s.claim))
+
+
 def summary(report: RunReport) -> str:
-    lines = report.coding.lines
-    return summary_text(len(report.facts), len(report.coding.coded_sessions), len(lines),
-                        sum(line.units for line in lines), sum(1 for s in report.built.sessions if s.claim),
+    sessions, lines, units, claims = output_counts(report)
+    return summary_text(len(report.facts), sessions, lines, units, claims,
                         len({r.procedure for r in report.reviews}), len(report.coding.no_charge),
                         len(report.coding.skipped), len(report.read.unreadable))
 

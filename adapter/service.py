@@ -165,6 +165,8 @@ class Service:
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
+        self.client.on_write = lambda method, seconds: self.metrics.observe("charge_adapter_fhir_write_seconds",
+                                                                            seconds, method=method)
         worker = settings.worker
         self.policy = WorkPolicy(worker.retry_initial_seconds, worker.retry_max_seconds, worker.max_attempts)
         self.write_lock = threading.Lock()
@@ -185,6 +187,14 @@ class Service:
     @property
     def store(self) -> StateBackend:  # the name before the state contract
         return self.state
+
+    def _record_pass(self, record: PassRecord) -> None:
+        """`state.record_pass`, timed for the state-write histogram (failed attempts too)."""
+        started = time.monotonic()
+        try:
+            self.state.record_pass(record)
+        finally:
+            self.metrics.observe("charge_adapter_state_write_seconds", time.monotonic() - started)
 
     def _register_gauges(self) -> None:
         health, gauge = self.health, self.metrics.gauge
@@ -344,7 +354,7 @@ class Service:
             newest = max((p.get("meta") or {}).get("lastUpdated", "") for p in page)
             if newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
                 record.cursors["poll"] = cursor = newest
-            self.state.record_pass(record)
+            self._record_pass(record)
             total.queued += len(record.due)
             if progress:
                 progress(len(page))
@@ -356,7 +366,7 @@ class Service:
             record = PassRecord(owner=self.owner, lead=POLL_ROLE, cursors={"deletes": cursor})
             record.due = [WorkItem(WorkKind.DELETE, {"reference": ref}, "poll", dedupe=f"delete:{ref}")
                           for ref in deleted]
-            self.state.record_pass(record)
+            self._record_pass(record)
             total.queued += len(deleted)
         return total
 
@@ -378,7 +388,7 @@ class Service:
             newest = max((p.get("meta") or {}).get("lastUpdated", "") for p in page)
             if not deferred and newest and (cursor is None or parse_instant(newest) > parse_instant(cursor)):
                 record.cursors["poll"] = cursor = newest
-            self.state.record_pass(record)
+            self._record_pass(record)
             if deferred:
                 return total  # stopping mid-page: the cursor stays, the next start redoes what is left
             if progress:
@@ -405,7 +415,7 @@ class Service:
         record.processed += [Processed(ref, "deleted", Outcome.DELETED) for ref in deleted]
         record.resolve += deleted  # nothing left for an analyst to fix
         record.cursors["deletes"] = cursor
-        self.state.record_pass(record)
+        self._record_pass(record)
         return summary
 
     def reconcile_if_due(self, stop: threading.Event | None = None) -> ReconcileResult | None:
@@ -479,7 +489,7 @@ class Service:
                             for f in result.failures]
         record, failing = self.pass_record(PassResult(summary, claimed))
         record.due += self.retry_work(failing)
-        self.state.record_pass(record)
+        self._record_pass(record)
         return summary
 
     def _since(self, cursor: str | None) -> str | None:
@@ -567,7 +577,7 @@ class Service:
         record.due += self.retry_work({p: r for p, r in failing.items() if p not in covered})
         if record.retried:
             self.metrics.inc("charge_adapter_retried_total", len(record.retried))
-        self.state.record_pass(record)
+        self._record_pass(record)
 
     def plan_work(self, items: list[WorkItem]) -> WorkPlan:
         """Which patients and pushed resources a batch asks for (reads the server for id-only work)."""
@@ -714,7 +724,7 @@ class Service:
                 loose[f"{resource.get('resourceType')}/{resource.get('id')}"] = resource
         total = self.poll_once() if poll else SyncSummary()
         if not patients and not loose:
-            self.state.record_pass(PassRecord(resolve_ids=[e.id for e in entries
+            self._record_pass(PassRecord(resolve_ids=[e.id for e in entries
                                                            if e.kind == ReviewKind.PROCESSING_FAILED]))
             return total
         if self.hl7v2 is not None:  # a replayed HL7 v2 refusal lifts its patient's hold (adapter/hl7v2/sink.py)
@@ -724,7 +734,7 @@ class Service:
         record.due += self.retry_work(failing)
         record.resolve_ids = [e.id for e in entries if e.kind == ReviewKind.PROCESSING_FAILED
                               and not set(e.patients) & set(failing)]
-        self.state.record_pass(record)
+        self._record_pass(record)
         total.add(result.summary)
         return total
 

@@ -4,6 +4,13 @@ Any key can be overridden by `CHARGE_ADAPTER__<SECTION>__<KEY>` (e.g. `CHARGE_AD
 Every setting declares its type and range next to its default (`setting(...)`); each section checks its own
 cross-field rules in `__post_init__`. Errors name the file (or variable) and the key. Secrets are never
 values here: only the names of the environment variables or files that hold them.
+
+Built on pydantic-settings: the sections are pydantic dataclasses (validated when built, frozen, and still
+dataclasses, so `dataclasses.replace` and attribute access work as before); a `BaseSettings` model gathers the
+YAML file and the environment (its env source maps `CHARGE_ADAPTER__SECTION__KEY`, nested sections too, and
+merges it over the file) and validates the whole. Our own wording is kept: values are coerced with the rules
+of `setting(...)` before pydantic checks the types, and pydantic's errors are translated into `ConfigError`s
+naming the file (or variable) and the key, which the CLI turns into exit 3.
 """
 
 from __future__ import annotations
@@ -14,11 +21,16 @@ import math
 import os
 import re
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from contextvars import ContextVar
+from dataclasses import MISSING, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from adapter.errors import ConfigError
 
@@ -33,6 +45,47 @@ class SettingError(ValueError):
     def __init__(self, key: str, reason: str) -> None:
         self.key, self.reason = key, reason
         super().__init__(f"{key}: {reason}")
+
+
+def dataclass(cls: type | None = None, /, *, frozen: bool = True) -> Any:
+    """A settings section: a frozen pydantic dataclass that refuses unknown keys; building one with a bad value
+    raises `SettingError` (key relative to the section), as sections always did."""
+
+    def wrap(section: type) -> type:
+        built: Any = pydantic_dataclass(frozen=frozen, config=ConfigDict(extra="forbid"))(section)
+        validating_init = built.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                validating_init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise setting_error(exc, built) from None
+
+        built.__init__ = __init__
+        return typing.cast(type, built)
+
+    return wrap if cls is None else wrap(cls)
+
+
+def setting_error(exc: ValidationError, cls: type) -> SettingError:
+    """The first of pydantic's errors in our words, with the key relative to `cls` (dotted for nested sections)."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingError):  # ours: a range or type rule, or a section's cross-field check
+        return SettingError(".".join([*loc, cause.key]) if loc else cause.key, cause.reason)
+    key = ".".join(loc)
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return SettingError(key, f"unknown key (known: {', '.join(sorted(_known_keys(cls, loc[:-1])))})")
+    if error["type"] in ("dataclass_type", "dataclass_args_type", "model_type", "dict_type"):
+        return SettingError(key, "must be a mapping")
+    return SettingError(key, error["msg"][0].lower() + error["msg"][1:])
+
+
+def _known_keys(cls: type, path: list[str]) -> list[str]:
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    return [f.name for f in fields(cls)]
 
 
 def setting(default: Any, *, low: float | None = None, high: float | None = None, above: float | None = None,
@@ -298,6 +351,9 @@ class HealthSettings:
 class LoggingSettings:
     patient_references: str = setting("omit", choices=("omit", "hashed"))
     """omit: log lines name no patient (except at debug level); hashed: a keyed hash per patient."""
+    format: str = setting("text", choices=("text", "json"))
+    """text: one line per record for people; json: one JSON object per line (time, level, logger, thread,
+    message), for an engine that ships logs. The same, redacted, messages either way."""
 
 
 @dataclass(frozen=True)
@@ -372,37 +428,83 @@ SECTIONS: dict[str, type] = {"state": StateSettings, "server": ServerSettings, "
                              "serve": ServeSettings, "worker": WorkerSettings, "health": HealthSettings,
                              "logging": LoggingSettings, "sinks": SinksSettings}
 TOP_LEVEL = ("tables", "state_path")
+"""Keys outside the sections (`state_path`: the state's location before the `state:` section existed)."""
 SHORTHAND = {"state": "location"}
 """A section that may be given as one string: `state: /var/lib/charge-adapter/state.sqlite`."""
 
 
-def _build(cls: type, data: dict[str, Any], where: str, prefix: str, origins: dict[str, str]) -> Any:
-    """A section from its raw values; `origins` names the environment variable a key came from."""
+def _checked(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """`data` for section `cls`, each value coerced by its `setting(...)` rule (environment strings read as YAML
+    scalars), before pydantic validates types and runs `__post_init__`; errors carry the full key."""
+    if isinstance(data, str | int) and not isinstance(data, bool) and prefix.rstrip(".") in SHORTHAND:
+        data = {SHORTHAND[prefix.rstrip(".")]: str(data)}
+    if not isinstance(data, dict):
+        raise SettingError(prefix.rstrip("."), "must be a mapping")
     known = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
-
-    def source(key: str) -> str:
-        variable = origins.get(f"{prefix}{key.split('.')[0]}")
-        return f"{variable} (environment, over {where})" if variable else where
-
-    for key in data:
+    values: dict[str, Any] = {}
+    for key, value in data.items():
         if key not in known:
-            raise ConfigError(source(key), f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
-    values = {}
-    try:
-        for key, value in data.items():
-            rule = dict(known[key].metadata)
-            if value is None and known[key].default is not MISSING:
-                continue  # an empty YAML value keeps the default
-            if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. sinks.hl7v2
-                if not isinstance(value, dict):
-                    raise ConfigError(source(key), f"{prefix}{key}", "must be a mapping")
-                values[key] = _build(hints[key], value, where, f"{prefix}{key}.", origins)
-                continue
-            values[key] = _coerce(value, hints[key], rule, key)
-        return cls(**values)
-    except SettingError as exc:
-        raise ConfigError(source(exc.key), f"{prefix}{exc.key}", exc.reason) from None
+            raise SettingError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        if value is None and (known[key].default is not MISSING or known[key].default_factory is not MISSING):
+            continue  # an empty YAML value keeps the default
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. sinks.hl7v2
+            values[key] = _checked(hints[key], value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, hints[key], dict(known[key].metadata), f"{prefix}{key}")
+    return values
+
+
+_SOURCES: ContextVar[tuple[dict[str, Any], dict[str, str]]] = ContextVar("settings_sources")
+"""What `load_settings` is reading: (the YAML file's values, the environment)."""
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over the environment `load_settings` was given."""
+
+    def _load_env_vars(self) -> typing.Mapping[str, str | None]:
+        return parse_env_vars(_SOURCES.get()[1], self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class _File(PydanticBaseSettingsSource):
+    """The YAML file's values (read by `_read_yaml`, whose errors name the file)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _SOURCES.get()[0].get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _SOURCES.get()[0]
+
+
+class _Loader(BaseSettings):
+    """Environment over file over defaults, validated: the fields are AppSettings' (see `_loader`)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", enable_decoding=False,
+                                      case_sensitive=False, extra="forbid", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, env_settings: Any,
+                                   dotenv_settings: Any, file_secret_settings: Any) -> tuple[Any, ...]:
+        return init_settings, _Environment(settings_cls), _File(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_values(cls, data: Any) -> Any:
+        values = dict(data)
+        if "tables" in values:
+            values["tables"] = _coerce(values["tables"], str, {}, "tables")
+        for name, section in SECTIONS.items():
+            if name in values:
+                values[name] = _checked(section, values[name], f"{name}.")
+        return values
+
+
+def _loader() -> type[BaseSettings]:
+    """A BaseSettings model with AppSettings' fields (but `source`), so a section added there is loaded too."""
+    hints = typing.get_type_hints(AppSettings)
+    return create_model("_AppSettingsLoader", __base__=_Loader, **{  # type: ignore[call-overload]
+        f.name: (hints[f.name], Field(default_factory=f.default_factory) if f.default_factory is not MISSING
+                 else f.default) for f in fields(AppSettings) if f.name != "source"})
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -424,43 +526,30 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(loaded or {})
 
 
-def _apply_environment(raw: dict[str, Any], env: dict[str, str], where: str) -> dict[str, str]:
-    """Apply CHARGE_ADAPTER__* variables; returns which variable set which `section.key`."""
+def _environment(env: dict[str, str], where: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The CHARGE_ADAPTER__* variables (shorthands spelled out: `__STATE` and `__STATE_PATH` are
+    `__STATE__LOCATION`), and which variable set which `section.key`; an unknown one is an error naming it."""
+    ours: dict[str, str] = {}
     origins: dict[str, str] = {}
     for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.upper().startswith(ENV_PREFIX):
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
-        origins[".".join(parts)] = name
-        if parts == ["state"]:
-            origins["state.location"] = name
-        if len(parts) == 1 and (parts[0] in TOP_LEVEL or parts[0] in SHORTHAND):
-            raw[parts[0]] = value
-        elif len(parts) >= 2 and parts[0] in SECTIONS:
-            section = raw.setdefault(parts[0], {})
-            if isinstance(section, str) and parts[0] in SHORTHAND:
-                section = raw[parts[0]] = {SHORTHAND[parts[0]]: section}
-            for depth, part in enumerate(parts[1:-1], start=1):  # nested sections: SINKS__HL7V2__HOST
-                if not isinstance(section, dict):
-                    raise ConfigError(where, ".".join(parts[:depth]), "must be a mapping")
-                section = section.setdefault(part, {})
-            if not isinstance(section, dict):
-                raise ConfigError(where, ".".join(parts[:-1]), "must be a mapping")
-            section[parts[-1]] = value
-        else:
+        if parts in (["state"], ["state_path"]):
+            parts = ["state", "location"]
+        elif not ((len(parts) == 1 and parts[0] in TOP_LEVEL) or (len(parts) >= 2 and parts[0] in SECTIONS)):
             raise ConfigError(name, "", "unknown setting (use CHARGE_ADAPTER__SECTION__KEY, e.g. "
                                         "CHARGE_ADAPTER__SERVER__URL)")
-    return origins
+        origins[".".join(parts)] = name
+        ours[ENV_PREFIX + "__".join(parts).upper()] = value
+    return ours, origins
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> AppSettings:
     """Read the YAML file (optional), apply environment overrides, validate everything."""
-    env = dict(os.environ if env is None else env)
     where = str(path) if path else "(no config file)"
     raw = _read_yaml(path) if path else {}
-    origins = _apply_environment(raw, env, where)
-    if "state_path" in origins:
-        origins["state.location"] = origins["state_path"]
+    variables, origins = _environment(dict(os.environ if env is None else env), where)
     for key in raw:
         if key not in SECTIONS and key not in TOP_LEVEL:
             raise ConfigError(where, str(key), f"unknown key (known: {', '.join([*TOP_LEVEL, *SECTIONS])})")
@@ -469,20 +558,24 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
         if isinstance(state, str) or (isinstance(state, dict) and "location" in state):
             raise ConfigError(where, "state_path", "give either state_path or state.location, not both")
         raw["state"] = {**(state if isinstance(state, dict) else {}), "location": raw.pop("state_path")}
-    values: dict[str, Any] = {"source": where}
-    if "tables" in raw:
-        try:
-            values["tables"] = _coerce(raw["tables"], str, {}, "tables")
-        except SettingError as exc:
-            raise ConfigError(where, exc.key, exc.reason) from None
-    for name, cls in SECTIONS.items():
-        section = raw.get(name)
-        if isinstance(section, str | int) and not isinstance(section, bool) and name in SHORTHAND:
-            section = {SHORTHAND[name]: str(section)}
-        if section is not None and not isinstance(section, dict):
-            raise ConfigError(where, name, "must be a mapping")
-        values[name] = _build(cls, section or {}, where, f"{name}.", origins)
-    return AppSettings(**values)
+    for name, short in SHORTHAND.items():  # `state: /path` is `state: {location: /path}`, merged with the variables
+        if isinstance(raw.get(name), str | int) and not isinstance(raw.get(name), bool):
+            raw[name] = {short: str(raw[name])}
+
+    def source(key: str) -> str:
+        variable = origins.get(".".join(key.split(".")[:2])) or origins.get(key.split(".")[0])
+        return f"{variable} (environment, over {where})" if variable else where
+
+    token = _SOURCES.set((raw, variables))
+    try:
+        loaded = _loader()()
+    except ValidationError as exc:
+        error = setting_error(exc, AppSettings)
+        raise ConfigError(source(error.key), error.key, error.reason) from None
+    finally:
+        _SOURCES.reset(token)
+    return AppSettings(source=where, **{f.name: getattr(loaded, f.name) for f in fields(AppSettings)
+                                        if f.name != "source"})
 
 
 def secret(settings: AppSettings, key: str, what: str) -> str:

@@ -148,6 +148,14 @@ class SyncSummary:
     def to_retry(self) -> list[WriteFailure]:
         return [f for f in self.failures if f.retryable]
 
+    @property
+    def review_entries(self) -> int:
+        """Review entries this pass opens or keeps: one per (Procedure, reason), as the state stores them (a
+        Procedure with two reasons is two entries in `review list`), write rejections included."""
+        keys = {(r.procedure, r.reason) for r in self.reviews}
+        keys |= {(proc, f.review_reason) for f in self.rejected for proc in f.procedures}
+        return len(keys)
+
     def text(self) -> str:
         retry = f" ({len(self.to_retry)} to retry)" if self.to_retry else ""
         verified = f"; {self.verified} session(s) confirmed on the server after a lost answer" if self.verified else ""
@@ -161,7 +169,7 @@ class SyncSummary:
                 f"{self.lines} lines; written {self.written}, unchanged {self.unchanged}, voided {self.voided}, "
                 + (f"credited {self.credits}, " if self.credits else "")
                 + (f"edited on the server and kept {self.edits_kept}, " if self.edits_kept else "")
-                + f"review {len({r.procedure for r in self.reviews})}, failed sessions {len(self.failures)}{retry}"
+                + f"review entries {self.review_entries}, failed sessions {len(self.failures)}{retry}"
                 f"{verified}"
                 + (f"; HL7 v2 messages sent {self.hl7v2_sent} ({self.hl7v2_credits} credits)"
                    if self.hl7v2_sent else ""))

@@ -90,7 +90,8 @@ def test_explain_answers_why_this_code() -> None:
 
 def test_explain_of_an_unknown_procedure_says_so() -> None:
     result = CliRunner().invoke(cli, ["explain", scenario("01"), "--procedure", "nope"])
-    assert "Procedure/nope is not in the input" in result.stdout
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "no such Procedure: Procedure/nope is not in the input" in result.stderr
 
 
 def test_a_bad_table_is_a_configuration_error_naming_file_and_entry(tmp_path: Path) -> None:

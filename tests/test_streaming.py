@@ -110,7 +110,7 @@ def test_dry_run_streams_through_the_cli_with_the_same_stdout_stderr_and_exit_co
 
 def test_hl7v2_is_not_streamed() -> None:
     result = CliRunner().invoke(cli, ["dry-run", "--stream", "--format", "hl7v2", str(SCENARIOS[0] / "input.json")])
-    assert result.exit_code == 2 and "hl7v2 is coded in memory only" in result.stderr
+    assert result.exit_code == 3 and "hl7v2 is coded in memory only" in result.stderr  # a bad argument
 
 
 # ------------------------------------------------------------------------------- Bulk Data export shapes
@@ -251,4 +251,4 @@ def test_backfill_of_files_writes_what_dry_run_prints(tmp_path: Path) -> None:
 
 def test_backfill_needs_files_or_a_server() -> None:
     result = CliRunner().invoke(cli, ["backfill"], env={"FHIR_SERVER_URL": ""})
-    assert result.exit_code == 2 and "give NDJSON files or folders" in result.stderr
+    assert result.exit_code == 3 and "give NDJSON files or folders" in result.stderr  # a bad argument

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.billing.tables import ICD10CM, BillingTables
 from adapter.coding.engine import ChargeLine, Session
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts
+from adapter.tables.billing import ICD10CM, BillingTables
 
 MAX_DIAGNOSES = 12
 MAX_POINTERS = 4

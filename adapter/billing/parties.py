@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from adapter.billing.tables import NPI_SYSTEM, TIN_SYSTEM, BillingTables
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import Finding, ProcedureFacts
+from adapter.tables.billing import NPI_SYSTEM, TIN_SYSTEM, BillingTables
 
 Gap = Finding
 """Something the Claim needs and the input plus tables cannot give: a review reason and a sentence."""

@@ -18,8 +18,8 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from adapter.billing.tables import ChargemasterRow, PricingTables
 from adapter.extraction.index import modifier_extensions, normalize_reference
+from adapter.tables.billing import ChargemasterRow, PricingTables
 
 USAGE_CONTEXT_TYPE = "http://terminology.hl7.org/CodeSystem/usage-context-type"
 FHIRPATH = "text/fhirpath"
@@ -173,7 +173,7 @@ class PriceBook:
                          f"chargemaster {row.charge_code} {row.description}{revenue} ({label}): "
                          f"{row.unit_price} {self.pricing.currency}", None, row.charge_code, row.revenue_code)
         said = f"; unusable: {'; '.join(unusable)}" if unusable else ""
-        return NoPrice(f"no ChargeItemDefinition applies and config/chargemaster.yaml has no row for "
+        return NoPrice(f"no ChargeItemDefinition applies and {self.pricing.chargemaster_file} has no row for "
                        f"{'-'.join((code, *modifiers))} on {day}{said}")
 
     def _row(self, code: str, modifiers: tuple[str, ...], day: date) -> ChargemasterRow | None:

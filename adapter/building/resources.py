@@ -29,11 +29,11 @@ from adapter.billing.parties import (
 from adapter.billing.pricing import NoPrice, Price, PriceBook
 from adapter.building.identifiers import claim_identifier, full_url, line_identifier
 from adapter.building.narrative import charge_item_text, claim_text
-from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.coding.engine import ChargeLine, CodingResult, Review, Session
 from adapter.config import CodeTables
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts, SessionKey
+from adapter.validation import InvalidOutputError, validate_resource
 
 CLAIM_TYPE = "http://terminology.hl7.org/CodeSystem/claim-type"
 PRIORITY = "http://terminology.hl7.org/CodeSystem/processpriority"

@@ -40,6 +40,8 @@ from adapter.redact import scrub
 
 __all__ = ["FHIR_JSON", "FhirClient", "SearchParams"]
 
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
 log = logging.getLogger("adapter.client")
 
 FHIR_JSON = "application/fhir+json"
@@ -163,6 +165,9 @@ class FhirClient:
         session.trust_env = trust_env
         self.session = session
         self.on_reachability = on_reachability
+        self.on_write: Callable[[str, float], None] | None = None
+        """Called after each write (POST, PUT, PATCH, DELETE: a transaction, an update) with its method and
+        seconds, retries included, whether it succeeded or not (the write-latency histogram)."""
         # Auth is passed per request, not as session.auth, so token calls through this session stay bare.
         if isinstance(self.auth, FhirAuth):
             self.auth.bind(self.base_url, session, timeout)
@@ -507,10 +512,14 @@ class FhirClient:
                     continue
                 return response
 
+        begun = time.monotonic()
         try:
             return self.retry.call(send_once, idempotent=idempotent, describe=f"{method} {scrub(path)}")
         except requests.RequestException as exc:
             raise FhirTransportError(method, url, _describe_transport(exc), attempts, original=exc) from None
+        finally:
+            if self.on_write is not None and method in WRITE_METHODS and not path.endswith("/_search"):
+                self.on_write(method, time.monotonic() - begun)
 
     def _request_once(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
                       headers: Mapping[str, str], stream: bool = False) -> requests.Response:

@@ -75,6 +75,20 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def server_and_path(url: str) -> str:
+    """`host:port/path` of ``url`` (the port spelled out, also the scheme's default): which server, and what on it,
+    without user info, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return "<unparsable url>"
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{port}{parts.path or '/'}" if port else f"{host}{parts.path or '/'}"
+
+
 def outcome_text(outcome: dict[str, Any] | None) -> str:
     """The human-readable text of an OperationOutcome: each issue's diagnostics or details.text."""
     if not isinstance(outcome, dict):
@@ -105,9 +119,8 @@ class FhirTransportError(FhirError):
     def __init__(self, method: str, url: str, reason: str, attempts: int = 1, original: BaseException | None = None):
         self.method, self.url, self.reason, self.attempts = method, safe_url(url), reason, attempts
         self.original = original
-        path = urlsplit(self.url).path or "/"
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        super().__init__(f"{method} {path}: {reason}{tries}")
+        super().__init__(f"{method} {server_and_path(self.url)}: {reason}{tries}")
 
 
 class FhirHttpError(FhirError):
@@ -123,9 +136,8 @@ class FhirHttpError(FhirError):
     ) -> None:
         self.status, self.url, self.method = status, safe_url(url), method
         self.outcome_text, self.outcome = outcome_text, outcome
-        path = urlsplit(self.url).path or "/"
         detail = f": {outcome_text}" if outcome_text else ""
-        super().__init__(f"HTTP {status} {method} {path}{detail}")
+        super().__init__(f"HTTP {status} {method} {server_and_path(self.url)}{detail}")
 
 
 class FhirBadRequest(FhirHttpError):

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.building.validate import validate_resource
 from adapter.client import FhirClient
 from adapter.config import DEFAULT_CANONICAL_BASE
+from adapter.validation import validate_resource
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "package"
 IGNORED_ON_COMPARE = ("id", "meta")

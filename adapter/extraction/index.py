@@ -24,42 +24,32 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from adapter.extraction.modifiers import modifier_findings
-from adapter.sources.files import SourcedResource
+from adapter.urls import normalize_base, normalize_bases
+
+
+@dataclass(frozen=True)
+class SourcedResource:
+    """A resource as read, and where it was read from (`file#entry[2]`, `file:4`). Defined here, where the
+    index takes it in, so the sources that make one (adapter.sources) import downward."""
+
+    resource: dict[str, Any]
+    origin: str
+    full_url: str | None = None
+    """`Bundle.entry.fullUrl`: what `urn:uuid:` and absolute references inside the Bundle resolve against."""
+    deleted: bool = False
+    """A history entry that deletes the resource (`resource` then holds only type, id and versionId)."""
+    modifier_free: bool = False
+    """The text it was read from holds no `modifierExtension`: nothing in it needs looking for one."""
+
+
 
 _TYPE_ID = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
 _RESTFUL = re.compile(r"^(?:(?P<base>.*)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
                       r"(?:/_history/(?P<version>[^/]+))?/?$")
 _CONDITIONAL = re.compile(r"^(?:.*/)?(?P<type>[A-Z][A-Za-z]+)\?identifier=(?P<value>[^&]+)$")
 
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def normalize_base(url: str) -> str | None:
-    """A server base URL as compared: scheme and host in lower case, default port and trailing slash dropped;
-    None when `url` is not an absolute http(s)-like URL with a host."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.scheme or not parts.hostname:
-        return None
-    scheme = parts.scheme.lower()
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    if port is not None and DEFAULT_PORTS.get(scheme) != port:
-        host += f":{port}"
-    return f"{scheme}://{host}{parts.path.rstrip('/')}"
-
-
-def normalize_bases(urls: Iterable[str]) -> frozenset[str]:
-    """`normalize_base` of each URL (those that are not base URLs are left out)."""
-    return frozenset(b for b in (normalize_base(u) for u in urls) if b)
 
 
 def local_reference(value: Any, local_bases: frozenset[str]) -> str | None:

@@ -18,7 +18,8 @@ checks them for each):
 
 Every method is one transaction. Implementations: SQLite (the state file of the SQLite state backend, in
 tables of its own with their own schema step), PostgreSQL (`adapter.hl7v2.pg_ledger`: the PostgreSQL state's
-database, its own migration component) and memory (tests, `state: memory:`). Driver errors become
+database, its own migration component) and memory (tests, `state: memory:`); `adapter.hl7v2.ledgers.open_ledger`
+picks the one beside a state. Driver errors become
 `StateError`s at this boundary, as in adapter/state.
 """
 
@@ -28,7 +29,6 @@ import functools
 import itertools
 import json
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from adapter.errors import StateCorrupt, StateError, StateSchemaError, StateUnavailable
+from adapter.errors import StateCorrupt, StateSchemaError, StateUnavailable
 
 
 class MessageStatus(StrEnum):
@@ -424,23 +424,3 @@ class SqliteLedger:
         if db is not None:
             db.close()
             self._local.db = None
-
-
-def open_ledger(state: Any) -> Ledger:
-    """The ledger beside a state backend: in its SQLite file or PostgreSQL database, or in memory beside the
-    memory state (the PostgreSQL driver is imported only for a PostgreSQL state)."""
-    from adapter.state.memory import MemoryState
-    from adapter.state.sqlite import SqliteState
-
-    if isinstance(state, SqliteState):
-        return SqliteLedger(state.path, busy_timeout=state.busy_timeout)
-    if isinstance(state, MemoryState):
-        return MemoryLedger()
-    postgres = sys.modules.get("adapter.state.postgres")  # loaded if the state is one of its
-    if postgres is not None and isinstance(state, postgres.PostgresState):
-        from adapter.hl7v2.pg_ledger import PostgresLedger
-
-        return PostgresLedger(state)
-    raise StateError(getattr(state, "location", "?"), "the HL7 v2 sink keeps its message ledger in the state, and "
-                                                      "this state backend has no ledger: use an SQLite or PostgreSQL "
-                                                      "state")

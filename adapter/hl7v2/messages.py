@@ -27,13 +27,13 @@ from typing import Any
 from adapter.billing.diagnoses import plan_diagnoses
 from adapter.billing.parties import referral
 from adapter.billing.pricing import chargemaster_row
-from adapter.billing.tables import NPI_SYSTEM
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
 from adapter.errors import OutputError
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import ProcedureFacts
-from adapter.hl7v2.tables import Hl7v2Tables, IdentifierRule
+from adapter.tables.billing import NPI_SYSTEM
+from adapter.tables.hl7v2 import Hl7v2Tables, IdentifierRule
 
 IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 NPI_AUTHORITY = "NPI&2.16.840.1.113883.4.6&ISO"

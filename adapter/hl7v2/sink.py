@@ -46,7 +46,7 @@ def from_settings(conf: Any, source: str, tables: CodeTables, state: Any) -> Hl7
 
     from adapter.errors import ConfigError
     from adapter.hl7v2.files import FolderTransport
-    from adapter.hl7v2.ledger import open_ledger
+    from adapter.hl7v2.ledgers import open_ledger
     from adapter.hl7v2.mllp import MllpClient, MllpSettings, tls_context
 
     transport: Transport

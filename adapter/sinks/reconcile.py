@@ -29,7 +29,6 @@ from typing import Any
 from adapter.building.identifiers import full_url
 from adapter.building.narrative import charge_item_text, claim_text
 from adapter.building.resources import WRITE_TIME_FIELDS, SessionOutput, conditional_url, instant
-from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.config import CodeTables, Settings
 from adapter.extraction.index import reference_of
 from adapter.pipeline import RunReport
@@ -49,6 +48,7 @@ from adapter.sinks.ownership import (
     stamped,
     standing,
 )
+from adapter.validation import InvalidOutputError, validate_resource
 
 IGNORED = SERVER_MANAGED
 RELATED_CLAIM = "http://terminology.hl7.org/CodeSystem/ex-relatedclaimrelationship"

@@ -15,22 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import InputError
+from adapter.extraction.index import SourcedResource
 
 FHIR_SUFFIXES = (".json", ".ndjson", ".jsonl")
-
-
-@dataclass(frozen=True)
-class SourcedResource:
-    """A resource as read, and where it was read from (`file#entry[2]`, `file:4`)."""
-
-    resource: dict[str, Any]
-    origin: str
-    full_url: str | None = None
-    """`Bundle.entry.fullUrl`: what `urn:uuid:` and absolute references inside the Bundle resolve against."""
-    deleted: bool = False
-    """A history entry that deletes the resource (`resource` then holds only type, id and versionId)."""
-    modifier_free: bool = False
-    """The text it was read from holds no `modifierExtension`: nothing in it needs looking for one."""
 
 
 @dataclass(frozen=True)

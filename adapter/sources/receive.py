@@ -53,6 +53,10 @@ from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import waitress
+
+# Beyond waitress's public API (create_server): the channel class and its `received`, the server's
+# `maintenance`, `active_channels` and socket map, the trigger. These are internals, so pyproject.toml pins
+# waitress to the 3.0 series the tests run (tests/unit/test_receive.py: slow headers and bodies, stop_server).
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, MultiSocketServer

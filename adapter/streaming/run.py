@@ -46,6 +46,7 @@ from adapter.report import (
     info_line,
     merged_line,
     no_charge_line,
+    output_counts,
     problem_line,
     review_line,
     skipped_line,
@@ -308,11 +309,11 @@ class StreamRun:
         """Store what one batch produced, each item with the key that orders it among all batches'."""
         c = self.counts
         c.procedures += len(report.facts)
-        c.sessions += len(report.coding.coded_sessions)
-        lines = report.coding.lines
-        c.lines += len(lines)
-        c.units += sum(line.units for line in lines)
-        c.claims += sum(1 for s in report.built.sessions if s.claim)
+        sessions, lines, units, claims = output_counts(report)
+        c.sessions += sessions
+        c.lines += lines
+        c.units += units
+        c.claims += claims
         c.reviewed += len({r.procedure for r in report.reviews})
         c.no_charge += len(report.coding.no_charge)
         c.skipped += len(report.coding.skipped)

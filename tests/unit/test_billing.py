@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from adapter.billing.diagnoses import CLINICAL, VERIFICATION, not_a_diagnosis
 from adapter.billing.pricing import NoPrice, Price, PriceBook
-from adapter.billing.tables import PricingTables, npi_is_valid
 from adapter.config import load_tables
 from adapter.errors import ConfigError
 from adapter.sinks.reconcile import plan, same_content
+from adapter.tables.billing import PricingTables, npi_is_valid
 
 from .test_engine_rules import CPT, ICD10CM, SCT, TABLES, coverage, procedure, reviews, run
 

@@ -63,7 +63,8 @@ def test_status_maps_to_typed_error(server: FaultServer, status: int, error: typ
     assert exc.method == "GET"
     assert exc.outcome is not None and exc.outcome["resourceType"] == "OperationOutcome"
     assert exc.outcome_text == text
-    assert str(exc) == f"HTTP {status} GET /fhir/Patient/xyz: {text}"
+    host_port = server.url.split("//", 1)[1].split("/", 1)[0]
+    assert str(exc) == f"HTTP {status} GET {host_port}/fhir/Patient/xyz: {text}"  # the server is named
 
 
 def test_message_has_path_but_not_query(server: FaultServer) -> None:
@@ -122,7 +123,7 @@ def test_transport_error_message_has_no_query() -> None:
         list(client.search("Patient", {"identifier": "secret-mrn-42"}))
     assert "secret-mrn-42" not in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.original is not None
-    assert str(caught.value).startswith("GET /fhir/Patient: connection failed")
+    assert str(caught.value).startswith("GET 127.0.0.1:9/fhir/Patient: connection failed")
 
 
 def test_ids_cannot_escape_the_path() -> None:

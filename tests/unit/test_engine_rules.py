@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from adapter.building.resources import transaction_bundle
-from adapter.building.validate import InvalidOutputError, validate_resource
 from adapter.config import load_tables
 from adapter.pipeline import RunReport, process
 from adapter.sources.files import SourcedResource
+from adapter.validation import InvalidOutputError, validate_resource
 
 SCT = "http://snomed.info/sct"
 CPT = "http://www.ama-assn.org/go/cpt"

@@ -412,10 +412,14 @@ def test_metrics_endpoint(app: WSGIApplication, store: StateStore, metrics: Metr
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = response.body.decode()
     assert "# TYPE charge_adapter_received_total counter" in text
-    assert 'charge_adapter_received_total{kind="rest-hook-update"} 1' in text
-    assert 'charge_adapter_rejected_total{status="401"} 1' in text
-    assert "# TYPE charge_adapter_queue_depth gauge\ncharge_adapter_queue_depth 1\n" in text
-    assert "charge_adapter_coded_total 0" in text
+    assert 'charge_adapter_received_total{kind="rest-hook-update"} 1.0' in text
+    assert 'charge_adapter_rejected_total{status="401"} 1.0' in text
+    assert "# TYPE charge_adapter_queue_depth gauge\ncharge_adapter_queue_depth 1.0\n" in text
+    assert "charge_adapter_coded_total 0.0" in text
+    # prometheus_client's process metrics and the write-latency histograms are on the same endpoint
+    assert "# TYPE process_resident_memory_bytes gauge" in text and "process_cpu_seconds_total " in text
+    assert "# TYPE charge_adapter_state_write_seconds histogram" in text
+    assert 'charge_adapter_state_write_seconds_bucket{le="+Inf"} 0.0' in text
 
 
 def test_metrics_registry_rendering() -> None:
@@ -431,16 +435,29 @@ def test_metrics_registry_rendering() -> None:
     m.gauge("labelled_gauge", lambda: 2, "Per queue", queue="review")
     text = m.render()
     assert text.endswith("\n")
-    assert "charge_adapter_written_total 3\n" in text
-    assert 'charge_adapter_rejected_total{status="413"} 2\n' in text
-    assert 'custom_events_total{source="a\\"b\\\\c\\nd"} 2\n' in text
+    assert "charge_adapter_written_total 3.0\n" in text
+    assert 'charge_adapter_rejected_total{status="413"} 2.0\n' in text
+    assert 'custom_events_total{source="a\\"b\\\\c\\nd"} 2.0\n' in text
     assert "# HELP charge_adapter_cursor_lag_seconds Lag\n# TYPE charge_adapter_cursor_lag_seconds gauge\n" \
            "charge_adapter_cursor_lag_seconds 1.5\n" in text
     assert "# TYPE broken_gauge gauge\n# HELP" in text  # the failing series is left out, the scrape works
     assert "\nabsent_gauge " not in text
-    assert 'labelled_gauge{queue="review"} 2\n' in text
+    assert 'labelled_gauge{queue="review"} 2.0\n' in text
     assert 'charge_adapter_received_total{' not in text  # labelled counter: no sample before its first inc
     assert m.value("charge_adapter_rejected_total", status=413) == 2
+
+
+def test_write_latency_histograms_count_each_observation() -> None:
+    m = Metrics(process=False)
+    m.observe("charge_adapter_fhir_write_seconds", 0.2, method="POST")
+    m.observe("charge_adapter_fhir_write_seconds", 3.0, method="POST")
+    m.observe("charge_adapter_state_write_seconds", 0.004)
+    text = m.render()
+    assert 'charge_adapter_fhir_write_seconds_bucket{le="0.25",method="POST"} 1.0' in text
+    assert 'charge_adapter_fhir_write_seconds_count{method="POST"} 2.0' in text
+    assert 'charge_adapter_fhir_write_seconds_sum{method="POST"} 3.2' in text
+    assert 'charge_adapter_state_write_seconds_bucket{le="0.005"} 1.0' in text
+    assert "process_cpu_seconds_total" not in text
 
 
 def test_metrics_registry_refuses_misuse() -> None:

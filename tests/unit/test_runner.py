@@ -116,7 +116,7 @@ def test_health_reports_a_failing_a_stuck_and_a_stopped_loop() -> None:
         assert any(r.startswith("loop failing failing for ") and r.endswith(": bug") for r in reasons)
         assert any(r.startswith("loop stuck stuck in one turn for ") for r in reasons)
         assert health.check().body["loops"]["failing"] == "failing: bug"
-        assert "charge_adapter_loop_up{loop=\"failing\"} 0" in metrics.render()
+        assert "charge_adapter_loop_up{loop=\"failing\"} 0.0" in metrics.render()
     finally:
         release.set()
         runner.stop()

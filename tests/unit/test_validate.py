@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapter.building import validate as validation
-from adapter.building.validate import InvalidOutputError, validate_resource
+from adapter import validation
+from adapter.validation import InvalidOutputError, validate_resource
 
 from .test_engine_rules import coverage, procedure, run
 

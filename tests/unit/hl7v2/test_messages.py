@@ -29,8 +29,8 @@ from adapter.hl7v2.messages import (
 )
 from adapter.hl7v2.mllp import TransportError, parse_ack
 from adapter.hl7v2.plan import active_charges, plan_patient
-from adapter.hl7v2.tables import SUPPORTED_VERSIONS
 from adapter.pipeline import process_paths
+from adapter.tables.hl7v2 import SUPPORTED_VERSIONS
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = load_tables()

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from adapter.errors import StateSchemaError, StateUnavailable
-from adapter.hl7v2.ledger import NewMessage, open_ledger
+from adapter.hl7v2.ledger import NewMessage
+from adapter.hl7v2.ledgers import open_ledger
 from adapter.hl7v2.pg_ledger import LEDGER_MIGRATIONS, PostgresLedger
 from adapter.state import open_state
 from adapter.state.base import WorkItem, patient_work

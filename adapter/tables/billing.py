@@ -1,7 +1,8 @@
 """The billing tables in `config/`: billing providers, place of service, diagnosis map, chargemaster and
 ChargeItemDefinition files. Loaded and checked once, like the code tables; every error names file and entry.
 
-Each file is optional: a missing table is empty, and what it would have decided goes to review.
+Each file is required (a missing one is a configuration error naming it, not silently an empty table whose
+decisions would all go to review); a table may be empty (`items: []`). Unknown keys are named as unknown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.dated import day_of
-from adapter.errors import ConfigError
+from adapter.errors import ConfigError, check_keys
 
 CodeKey = tuple[str, str]
 BILLING_FILES = ("billing-providers.yaml", "place-of-service.yaml", "diagnosis-map.yaml", "chargemaster.yaml")
@@ -92,6 +93,8 @@ class PricingTables:
     chargemaster: tuple[ChargemasterRow, ...] = ()
     definitions: tuple[tuple[str, dict[str, Any]], ...] = ()
     """(origin, ChargeItemDefinition) read from config/charge-definitions/*.json."""
+    chargemaster_file: str = "config/chargemaster.yaml"
+    """Where the chargemaster was read from, for the messages of a line it has no row for."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ def _coded_rules(data: dict[str, Any], key: str, file: Path, codes: dict[str, st
     for i, raw in enumerate(_items(data.get(key), file, key)):
         entry = f"{key}[{i}]"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("system", "code", "display", "pos"), file, entry)
         pair = (_req(item.get("system"), file, f"{entry}.system"), _req(item.get("code"), file, f"{entry}.code"))
         if pair in out:
             raise ConfigError(str(file), entry, f"duplicate code {pair[0]}|{pair[1]}")
@@ -155,10 +159,12 @@ def _pos_code(value: Any, file: Path, entry: str, codes: dict[str, str]) -> str:
 
 
 def load_providers(file: Path, data: dict[str, Any]) -> BillingProviders:
+    check_keys(data, ("organizations", "by_performer", "by_department", "default"), file, "")
     orgs: dict[str, BillingOrganization] = {}
     for key, raw in _mapping(data.get("organizations"), file, "organizations").items():
         entry = f"organizations.{key}"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("name", "npi", "tin", "reference"), file, entry)
         npi = _text(item.get("npi"), file, f"{entry}.npi", required=False)
         if npi is not None and not npi_is_valid(npi):
             raise ConfigError(str(file), f"{entry}.npi", f"{npi!r} is not a valid NPI (10 digits, check digit)")
@@ -189,6 +195,8 @@ def load_providers(file: Path, data: dict[str, Any]) -> BillingProviders:
 
 
 def load_place_of_service(file: Path, data: dict[str, Any]) -> PlaceOfServiceTable:
+    check_keys(data, ("system", "codes", "by_location", "by_location_type", "by_service_type", "by_class", "default"),
+               file, "")
     codes = {str(k): _req(v, file, f"codes.{k}") for k, v in _mapping(data.get("codes"), file, "codes").items()}
     by_location = {str(k): _pos_code(v, file, f"by_location.{k}", codes)
                    for k, v in _mapping(data.get("by_location"), file, "by_location").items()}
@@ -202,10 +210,12 @@ def load_place_of_service(file: Path, data: dict[str, Any]) -> PlaceOfServiceTab
 
 
 def load_diagnosis_map(file: Path, data: dict[str, Any]) -> dict[CodeKey, tuple[str, str]]:
+    check_keys(data, ("map",), file, "")
     out: dict[CodeKey, tuple[str, str]] = {}
     for i, raw in enumerate(_items(data.get("map"), file, "map")):
         entry = f"map[{i}]"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("system", "code", "display", "icd10cm", "icd10cm_display"), file, entry)
         key = (_req(item.get("system"), file, f"{entry}.system"), _req(item.get("code"), file, f"{entry}.code"))
         if key[0] == ICD10CM:
             raise ConfigError(str(file), entry, "maps to ICD-10-CM; an ICD-10-CM code needs no mapping")
@@ -220,6 +230,7 @@ _day = day_of
 
 
 def load_chargemaster(file: Path, data: dict[str, Any]) -> tuple[str, tuple[ChargemasterRow, ...]]:
+    check_keys(data, ("currency", "items"), file, "")
     currency = _req(data.get("currency", "USD"), file, "currency")
     if not (len(currency) == 3 and currency.isalpha() and currency.isupper()):
         raise ConfigError(str(file), "currency", f"{currency!r} is not an ISO 4217 code such as USD")
@@ -227,6 +238,8 @@ def load_chargemaster(file: Path, data: dict[str, Any]) -> tuple[str, tuple[Char
     for i, raw in enumerate(_items(data.get("items"), file, "items")):
         entry = f"items[{i}]"
         item = _mapping(raw, file, entry)
+        check_keys(item, ("cpt", "modifiers", "charge_code", "description", "revenue_code", "unit_price", "effective"),
+                   file, entry)
         mods = item.get("modifiers")
         if mods is not None and not isinstance(mods, list):
             raise ConfigError(str(file), f"{entry}.modifiers", "must be a list (omit it for any modifiers)")
@@ -237,6 +250,7 @@ def load_chargemaster(file: Path, data: dict[str, Any]) -> tuple[str, tuple[Char
         if not price.is_finite() or price < 0:
             raise ConfigError(str(file), f"{entry}.unit_price", "must be a non-negative amount, e.g. 412.00")
         effective = _mapping(item.get("effective"), file, f"{entry}.effective")
+        check_keys(effective, ("start", "end"), file, f"{entry}.effective")
         row = ChargemasterRow(
             cpt=_req(item.get("cpt"), file, f"{entry}.cpt"),
             modifiers=None if mods is None else tuple(_req(m, file, f"{entry}.modifiers") for m in mods),
@@ -262,7 +276,7 @@ def _overlap(a: ChargemasterRow, b: ChargemasterRow) -> bool:
 
 def load_definitions(folder: Path) -> tuple[tuple[str, dict[str, Any]], ...]:
     """ChargeItemDefinition JSON files (one resource, or a Bundle of them), validated as R4."""
-    from adapter.building.validate import InvalidOutputError, validate_resource
+    from adapter.validation import InvalidOutputError, validate_resource
 
     if not folder.is_dir():
         return ()
@@ -286,13 +300,15 @@ def load_definitions(folder: Path) -> tuple[tuple[str, dict[str, Any]], ...]:
     return tuple(found)
 
 
-def load_billing_tables(base: Path, read_yaml: Any) -> BillingTables:
-    """All billing tables in `base`; `read_yaml` is the config loader's YAML reader (errors name the file)."""
+def load_billing_tables(base: Path, read_yaml: Any, shown_as: str = "") -> BillingTables:
+    """All billing tables in `base`; `read_yaml` is the config loader's YAML reader (errors name the file);
+    `shown_as`: how the folder is named in the messages of coded lines (default: its path)."""
     files = [base / name for name in BILLING_FILES]
-    data = [read_yaml(f) if f.exists() else {} for f in files]
+    data = [read_yaml(f) for f in files]  # a missing file: ConfigError "file not found" naming it
     currency, rows = load_chargemaster(files[3], data[3])
     return BillingTables(
         providers=load_providers(files[0], data[0]),
         place_of_service=load_place_of_service(files[1], data[1]),
         diagnosis_map=load_diagnosis_map(files[2], data[2]),
-        pricing=PricingTables(currency, rows, load_definitions(base / DEFINITIONS_DIR)))
+        pricing=PricingTables(currency, rows, load_definitions(base / DEFINITIONS_DIR),
+                             f"{shown_as or base}/{BILLING_FILES[3]}"))

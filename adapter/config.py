@@ -434,12 +434,14 @@ def load_mue(mue_file: Path, data: dict[str, Any]) -> tuple[dict[str, Rows[MueLi
     """config/mue.yaml: per code one row (a mapping, or a bare number) or a list of rows by date of service, each
     with `units`, a `source` or `site_decision`, and optionally `mai` (1, 2, 3), `rationale` and `effective`."""
     rows: list[tuple[str, Effective, MueLimit, str]] = []
+    check_keys(data, ("limits",), mue_file, "")
     for code, raw in _mapping(data.get("limits", {}), mue_file, "limits").items():
         for n, row in enumerate(raw if isinstance(raw, list) else [raw]):
             entry = f"limits.{code}" + (f"[{n}]" if isinstance(raw, list) else "")
             limit, source, mai, rationale = row, "", None, ""
             effective = Effective()
             if isinstance(row, dict):
+                check_keys(row, ("units", "source", "site_decision", "mai", "rationale", "effective"), mue_file, entry)
                 limit = row.get("units")
                 if row.get("source") is not None:
                     source = _str(row.get("source"), mue_file, f"{entry}.source")
@@ -482,7 +484,7 @@ def _load_input(path: Path) -> dict[str, Any]:
     """config/input.yaml: performer functions, actor types, laterality, known modifierExtensions."""
     data = _read_yaml(path)
     check_keys(data, ("rendering_functions", "non_rendering_functions", "rendering_actor_types", "laterality",
-                      "laterality_extensions", "known_modifier_extensions", "local_bases"), path, "")
+                      "laterality_extensions", "known_modifier_extensions", "local_bases", "fna_text_words"), path, "")
 
     def codes(key: str) -> frozenset[CodeKey]:
         return frozenset(k for k, _ in _codings(_list(data, key, path, required=False), key, path))

@@ -108,22 +108,23 @@ TEXTS = st.text(alphabet="ab c.", min_size=0, max_size=14)
 
 @EXAMPLES
 @given(st.lists(st.lists(TEXTS, max_size=4), max_size=6), st.lists(TEXTS, min_size=1, max_size=5),
-       st.booleans())
+       st.booleans(), st.booleans())
 def test_masking_from_the_store_is_free_text_masking(tmp_path: Path, resources: list[list[str]],
-                                                   messages: list[str], loaded: bool) -> None:
-    """Overlapping strings, strings inside strings, spaces around them: the store-backed scan replaces what
-    FreeText's pattern replaces (and the loaded form is FreeText itself)."""
+                                                   messages: list[str], loaded: bool, bounded: bool) -> None:
+    """Overlapping strings, strings inside strings, spaces around them: the store-backed scan and the loaded
+    automaton replace what FreeText replaces, also when only strings up to the longest message are taken."""
     items = [{"resourceType": "Basic", "id": f"b{i}", "text": {"div": " ".join(strings)},
               "note": [{"text": s} for s in strings]} for i, strings in enumerate(resources)]
     store = Store(Path(tempfile.mkdtemp(dir=tmp_path)))
     for i, item in enumerate(items):
         store.add(SourcedResource(item, f"x:{i}"))
     store.finish_reading()
-    masker = StoredFreeText(store, in_memory_strings=10**6 if loaded else -1)
-    assert (masker.inner is not None) == loaded
+    texts = [" ".join([message, *[s for strings in resources for s in strings][:3], message]) for message in messages]
+    masker = StoredFreeText(store, in_memory_strings=10**6 if loaded else -1,
+                            longest=max(map(len, texts)) if bounded else None)
+    assert masker.loaded == loaded
     expected = FreeText.of(items)
-    for message in messages:
-        text = " ".join([message, *[s for strings in resources for s in strings][:3], message])
+    for text in texts:
         assert masker.mask(text) == expected.mask(text)
     store.close()
 

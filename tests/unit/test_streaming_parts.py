@@ -1,6 +1,6 @@
 """The parts of the streaming path that can be checked on their own: NDJSON read piece by piece gives what the
 whole-file reading gave, masking free text from the store is `FreeText.mask`, a file found unreadable half way
-leaves nothing behind, and the Bundle is written entry by entry exactly as `json.dumps` writes it whole."""
+leaves nothing behind, and the Bundle is written entry by entry exactly as the whole Bundle is written."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapter import jsonout
 from adapter.config import load_tables
 from adapter.errors import InputError
 from adapter.redact import FreeText
@@ -142,7 +143,7 @@ def test_superseded_copies_lose_their_free_text(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_the_bundle_is_written_entry_by_entry_as_json_dumps_writes_it(compact: bool) -> None:
+def test_the_bundle_is_written_entry_by_entry_as_the_whole_bundle_is_written(compact: bool) -> None:
     tables = load_tables()
     with StreamRun(tables, NOW, compact=compact) as run:
         entries: list[dict[str, Any]] = [{"fullUrl": f"urn:x:{i}", "resource": {"resourceType": "Basic", "id": str(i),
@@ -156,7 +157,8 @@ def test_the_bundle_is_written_entry_by_entry_as_json_dumps_writes_it(compact: b
             bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
             if written:
                 bundle["entry"] = written
-            assert out.getvalue() == json.dumps(bundle, indent=None if compact else 2, ensure_ascii=False) + "\n"
+            assert out.getvalue() == jsonout.dumps(bundle, compact) + "\n"
+            assert json.loads(out.getvalue()) == bundle
 
 
 def test_a_problem_spilled_keeps_its_place(tmp_path: Path) -> None:

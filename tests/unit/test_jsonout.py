@@ -1,0 +1,37 @@
+"""Output JSON (adapter.jsonout): the value json.dumps wrote, at C speed; what orjson refuses is still written."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapter import jsonout
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON_VALUES)
+def test_the_json_value_is_the_one_json_dumps_writes(value: Any) -> None:
+    for compact in (False, True):
+        assert json.loads(jsonout.dumps(value, compact)) == json.loads(json.dumps(value))
+    assert "\n" not in jsonout.dumps(value, compact=True)
+
+
+def test_indented_output_is_laid_out_as_json_dumps_lays_it_out() -> None:
+    value = {"resourceType": "Bundle", "entry": [{"a": [], "b": {}, "c": [1, "é\n\"", None, True]}], "n": 2.5}
+    assert jsonout.dumps(value) == json.dumps(value, indent=2, ensure_ascii=False)
+    assert jsonout.dumps(value, compact=True) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_what_orjson_refuses_is_written_by_the_json_module() -> None:
+    value = {"text": "lone \ud800 surrogate", "big": 2**70}
+    assert jsonout.dumps(value) == json.dumps(value, indent=2, ensure_ascii=False)
+    assert jsonout.dumps(value, compact=True) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))

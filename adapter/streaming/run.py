@@ -122,16 +122,14 @@ class StreamResult:
 
     def mask(self, text: str) -> str:
         if self._masker is None:
-            self._masker = StoredFreeText(self.store, longest=max(len(text), self._longest_detail()))
+            self._masker = StoredFreeText(self.store, self._details)
         return self._masker.mask(text)
 
-    def _longest_detail(self) -> int:
-        """The longest text `diagnostics` masks (review and warning details): no longer string can match."""
-        longest = 0
+    def _details(self) -> Iterator[str]:
+        """Every text `diagnostics` masks: the details of reviews and warnings."""
         for kind, payload in self.store.db.execute("SELECT kind, payload FROM diag WHERE kind IN ('review', "
                                                    "'warning')"):
-            longest = max(longest, len(json.loads(payload)[3 if kind == "review" else 2]))
-        return longest
+            yield json.loads(payload)[3 if kind == "review" else 2]
 
     def diagnostics(self) -> Iterator[str]:
         """The lines `report.diagnostics` gives for the same input, in the same order."""

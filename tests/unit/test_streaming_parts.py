@@ -99,7 +99,7 @@ def test_a_file_unreadable_half_way_leaves_nothing_in_the_store(tmp_path: Path) 
     store.finish_reading()
     assert [c.key for c in store.copies("Patient/keep")] == ["Patient/keep"]
     assert store.copies("Patient/gone") == [] and list(store.problems()) == []
-    masker = StoredFreeText(store)
+    masker = StoredFreeText(store, lambda: ["Kept Name, Gone Name"])
     assert masker.mask("Kept Name, Gone Name") == "[text], Gone Name"
     store.close()
 
@@ -109,11 +109,11 @@ TEXTS = st.text(alphabet="ab c.", min_size=0, max_size=14)
 
 @EXAMPLES
 @given(st.lists(st.lists(TEXTS, max_size=4), max_size=6), st.lists(TEXTS, min_size=1, max_size=5),
-       st.booleans(), st.booleans())
+       st.booleans())
 def test_masking_from_the_store_is_free_text_masking(tmp_path: Path, resources: list[list[str]],
-                                                   messages: list[str], loaded: bool, bounded: bool) -> None:
-    """Overlapping strings, strings inside strings, spaces around them: the store-backed scan and the loaded
-    automaton replace what FreeText replaces, also when only strings up to the longest message are taken."""
+                                                   messages: list[str], loaded: bool) -> None:
+    """Overlapping strings, strings inside strings, spaces around them: the strings loaded at once, and those
+    found piece by piece (one string a piece), replace what FreeText replaces."""
     items = [{"resourceType": "Basic", "id": f"b{i}", "text": {"div": " ".join(strings)},
               "note": [{"text": s} for s in strings]} for i, strings in enumerate(resources)]
     store = Store(Path(tempfile.mkdtemp(dir=tmp_path)))
@@ -121,9 +121,8 @@ def test_masking_from_the_store_is_free_text_masking(tmp_path: Path, resources: 
         store.add(SourcedResource(item, f"x:{i}"))
     store.finish_reading()
     texts = [" ".join([message, *[s for strings in resources for s in strings][:3], message]) for message in messages]
-    masker = StoredFreeText(store, in_memory_strings=10**6 if loaded else -1,
-                            longest=max(map(len, texts)) if bounded else None)
-    assert masker.loaded == loaded
+    masker = StoredFreeText(store, lambda: texts, in_memory_chars=10**6 if loaded else 1)
+    assert masker.loaded or not loaded  # (not loaded: one string a piece, whenever a string can match)
     expected = FreeText.of(items)
     for text in texts:
         assert masker.mask(text) == expected.mask(text)
@@ -138,7 +137,8 @@ def test_superseded_copies_lose_their_free_text(tmp_path: Path) -> None:
         flatten({"resourceType": "Patient", "id": "p", "meta": {"versionId": version},
                  "name": [{"family": family}]}, f"f:{version}", read)
     store.finish_reading()
-    assert StoredFreeText(store, in_memory_strings=-1).mask("Oldname Newname") == "Oldname [text]"
+    masker = StoredFreeText(store, lambda: ["Oldname Newname"], in_memory_chars=1)
+    assert masker.mask("Oldname Newname") == "Oldname [text]"
     store.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 from typing import Any
 
@@ -35,3 +37,17 @@ def test_what_orjson_refuses_is_written_by_the_json_module() -> None:
     value = {"text": "lone \ud800 surrogate", "big": 2**70}
     assert jsonout.dumps(value) == json.dumps(value, indent=2, ensure_ascii=False)
     assert jsonout.dumps(value, compact=True) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_written_output_is_the_dumped_text_and_a_newline() -> None:
+    """To a text stream's UTF-8 buffer, or as text; by orjson, or by the json module for what orjson refuses."""
+    orjsons: dict[str, Any] = {"resourceType": "Bundle", "entry": [{"text": "é"}]}
+    for value, compact, wrapped in itertools.product([orjsons, {**orjsons, "big": 2**70}], [False, True],
+                                                     [True, False]):
+        raw = io.BytesIO()
+        out: Any = io.TextIOWrapper(raw, encoding="utf-8") if wrapped else io.StringIO()
+        out.write("before ")
+        jsonout.write(value, out, compact)
+        out.flush()
+        text = raw.getvalue().decode("utf-8") if wrapped else out.getvalue()
+        assert text == "before " + jsonout.dumps(value, compact) + "\n"

@@ -162,7 +162,7 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
     report = process_paths(paths, tables, now)
     exit_code = report.exit_code
     if fmt == "json":
-        jsonout.write(output_bundle(report), sys.stdout, compact)
+        jsonout.write_bundle(output_bundle(report), sys.stdout, compact)
     elif fmt == "hl7v2":
         exit_code = _print_hl7v2(report, tables, now)
     else:

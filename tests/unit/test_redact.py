@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapter import redact
 from adapter.redact import FreeText
@@ -27,6 +30,33 @@ def test_free_text_of_the_resources_is_masked_in_messages() -> None:
     text = FreeText.of([BODY_STRUCTURE, PATIENT])
     detail = "BodyStructure/bs-1 (Left thyroid lobe nodule, 16 mm / Thyroid structure) of Patient/p1 Rosalind"
     assert text.mask(detail) == "BodyStructure/bs-1 ([text] / [text]) of Patient/*** [text]"
+
+
+def regex_mask(strings: set[str], text: str) -> str:
+    """The masking before the automaton, kept as the oracle: one alternation of every string, longest first."""
+    if strings:
+        pattern = re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
+        text = pattern.sub(redact.MASK, text)
+    return redact.scrub(text)
+
+
+PIECES = st.text(alphabet="ab .\u00e9\U0001f600\ud800", min_size=0, max_size=9)
+"""A small alphabet (overlaps and prefixes are frequent), with a non-BMP character and a lone surrogate."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PIECES, max_size=12), st.lists(st.tuples(st.integers(0, 11), PIECES), max_size=8), PIECES)
+def test_the_automaton_masks_what_the_regex_alternation_masked(strings: list[str], joins: list[tuple[int, str]],
+                                                                 tail: str) -> None:
+    """Strings inside strings, overlapping strings, strings sharing prefixes, text made of them and glue."""
+    free = FreeText(strings)
+    text = "".join(strings[i % len(strings)] + glue if strings else glue for i, glue in joins) + tail + " Patient/p1"
+    assert free.mask(text) == regex_mask(free.strings, text)
+
+
+def test_the_leftmost_then_longest_string_is_masked() -> None:
+    free = FreeText(["abcd", "bcdefg", "abcdef", "cdef"])
+    assert free.mask("xabcdefgh bcdefgh") == "x[text]gh [text]h" == regex_mask(free.strings, "xabcdefgh bcdefgh")
 
 
 @pytest.mark.parametrize(("mode", "shown"), [("omit", "Patient/***"), ("plain", "Patient/p1")])

@@ -1,6 +1,6 @@
 """The parts of the streaming path that can be checked on their own: NDJSON read piece by piece gives what the
 whole-file reading gave, masking free text from the store is `FreeText.mask`, a file found unreadable half way
-leaves nothing behind, and the Bundle is written entry by entry exactly as `json.dumps` writes it whole."""
+leaves nothing behind, and the Bundle is written entry by entry exactly as the whole Bundle is written."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapter import jsonout
 from adapter.config import load_tables
 from adapter.errors import InputError
 from adapter.redact import FreeText
@@ -98,7 +99,7 @@ def test_a_file_unreadable_half_way_leaves_nothing_in_the_store(tmp_path: Path) 
     store.finish_reading()
     assert [c.key for c in store.copies("Patient/keep")] == ["Patient/keep"]
     assert store.copies("Patient/gone") == [] and list(store.problems()) == []
-    masker = StoredFreeText(store)
+    masker = StoredFreeText(store, lambda: ["Kept Name, Gone Name"])
     assert masker.mask("Kept Name, Gone Name") == "[text], Gone Name"
     store.close()
 
@@ -111,19 +112,19 @@ TEXTS = st.text(alphabet="ab c.", min_size=0, max_size=14)
        st.booleans())
 def test_masking_from_the_store_is_free_text_masking(tmp_path: Path, resources: list[list[str]],
                                                    messages: list[str], loaded: bool) -> None:
-    """Overlapping strings, strings inside strings, spaces around them: the store-backed scan replaces what
-    FreeText's pattern replaces (and the loaded form is FreeText itself)."""
+    """Overlapping strings, strings inside strings, spaces around them: the strings loaded at once, and those
+    found piece by piece (one string a piece), replace what FreeText replaces."""
     items = [{"resourceType": "Basic", "id": f"b{i}", "text": {"div": " ".join(strings)},
               "note": [{"text": s} for s in strings]} for i, strings in enumerate(resources)]
     store = Store(Path(tempfile.mkdtemp(dir=tmp_path)))
     for i, item in enumerate(items):
         store.add(SourcedResource(item, f"x:{i}"))
     store.finish_reading()
-    masker = StoredFreeText(store, in_memory_strings=10**6 if loaded else -1)
-    assert (masker.inner is not None) == loaded
+    texts = [" ".join([message, *[s for strings in resources for s in strings][:3], message]) for message in messages]
+    masker = StoredFreeText(store, lambda: texts, in_memory_chars=10**6 if loaded else 1)
+    assert masker.loaded or not loaded  # (not loaded: one string a piece, whenever a string can match)
     expected = FreeText.of(items)
-    for message in messages:
-        text = " ".join([message, *[s for strings in resources for s in strings][:3], message])
+    for text in texts:
         assert masker.mask(text) == expected.mask(text)
     store.close()
 
@@ -136,12 +137,13 @@ def test_superseded_copies_lose_their_free_text(tmp_path: Path) -> None:
         flatten({"resourceType": "Patient", "id": "p", "meta": {"versionId": version},
                  "name": [{"family": family}]}, f"f:{version}", read)
     store.finish_reading()
-    assert StoredFreeText(store, in_memory_strings=-1).mask("Oldname Newname") == "Oldname [text]"
+    masker = StoredFreeText(store, lambda: ["Oldname Newname"], in_memory_chars=1)
+    assert masker.mask("Oldname Newname") == "Oldname [text]"
     store.close()
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_the_bundle_is_written_entry_by_entry_as_json_dumps_writes_it(compact: bool) -> None:
+def test_the_bundle_is_written_entry_by_entry_as_the_whole_bundle_is_written(compact: bool) -> None:
     tables = load_tables()
     with StreamRun(tables, NOW, compact=compact) as run:
         entries: list[dict[str, Any]] = [{"fullUrl": f"urn:x:{i}", "resource": {"resourceType": "Basic", "id": str(i),
@@ -155,7 +157,8 @@ def test_the_bundle_is_written_entry_by_entry_as_json_dumps_writes_it(compact: b
             bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
             if written:
                 bundle["entry"] = written
-            assert out.getvalue() == json.dumps(bundle, indent=None if compact else 2, ensure_ascii=False) + "\n"
+            assert out.getvalue() == jsonout.dumps(bundle, compact) + "\n"
+            assert json.loads(out.getvalue()) == bundle
 
 
 def test_a_problem_spilled_keeps_its_place(tmp_path: Path) -> None:

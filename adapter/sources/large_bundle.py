@@ -35,6 +35,10 @@ class _Irregular(Exception):
     """Something this scan leaves to the whole-file read."""
 
 
+_NUMBER_TAIL = re.compile(r"[0-9.eE+\-]+")
+"""What may follow a number's prefix inside the same number."""
+
+
 class _Text:
     """The file's text, decoded piece by piece, with a read position."""
 
@@ -87,7 +91,9 @@ class _Text:
                 self._more(grow)
                 grow *= 2  # an entry larger than a piece is parsed about twice, not once per piece
                 continue
-            if end < len(self.buf) or self.eof:
+            cut = (isinstance(value, int | float) and not isinstance(value, bool)
+                   and _NUMBER_TAIL.fullmatch(self.buf, end))  # "0." or "1e" at the end: the number may go on
+            if (end < len(self.buf) and not cut) or self.eof:
                 self.pos = end
                 return value
             self._more(grow)
@@ -160,6 +166,8 @@ def _scan(text: _Text, path: Path, result: files.ReadResult, modifier_free: bool
         else:
             if bundle.get("resourceType") != "Bundle" or text.peek() != "[":
                 raise _Irregular("not a Bundle with a list of entries, as far as read")
+            if bundle.get("type") == "message":  # its header and focus are checked across entries: read whole
+                raise _Irregular("a message Bundle")
             text.pos += 1
             bundle["entry"] = _LazyEntries(text)
             files.flatten(bundle, str(path), result, modifier_free)

@@ -272,7 +272,7 @@ def read_file(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES) ->
     if _is_large(path):  # one huge Bundle: entry by entry (adapter/sources/large_bundle.py), else read whole
         from adapter.sources.large_bundle import read_bundle
 
-        if read_bundle(path, result):
+        if read_bundle(path, result, flatten):
             return
     try:
         raw = path.read_bytes()

@@ -16,11 +16,9 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-from adapter.sources import files
 
 STREAM_BYTES = 32 << 20
 """JSON files larger than this are scanned entry by entry (smaller ones are read whole: it is faster)."""
@@ -134,7 +132,11 @@ class _LazyEntries(list):  # type: ignore[type-arg]
             text.expect(",")
 
 
-def read_bundle(path: Path, result: files.ReadResult) -> bool:
+Flatten = Callable[[dict[str, Any], str, Any, bool], None]
+"""`adapter.sources.files.flatten`, handed in by its caller (files imports this module, not the other way)."""
+
+
+def read_bundle(path: Path, result: Any, flatten: Flatten) -> bool:
     """Add the resources of the Bundle in `path` to `result` entry by entry; False (having added nothing) when
     the file is not such a Bundle or not as expected, for the whole-file read to deal with."""
     mark = result.mark()
@@ -144,7 +146,7 @@ def read_bundle(path: Path, result: files.ReadResult) -> bool:
     except OSError:
         return False
     try:
-        _scan(text, path, result, modifier_free)
+        _scan(text, path, result, modifier_free, flatten)
         return True
     except (_Irregular, RecursionError):
         result.discard(mark)
@@ -153,7 +155,7 @@ def read_bundle(path: Path, result: files.ReadResult) -> bool:
         text.close()
 
 
-def _scan(text: _Text, path: Path, result: files.ReadResult, modifier_free: bool) -> None:
+def _scan(text: _Text, path: Path, result: Any, modifier_free: bool, flatten: Flatten) -> None:
     text.expect("{")
     bundle: dict[str, Any] = {}
     while True:
@@ -170,7 +172,7 @@ def _scan(text: _Text, path: Path, result: files.ReadResult, modifier_free: bool
                 raise _Irregular("a message Bundle")
             text.pos += 1
             bundle["entry"] = _LazyEntries(text)
-            files.flatten(bundle, str(path), result, modifier_free)
+            flatten(bundle, str(path), result, modifier_free)
             text.expect("}")
             if text.peek() != "":
                 raise _Irregular("something after the Bundle")

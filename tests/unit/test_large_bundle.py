@@ -31,7 +31,7 @@ def read(path: Path, streamed: bool) -> tuple[ReadResult, str | None]:
     error = None
     try:
         if streamed:
-            if not large_bundle.read_bundle(path, result):
+            if not large_bundle.read_bundle(path, result, files.flatten):
                 return result, "whole"
         else:
             read_file(path, result)
@@ -87,7 +87,7 @@ def test_bytes_that_are_not_utf8_are_left_to_the_whole_file_read(tmp_path: Path)
 def test_read_file_scans_large_files_entry_by_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(large_bundle, "STREAM_BYTES", 10)
     parsed: list[Path] = []
-    monkeypatch.setattr(large_bundle, "_scan", lambda text, path, result, free: parsed.append(path))
+    monkeypatch.setattr(large_bundle, "_scan", lambda text, path, result, free, flatten: parsed.append(path))
     path = tmp_path / "b.json"
     path.write_text('{"resourceType": "Bundle", "entry": []}', encoding="utf-8")
     read_file(path, ReadResult())
@@ -104,7 +104,8 @@ def test_every_fixture_file_reads_the_same_entry_by_entry(monkeypatch: pytest.Mo
     monkeypatch.setattr(large_bundle, "STREAM_BYTES", -1)
     scanned: list[Path] = []
     real = large_bundle.read_bundle
-    monkeypatch.setattr(large_bundle, "read_bundle", lambda path, result: scanned.append(path) or real(path, result))
+    monkeypatch.setattr(large_bundle, "read_bundle",
+                        lambda path, result, flatten: scanned.append(path) or real(path, result, flatten))
     streamed = files.read_paths(paths)
     assert len(scanned) == len(paths) > 50
     assert streamed.resources == whole.resources and streamed.problems == whole.problems

@@ -476,7 +476,8 @@ def _worker_loop(service: Service, stop: threading.Event, wake: threading.Event)
 
 
 def _monitor_loop(service: Service) -> Loop:
-    return Loop("monitor", service.monitor, max_backoff=30.0)
+    service.health.watch_heartbeats()
+    return Loop("monitor", service.monitor, max_backoff=service.monitor_every)
 
 
 @cli.command("run")

@@ -152,7 +152,8 @@ class Service:
         self.health = health or Health(settings.health)
         self.client = client or make_client(settings.server, settings.source, on_reachability=self.health.fhir)
         self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
-                                         lease_seconds=settings.worker.lease_seconds)
+                                         lease_seconds=settings.worker.lease_seconds,
+                                         statement_timeout=settings.state.statement_timeout_seconds)
         self.owner = self.state.instance_id
         self.shared = bool(getattr(self.state, "shared", False))
         """Several replicas on one state: the poller queues changed patients instead of coding them itself."""
@@ -196,6 +197,8 @@ class Service:
         gauge("charge_adapter_cursor_lag_seconds", self._cursor_lag,
               "Seconds between now and the polling cursor (server clock)")
         gauge("charge_adapter_healthy", lambda: 1 if health.check().ok else 0, "1 when /healthz answers 200")
+        gauge("charge_adapter_clock_skew_seconds", lambda: health.skew,
+              "This host's clock minus the state's (the database server's), measured at each heartbeat")
 
     # -- one pass -----------------------------------------------------------------------------------------------
 
@@ -610,22 +613,36 @@ class Service:
 
     # -- health and housekeeping --------------------------------------------------------------------------------
 
+    @property
+    def monitor_every(self) -> float:
+        """Heartbeats come at least three times per `health.deadline_seconds`, so one that is missed is seen
+        within the deadline."""
+        return min(MONITOR_EVERY_SECONDS, self.settings.health.deadline_seconds / 3)
+
     def monitor(self) -> float:
-        """A heartbeat write (is the state writable?), fresh stats for /healthz and /metrics, hourly pruning."""
+        """A heartbeat write (is the state writable? how far is our clock from the state's?), fresh stats for
+        /healthz and /metrics, hourly pruning. Each state call has half the health deadline to answer."""
+        limit = max(1.0, self.settings.health.deadline_seconds / 2)
         try:
-            self.state.heartbeat()
+            skew = self.state.heartbeat(timeout=limit)
+            stats = self.state.stats(timeout=limit)
         except StateUnavailable as exc:
-            self.health.state_failed(exc.reason)
+            self.health.heartbeat_failed(exc.reason)
             raise
-        self.health.state_ok()
-        self.health.set_stats(self.state.stats())
+        self.health.heartbeat_answered(skew)
+        self.health.set_stats(stats)
         if time.monotonic() >= self._next_prune:
             self.prune()
             self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-        return MONITOR_EVERY_SECONDS
+        return self.monitor_every
+
+    def state_clock(self) -> float:
+        """The state's clock as well as the last heartbeat measured it (for coarse cut-offs; exact comparisons
+        happen inside the state's transactions)."""
+        return time.time() - (self.health.skew or 0.0)
 
     def prune(self) -> dict[str, int]:
-        conf, now = self.settings.state, time.time()
+        conf, now = self.settings.state, self.state_clock()
         removed = self.state.prune(now - conf.done_retention_days * 86400, now - conf.audit_retention_days * 86400)
         if any(removed.values()):
             log.info("pruned %d finished work items, %d audit rows, %d expired claims", removed["queue"],

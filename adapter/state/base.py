@@ -201,6 +201,9 @@ class StateStats:
     dead: int
     reviews_open: int
     cursor: str | None
+    read_at: float | None = None
+    """The state's clock when these were read (the database server's, for PostgreSQL): ages are computed
+    against it, never against the local clock (None: the local clock)."""
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,12 @@ class StateBackend(Protocol):
 
     # -- health and housekeeping ---------------------------------------------------------------------------------
 
-    def heartbeat(self, now: float | None = None) -> None:
-        """Record that this instance is alive: a small write that also proves the state is writable."""
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
+        """Record that this instance is alive: a small write that also proves the state is writable, within
+        `timeout` seconds (client-side) or StateUnavailable. Returns the local clock minus the state's clock
+        (the database server's for PostgreSQL; 0.0 where the state's clock is the local one)."""
 
-    def stats(self, now: float | None = None) -> StateStats: ...
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats: ...
 
     def counts(self) -> dict[str, int]:
         """processed, review_open, audit, queue_depth."""

@@ -325,15 +325,16 @@ class MemoryState:
 
     # -- health and housekeeping -----------------------------------------------------------------------------------
 
-    def heartbeat(self, now: float | None = None) -> None:
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
         with self._lock:
             self._heartbeat(time.time() if now is None else now)
+        return 0.0
 
     def _heartbeat(self, now: float) -> None:
         started = self._replicas.get(self.instance_id, [now, now])[0]
         self._replicas[self.instance_id] = [started, now]
 
-    def stats(self, now: float | None = None) -> StateStats:
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats:
         with self._lock:
             queued = [row for row in self._queue.values() if row.status in ("pending", "leased")]
             return StateStats(
@@ -342,7 +343,7 @@ class MemoryState:
                 oldest_queued_at=min((row.item.received_at for row in queued), default=None),
                 dead=sum(1 for row in self._queue.values() if row.status == "failed"),
                 reviews_open=sum(1 for e in self._reviews.values() if e.status == "open"),
-                cursor=self._cursors.get("poll"))
+                cursor=self._cursors.get("poll"), read_at=time.time() if now is None else now)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

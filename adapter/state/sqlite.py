@@ -564,22 +564,25 @@ class SqliteState:
     # -- health and housekeeping -----------------------------------------------------------------------------------
 
     @_translated
-    def heartbeat(self, now: float | None = None) -> None:
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx(timeout) as db:
             db.execute("INSERT INTO replicas VALUES (?, ?, ?) ON CONFLICT(instance) DO UPDATE SET "
                        "last_seen=excluded.last_seen", (self.instance_id, now, now))
+        return 0.0  # one file, one host: the state's clock is this process's
 
     @_translated
-    def stats(self, now: float | None = None) -> StateStats:
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats:
         db = self._db()
+        read_at = time.time()
         depth, oldest, backlog = db.execute(
             "SELECT count(*), min(received_at), coalesce(sum(attempts > 0 AND status='pending'), 0) FROM queue "
             "WHERE status IN ('pending', 'leased')").fetchone()
         dead = db.execute("SELECT count(*) FROM queue WHERE status='failed'").fetchone()[0]
         reviews = db.execute("SELECT count(*) FROM review WHERE status='open'").fetchone()[0]
         cursor = db.execute("SELECT value FROM cursor WHERE name='poll'").fetchone()
-        return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor[0] if cursor else None)
+        return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor[0] if cursor else None,
+                          read_at)
 
     @_translated
     def counts(self) -> dict[str, int]:

@@ -568,8 +568,24 @@ def status_cmd(ctx: click.Context) -> None:
                + (f" ({stats.retry_backlog} waiting for a retry)" if stats.retry_backlog else ""))
     click.echo(f"review:    {counts['review_open']} open")
     click.echo(f"processed: {counts['processed']} Procedure versions")
+    if _settings(ctx).sinks.hl7v2.enabled:
+        _echo_hl7v2(_settings(ctx), state)
     if getattr(state, "shared", False):
-        _echo_replicas(state.replicas(), time.time())
+        _echo_replicas(state.replicas(), getattr(state, "now", time.time)())
+
+
+def _echo_hl7v2(settings: AppSettings, state: StateBackend) -> None:
+    """The HL7 v2 path from its ledger: what waits, what waits in review, and the receiver's latest failure."""
+    from adapter.hl7v2.ledger import open_ledger
+
+    conf = settings.sinks.hl7v2
+    where = f"mllp{'s' if conf.tls else ''}://{conf.host}:{conf.port}" if conf.transport == "mllp" else conf.folder
+    summary = open_ledger(state).summary()
+    oldest = f" (oldest {summary.oldest_pending_seconds:.0f} s)" if summary.oldest_pending_seconds is not None else ""
+    parked = f", {summary.parked} unacknowledged waiting in review" if summary.parked else ""
+    click.echo(f"hl7v2:     {where}: {summary.pending} message(s) pending{oldest}{parked}")
+    if summary.last_failure:
+        click.echo(f"           failing: {summary.last_failure} ({summary.last_failure_seconds:.0f} s ago)")
 
 
 REPLICA_ALIVE_SECONDS = 30.0

@@ -159,6 +159,9 @@ class Service:
         """Several replicas on one state: the poller queues changed patients instead of coding them itself."""
         self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
             if settings.sinks.hl7v2.enabled else None
+        if self.hl7v2 is not None:
+            self.hl7v2.observer = self.health.hl7v2
+            self.health.sink_enabled(self.hl7v2.transport.where)
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()

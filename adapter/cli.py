@@ -561,7 +561,8 @@ def status_cmd(ctx: click.Context) -> None:
     """Cursor, lag, queue and review counts from the state."""
     state = _state(ctx)
     stats, counts, queue = state.stats(), state.counts(), state.queue_counts()
-    lag = f"{time.time() - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
+    now = getattr(state, "now", time.time)()  # the state's clock (the database's), not this host's
+    lag = f"{now - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
     click.echo(f"state:     {state.location}")
     click.echo(f"cursor:    {stats.cursor or '(none: the next poll reads everything)'}  lag {lag}")
     click.echo("queue:     " + (", ".join(f"{k} {v}" for k, v in sorted(queue.items())) or "empty")
@@ -571,7 +572,7 @@ def status_cmd(ctx: click.Context) -> None:
     if _settings(ctx).sinks.hl7v2.enabled:
         _echo_hl7v2(_settings(ctx), state)
     if getattr(state, "shared", False):
-        _echo_replicas(state.replicas(), getattr(state, "now", time.time)())
+        _echo_replicas(state.replicas(), now)
 
 
 def _echo_hl7v2(settings: AppSettings, state: StateBackend) -> None:

@@ -279,19 +279,21 @@ class Service:
             self.failures.succeeded("writing charges")
 
     def retry_work(self, failing: dict[str, str], source: str = "retry") -> list[WorkItem]:
-        """Queued work that recodes each failing patient after a backoff (one queued item per patient)."""
-        now, conf = time.time(), self.settings.worker
+        """Queued work that recodes each failing patient after a backoff (one queued item per patient); the wait is
+        turned into a time on the state's clock when it is stored."""
+        conf = self.settings.worker
         if failing:
             self.metrics.inc("charge_adapter_retried_total", len(failing))
-        return [patient_work(p, reason, now + backoff(1, conf.retry_initial_seconds, conf.retry_max_seconds),
-                             source) for p, reason in sorted(failing.items())]
+        return [patient_work(p, reason, source=source,
+                             delay=backoff(1, conf.retry_initial_seconds, conf.retry_max_seconds))
+                for p, reason in sorted(failing.items())]
 
     # -- polling ------------------------------------------------------------------------------------------------
 
     def _cursor_lag(self) -> float | None:
         stats = self.health.stats
         cursor = stats.cursor if stats is not None else None
-        return max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
+        return max(0.0, self.state_clock() - parse_instant(cursor).timestamp()) if cursor else None
 
     def poll_once(self, stop: threading.Event | None = None,
                   progress: Callable[[int], None] | None = None) -> SyncSummary:
@@ -496,7 +498,6 @@ class Service:
             result = self.sync_patients(plan.patients, plan.loose, stop)
             record, failing = self.pass_record(result, plan.pushed)
             deferred = {o.patient for o in result.summary.outcomes if o.outcome == Outcome.DEFERRED and o.patient}
-        now = time.time()
         covered: set[str] = set()
         for item in items:
             touched = plan.touches.get(item.id, set())
@@ -504,7 +505,7 @@ class Service:
             reasons = sorted(failing[p] for p in touched if p in failing)
             if reasons:
                 delay = backoff(item.attempts, self.policy.initial, self.policy.maximum)
-                record.retried.append(Retry(item.id, now + delay, reasons[0]))
+                record.retried.append(Retry(item.id, 0.0, reasons[0], delay))
             elif touched & deferred:
                 record.retried.append(Retry(item.id, 0.0, "deferred: the process was stopping"))
             else:
@@ -571,13 +572,12 @@ class Service:
         self.metrics.inc("charge_adapter_failures_total", len(items), kind=kind)
         self.failures.failed("work", exc, f"failed for {len(items)} item(s)")
         retries, dead = [], []
-        now = time.time()
         for item in items:
             delay = self.policy.decide(item.attempts, exc)
             if delay is None:
                 dead.append(item)
             else:
-                retries.append(Retry(item.id, now + delay, reason))
+                retries.append(Retry(item.id, 0.0, reason, delay))
         if retries:
             self.metrics.inc("charge_adapter_retried_total", len(retries))
             try:
@@ -706,7 +706,7 @@ class Service:
         counts = self.state.counts()
         stats = self.state.stats()
         cursor = stats.cursor
-        lag = max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
+        lag = max(0.0, self.state_clock() - parse_instant(cursor).timestamp()) if cursor else None
         return Status(cursor, lag, self.state.queue_counts(), counts["review_open"], counts["processed"],
                       stats.retry_backlog, self.state.replicas() if self.shared else [])
 

@@ -650,11 +650,11 @@ class PostgresState:
             if row:
                 cur.execute("UPDATE queue SET not_before = least(not_before, %s), "
                             "last_error = coalesce(%s, last_error) WHERE id = %s",
-                            (item.not_before, item.last_error, row[0]))
+                            (item.due_at(now), item.last_error, row[0]))
                 return int(row[0])
         cur.execute("INSERT INTO queue (kind, payload, source, received_at, not_before, dedupe, last_error) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.not_before,
+                    (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.due_at(now),
                      item.dedupe, item.last_error))
         return int(cur.fetchone()[0])  # type: ignore[index]
 
@@ -691,14 +691,14 @@ class PostgresState:
                         "WHERE id = ANY(%s::bigint[])", (now, sorted(ids)))
 
     def retry(self, retries: Collection[Retry]) -> None:
-        self.transaction(lambda cur: self._retry(cur, retries))
+        self.transaction(lambda cur: self._retry(cur, retries, self._now(cur, None)))
 
     @staticmethod
-    def _retry(cur: Cursor, retries: Collection[Retry]) -> None:
+    def _retry(cur: Cursor, retries: Collection[Retry], now: float) -> None:
         if retries:
             cur.executemany("UPDATE queue SET status = 'pending', lease_until = NULL, not_before = %s, "
                             "last_error = %s WHERE id = %s",
-                            [(r.not_before, r.error, r.id) for r in sorted(retries, key=lambda r: r.id)])
+                            [(r.due_at(now), r.error, r.id) for r in sorted(retries, key=lambda r: r.id)])
 
     def dead_letter(self, ids: Collection[int], error: str, reviews: Iterable[NewReview] = ()) -> None:
         reviews = list(reviews)
@@ -770,7 +770,7 @@ class PostgresState:
             for name, value in record.cursors.items():
                 self._set_cursor(cur, name, value, now)
             self._ack(cur, record.acked, now)
-            self._retry(cur, record.retried)
+            self._retry(cur, record.retried, now)
             self._dead(cur, record.dead, now)
             if record.release:
                 cur.execute("DELETE FROM claims WHERE owner = %s AND patient = ANY(%s::text[])",

@@ -334,12 +334,12 @@ class SqliteState:
                              (item.dedupe,)).fetchone()
             if row:
                 db.execute("UPDATE queue SET not_before=min(not_before, ?), last_error=coalesce(?, last_error) "
-                           "WHERE id=?", (item.not_before, item.last_error, row[0]))
+                           "WHERE id=?", (item.due_at(now), item.last_error, row[0]))
                 return int(row[0])
         cur = db.execute(
             "INSERT INTO queue (kind, payload, source, received_at, not_before, dedupe, last_error) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.not_before,
+            (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.due_at(now),
              item.dedupe, item.last_error))
         return int(cur.lastrowid or 0)
 
@@ -373,12 +373,12 @@ class SqliteState:
     @_translated
     def retry(self, retries: Collection[Retry]) -> None:
         with self._tx() as db:
-            self._retry(db, retries)
+            self._retry(db, retries, time.time())
 
     @staticmethod
-    def _retry(db: sqlite3.Connection, retries: Collection[Retry]) -> None:
+    def _retry(db: sqlite3.Connection, retries: Collection[Retry], now: float) -> None:
         db.executemany("UPDATE queue SET status='pending', lease_until=NULL, not_before=?, last_error=? WHERE id=?",
-                       [(r.not_before, r.error, r.id) for r in retries])
+                       [(r.due_at(now), r.error, r.id) for r in retries])
 
     @_translated
     def dead_letter(self, ids: Collection[int], error: str, reviews: Iterable[NewReview] = ()) -> None:
@@ -434,7 +434,7 @@ class SqliteState:
             for name, value in record.cursors.items():
                 self._set_cursor(db, name, value)
             self._ack(db, record.acked, now)
-            self._retry(db, record.retried)
+            self._retry(db, record.retried, now)
             self._dead(db, record.dead, now)
             if record.release:
                 db.executemany("DELETE FROM claims WHERE patient=? AND owner=?",

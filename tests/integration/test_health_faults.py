@@ -9,6 +9,7 @@ through the health settings (`health.deadline_seconds`, `health.hl7v2_unreachabl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,11 +23,12 @@ import requests
 
 from adapter.client import FhirClient
 from adapter.hl7v2.ledger import SqliteLedger
+from adapter.state import open_state
 from adapter.state.postgres import PostgresState
 from tests import pg
 
-from .adapter_process import Adapter
-from .helpers import namespaced, server_now, wait_for
+from .adapter_process import Adapter, notify_put
+from .helpers import free_port, namespaced, server_now, wait_for
 from .test_hl7v2 import Listener
 
 DEADLINE = 3.0
@@ -192,3 +194,72 @@ def test_late_acks_cost_at_most_two_copies_per_control_id_and_every_line_is_ackn
     assert len(copies) == LATE_IDS
     assert max(copies.values()) <= 2, copies
     assert ledger.counts() == {"sent": LATE_IDS}
+
+
+SKEW_MINUTES = 20
+
+
+def faketime(minutes: int) -> list[str]:
+    """libfaketime (Debian: faketime; .ci/run installs it): the process's wall clock `minutes` off, nothing else's.
+    The monotonic clock stays true, as on a host whose wall clock is wrong (and faked, it hangs timed waits)."""
+    if shutil.which("faketime") is None:
+        pytest.fail("this test needs libfaketime's `faketime` command (Debian package faketime; .ci/run installs "
+                    "it)", pytrace=False)
+    return ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", f"{minutes:+d}m"]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_a_replica_20_minutes_off_reports_true_ages_and_retries_with_backoff(
+        backend: str, tmp_path: Path, fhir_ns: str, request: pytest.FixtureRequest) -> None:
+    """`serve` with its clock 20 minutes ahead and one 20 minutes behind, each on a state of its own, while the
+    FHIR server is unreachable (nothing listens there): the received work waits for retries. /healthz must
+    give the queue's true age (not 1200 s), the skew against the database (PostgreSQL), and the retries must
+    keep their backoff (not postponed by 20 minutes, nor run without a wait)."""
+    nobody = f"http://127.0.0.1:{free_port()}/fhir"
+    adapters: dict[int, Adapter] = {}
+    for minutes in (SKEW_MINUTES, -SKEW_MINUTES):
+        folder = tmp_path / f"skew{minutes:+d}"
+        folder.mkdir()
+        location = pg.with_schema(request.getfixturevalue("postgres_url"), pg.new_schema()) \
+            if backend == "postgres" else str(folder / "state.sqlite")
+        adapter = Adapter(folder, nobody, state={"location": location}, wrapper=faketime(minutes),
+                          server={"url": nobody, "retry_seconds": 0, "connect_timeout": 1},
+                          worker={"retry_initial_seconds": 1, "retry_max_seconds": 2},
+                          health={"deadline_seconds": 3, "max_clock_skew_seconds": 5})
+        adapter.start("serve")
+        adapters[minutes] = adapter
+    try:
+        for adapter in adapters.values():
+            adapter.wait_healthy(60)
+            procedure = next(e["resource"] for e in namespaced("01", fhir_ns)["entry"]
+                             if e["resource"]["resourceType"] == "Procedure")
+            assert notify_put(adapter, procedure).status_code == 200
+        received = time.monotonic()
+        time.sleep(8)  # the work is retried meanwhile: 1 s, 2 s, 2 s ... (with jitter)
+        waited = time.monotonic() - received
+        results = {}
+        for minutes, adapter in adapters.items():
+            code, body = health_of(adapter)
+            state = open_state(adapter.settings["state"]["location"])
+            [item] = state.queued()
+            results[minutes] = (code, body, item.attempts)
+    finally:
+        for adapter in adapters.values():
+            adapter.stop_all()
+        if backend == "postgres":
+            for adapter in adapters.values():
+                location = adapter.settings["state"]["location"]
+                pg.drop_schema(location, location.rsplit("schema=", 1)[1])
+    for minutes, (code, body, attempts) in results.items():
+        print(f"{backend} {minutes:+d} min: /healthz {code}, oldest_queued_seconds {body.get('oldest_queued_seconds')} "
+              f"(really {waited:.0f}), clock_skew_seconds {body.get('clock_skew_seconds')}, {attempts} attempts in "
+              f"{waited:.0f} s")
+        assert code == 200, body
+        assert waited - 3 <= body["oldest_queued_seconds"] <= waited + 8, body  # the monitor reads every second
+        assert 3 <= attempts <= 12, f"{minutes:+d} min: {attempts} attempts in {waited:.0f} s"
+        if backend == "postgres":
+            assert abs(body["clock_skew_seconds"] - minutes * 60) < 5, body
+            assert body["warnings"][0].startswith(f"this host's clock is {SKEW_MINUTES * 60} s "
+                                                  f"{'ahead of' if minutes > 0 else 'behind'} the state's")
+        else:  # one file, one host: the state's clock is the process's own
+            assert body["clock_skew_seconds"] == 0 and "warnings" not in body

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from adapter.errors import AdapterError
+from adapter.waits import waiting_on
 
 log = logging.getLogger("adapter.hl7v2.mllp")
 
@@ -257,7 +258,8 @@ class MllpClient:
         number, names files in the folder transport; MLLP needs none.)"""
         payload = START + text.encode("utf-8") + END
         try:
-            return self._exchange(payload, control_id)
+            with waiting_on(f"the HL7 v2 receiver {self.where}"):
+                return self._exchange(payload, control_id)
         except TransportError as exc:
             if isinstance(exc, AckTimeout):
                 self._linger(control_id)  # its ACK may still come: kept apart, never reused

@@ -103,7 +103,7 @@ def test_a_hung_database_makes_every_replica_answer_503_within_the_deadline(
           f"(run, run, serve); healthy again {recovered:.1f} s after SIGCONT")
     assert sorted(unavailable) == [0, 1, 2], f"not every replica said 503: {reasons}"
     # the last heartbeat answered at most a third of the deadline before the stop: 503 within the deadline
-    assert max(unavailable.values()) <= DEADLINE + 0.5, unavailable
+    assert max(unavailable.values()) <= DEADLINE + 1.0, unavailable  # (+ the polling of three /healthz)
     for said in reasons.values():
         assert "state not answering for" in said[0]
     # a loop blocked in a state call is named by what it waits on, with the state's URL and the call

@@ -575,7 +575,8 @@ def _worker_loop(service: Service, stop: threading.Event, wake: threading.Event)
 
 
 def _monitor_loop(service: Service) -> Loop:
-    return Loop("monitor", service.monitor, max_backoff=30.0)
+    service.health.watch_heartbeats()
+    return Loop("monitor", service.monitor, max_backoff=service.monitor_every)
 
 
 @cli.command("run")
@@ -680,8 +681,8 @@ def status_cmd(ctx: click.Context, fmt: str) -> None:
     """Cursor, lag, queue and review counts from the state."""
     state = _state(ctx)
     stats, counts, queue = state.stats(), state.counts(), state.queue_counts()
+    now = getattr(state, "now", time.time)()  # the state's clock (the database's), not this host's
     if fmt == "json":
-        now = time.time()
         _echo_json({"state": state.location, "cursor": stats.cursor,
                     "lag_seconds": round(now - parse_instant(stats.cursor).timestamp(), 3) if stats.cursor else None,
                     "queue": dict(sorted(queue.items())), "retry_backlog": stats.retry_backlog,
@@ -691,15 +692,31 @@ def status_cmd(ctx: click.Context, fmt: str) -> None:
                                   "roles": list(r.roles), "claims": r.claims, "leased": r.leased}
                                  for r in (state.replicas() if getattr(state, "shared", False) else [])]})
         return
-    lag = f"{time.time() - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
+    lag = f"{now - parse_instant(stats.cursor).timestamp():.0f} s" if stats.cursor else "-"
     click.echo(f"state:     {state.location}")
     click.echo(f"cursor:    {stats.cursor or '(none: the next poll reads everything)'}  lag {lag}")
     click.echo("queue:     " + (", ".join(f"{k} {v}" for k, v in sorted(queue.items())) or "empty")
                + (f" ({stats.retry_backlog} waiting for a retry)" if stats.retry_backlog else ""))
     click.echo(f"review:    {counts['review_open']} open")
     click.echo(f"processed: {counts['processed']} Procedure versions")
+    if _settings(ctx).sinks.hl7v2.enabled:
+        _echo_hl7v2(_settings(ctx), state)
     if getattr(state, "shared", False):
-        _echo_replicas(state.replicas(), time.time())
+        _echo_replicas(state.replicas(), now)
+
+
+def _echo_hl7v2(settings: AppSettings, state: StateBackend) -> None:
+    """The HL7 v2 path from its ledger: what waits, what waits in review, and the receiver's latest failure."""
+    from adapter.hl7v2.ledger import open_ledger
+
+    conf = settings.sinks.hl7v2
+    where = f"mllp{'s' if conf.tls else ''}://{conf.host}:{conf.port}" if conf.transport == "mllp" else conf.folder
+    summary = open_ledger(state).summary()
+    oldest = f" (oldest {summary.oldest_pending_seconds:.0f} s)" if summary.oldest_pending_seconds is not None else ""
+    parked = f", {summary.parked} unacknowledged waiting in review" if summary.parked else ""
+    click.echo(f"hl7v2:     {where}: {summary.pending} message(s) pending{oldest}{parked}")
+    if summary.last_failure:
+        click.echo(f"           failing: {summary.last_failure} ({summary.last_failure_seconds:.0f} s ago)")
 
 
 REPLICA_ALIVE_SECONDS = 30.0

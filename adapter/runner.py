@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from adapter import waits
 from adapter.client.errors import (
     AuthError,
     FhirConflict,
@@ -133,8 +134,13 @@ class Runner:
         return status.alive and status.failing_since is None
 
     def status(self) -> list[LoopStatus]:
-        return [LoopStatus(s.name, s.alive and self._thread_alive(s.name), s.turn_started, s.failing_since,
-                           s.last_error, s.turns) for s in self._status.values()]
+        out = []
+        for s in self._status.values():
+            thread = next((t for t in self._threads if t.name == s.name), None)
+            what, since = waits.of_thread(thread.ident if thread else None) or ("", None)
+            out.append(LoopStatus(s.name, s.alive and self._thread_alive(s.name), s.turn_started, s.failing_since,
+                                  s.last_error, s.turns, what, since))
+        return out
 
     def _thread_alive(self, name: str) -> bool:
         thread = next((t for t in self._threads if t.name == name), None)

@@ -156,12 +156,16 @@ class Service:
         self.health = health or Health(settings.health)
         self.client = client or make_client(settings.server, settings.source, on_reachability=self.health.fhir)
         self.state = state or open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
-                                         lease_seconds=settings.worker.lease_seconds)
+                                         lease_seconds=settings.worker.lease_seconds,
+                                         statement_timeout=settings.state.statement_timeout_seconds)
         self.owner = self.state.instance_id
         self.shared = bool(getattr(self.state, "shared", False))
         """Several replicas on one state: the poller queues changed patients instead of coding them itself."""
         self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
             if settings.sinks.hl7v2.enabled else None
+        if self.hl7v2 is not None:
+            self.hl7v2.observer = self.health.hl7v2
+            self.health.sink_enabled(self.hl7v2.transport.where)
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
@@ -213,6 +217,8 @@ class Service:
         gauge("charge_adapter_cursor_lag_seconds", self._cursor_lag,
               "Seconds between now and the polling cursor (server clock)")
         gauge("charge_adapter_healthy", lambda: 1 if health.check().ok else 0, "1 when /healthz answers 200")
+        gauge("charge_adapter_clock_skew_seconds", lambda: health.skew,
+              "This host's clock minus the state's (the database server's), measured at each heartbeat")
 
     # -- one pass -----------------------------------------------------------------------------------------------
 
@@ -292,19 +298,21 @@ class Service:
             self.failures.succeeded("writing charges")
 
     def retry_work(self, failing: dict[str, str], source: str = "retry") -> list[WorkItem]:
-        """Queued work that recodes each failing patient after a backoff (one queued item per patient)."""
-        now, conf = time.time(), self.settings.worker
+        """Queued work that recodes each failing patient after a backoff (one queued item per patient); the wait is
+        turned into a time on the state's clock when it is stored."""
+        conf = self.settings.worker
         if failing:
             self.metrics.inc("charge_adapter_retried_total", len(failing))
-        return [patient_work(p, reason, now + backoff(1, conf.retry_initial_seconds, conf.retry_max_seconds),
-                             source) for p, reason in sorted(failing.items())]
+        return [patient_work(p, reason, source=source,
+                             delay=backoff(1, conf.retry_initial_seconds, conf.retry_max_seconds))
+                for p, reason in sorted(failing.items())]
 
     # -- polling ------------------------------------------------------------------------------------------------
 
     def _cursor_lag(self) -> float | None:
         stats = self.health.stats
         cursor = stats.cursor if stats is not None else None
-        return max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
+        return max(0.0, self.state_clock() - parse_instant(cursor).timestamp()) if cursor else None
 
     def poll_once(self, stop: threading.Event | None = None,
                   progress: Callable[[int], None] | None = None) -> SyncSummary:
@@ -558,7 +566,6 @@ class Service:
             result = self.sync_patients(plan.patients, plan.loose, stop)
             record, failing = self.pass_record(result, plan.pushed)
             deferred = {o.patient for o in result.summary.outcomes if o.outcome == Outcome.DEFERRED and o.patient}
-        now = time.time()
         covered: set[str] = set()
         for item in items:
             touched = plan.touches.get(item.id, set())
@@ -566,7 +573,7 @@ class Service:
             reasons = sorted(failing[p] for p in touched if p in failing)
             if reasons:
                 delay = backoff(item.attempts, self.policy.initial, self.policy.maximum)
-                record.retried.append(Retry(item.id, now + delay, reasons[0]))
+                record.retried.append(Retry(item.id, 0.0, reasons[0], delay))
             elif touched & deferred:
                 record.retried.append(Retry(item.id, 0.0, "deferred: the process was stopping"))
             else:
@@ -633,13 +640,12 @@ class Service:
         self.metrics.inc("charge_adapter_failures_total", len(items), kind=kind)
         self.failures.failed("work", exc, f"failed for {len(items)} item(s)")
         retries, dead = [], []
-        now = time.time()
         for item in items:
             delay = self.policy.decide(item.attempts, exc)
             if delay is None:
                 dead.append(item)
             else:
-                retries.append(Retry(item.id, now + delay, reason))
+                retries.append(Retry(item.id, 0.0, reason, delay))
         if retries:
             self.metrics.inc("charge_adapter_retried_total", len(retries))
             try:
@@ -678,22 +684,36 @@ class Service:
 
     # -- health and housekeeping --------------------------------------------------------------------------------
 
+    @property
+    def monitor_every(self) -> float:
+        """Heartbeats come at least three times per `health.deadline_seconds`, so one that is missed is seen
+        within the deadline."""
+        return min(MONITOR_EVERY_SECONDS, self.settings.health.deadline_seconds / 3)
+
     def monitor(self) -> float:
-        """A heartbeat write (is the state writable?), fresh stats for /healthz and /metrics, hourly pruning."""
+        """A heartbeat write (is the state writable? how far is our clock from the state's?), fresh stats for
+        /healthz and /metrics, hourly pruning. Each state call has half the health deadline to answer."""
+        limit = max(1.0, self.settings.health.deadline_seconds / 2)
         try:
-            self.state.heartbeat()
+            skew = self.state.heartbeat(timeout=limit)
+            stats = self.state.stats(timeout=limit)
         except StateUnavailable as exc:
-            self.health.state_failed(exc.reason)
+            self.health.heartbeat_failed(exc.reason)
             raise
-        self.health.state_ok()
-        self.health.set_stats(self.state.stats())
+        self.health.heartbeat_answered(skew)
+        self.health.set_stats(stats)
         if time.monotonic() >= self._next_prune:
             self.prune()
             self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-        return MONITOR_EVERY_SECONDS
+        return self.monitor_every
+
+    def state_clock(self) -> float:
+        """The state's clock as well as the last heartbeat measured it (for coarse cut-offs; exact comparisons
+        happen inside the state's transactions)."""
+        return time.time() - (self.health.skew or 0.0)
 
     def prune(self) -> dict[str, int]:
-        conf, now = self.settings.state, time.time()
+        conf, now = self.settings.state, self.state_clock()
         removed = self.state.prune(now - conf.done_retention_days * 86400, now - conf.audit_retention_days * 86400)
         if any(removed.values()):
             log.info("pruned %d finished work items, %d audit rows, %d expired claims", removed["queue"],
@@ -754,7 +774,7 @@ class Service:
         counts = self.state.counts()
         stats = self.state.stats()
         cursor = stats.cursor
-        lag = max(0.0, time.time() - parse_instant(cursor).timestamp()) if cursor else None
+        lag = max(0.0, self.state_clock() - parse_instant(cursor).timestamp()) if cursor else None
         return Status(cursor, lag, self.state.queue_counts(), counts["review_open"], counts["processed"],
                       stats.retry_backlog, self.state.replicas() if self.shared else [])
 

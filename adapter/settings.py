@@ -297,6 +297,9 @@ class StateSettings:
     busy_timeout_seconds: float = setting(5.0, above=0, high=600)
     """How long a write waits for another connection's transaction (SQLite) or a lock (PostgreSQL) before it
     counts as a failure."""
+    statement_timeout_seconds: float = setting(30.0, above=0, high=3600)
+    """PostgreSQL: the longest one state call may take. The server ends a slower statement, and a call still
+    waiting a second later (a stopped or hung server) has its connection dropped on our side and fails."""
     done_retention_days: float = setting(7.0, low=0, high=36500)
     """Finished queue items are deleted after this long."""
     audit_retention_days: float = setting(2190.0, low=1, high=36500)
@@ -344,7 +347,15 @@ class HealthSettings:
     max_queue_age_seconds: float = setting(900.0, low=1, high=30 * 86400)
     """...or once the oldest queued item has waited this long."""
     stuck_loop_seconds: float = setting(600.0, low=10, high=86400)
-    """...or once a loop has not finished a turn for this long."""
+    """...or once a loop has not finished a turn for this long (saying what it waits on)."""
+    deadline_seconds: float = setting(10.0, low=1, high=3600)
+    """...or once the state has not answered a heartbeat for this long ("state not answering for N s"), or a
+    loop has waited this long on one state call; heartbeats run at least every third of it, each with this
+    much time (client-side) to answer."""
+    max_clock_skew_seconds: float = setting(5.0, above=0, high=86400)
+    """/healthz names (in `warnings`) a local clock further than this from the state's (the database's)."""
+    hl7v2_unreachable_seconds: float = setting(60.0, low=1, high=86400)
+    """...and answers 503 once the HL7 v2 receiver has failed every send (no connection, no ACK) for this long."""
 
 
 @dataclass(frozen=True)
@@ -366,8 +377,14 @@ class Hl7v2SinkSettings:
     port: int = setting(0, low=1, high=65535, off=0)
     connect_timeout_seconds: float = setting(5.0, above=0, high=600)
     ack_timeout_seconds: float = setting(30.0, above=0, high=3600)
-    """No ACK within this long: the same message again (same control id), up to `attempts` times per pass."""
-    attempts: int = setting(3, low=1, high=100)
+    """No ACK within this long: the message backs off and is sent again later with the same control id (an ACK
+    that arrives late on the old connection still counts); meanwhile the other patients' messages go on."""
+    attempts: int = setting(8, low=1, high=100)
+    """Sends of one message without an ACK before it waits in review as `hl7v2-unacknowledged` (replay sends
+    it again); each resend after `resend_initial_seconds`, doubling (with jitter) up to `resend_max_seconds`.
+    A receiver that cannot be reached at all costs no attempt: nothing was sent."""
+    resend_initial_seconds: float = setting(30.0, above=0, high=86400)
+    resend_max_seconds: float = setting(600.0, above=0, high=86400)
     tls: bool = False
     ca_bundle: str = ""
     client_cert: str = ""
@@ -386,6 +403,8 @@ class Hl7v2SinkSettings:
                 raise SettingError("port", "the MLLP receiver's port is needed (transport mllp)")
         elif not self.folder.strip():
             raise SettingError("folder", "the folder the engine picks messages up from is needed (transport file)")
+        if self.resend_max_seconds < self.resend_initial_seconds:
+            raise SettingError("resend_max_seconds", "must be at least sinks.hl7v2.resend_initial_seconds")
         if (self.ca_bundle or self.client_cert or self.server_name) and not self.tls:
             key = "ca_bundle" if self.ca_bundle else "client_cert" if self.client_cert else "server_name"
             raise SettingError(key, "only used with tls: true")

@@ -37,6 +37,7 @@ from adapter.client.errors import (
 from adapter.client.retry import IDEMPOTENT_METHODS, RetryPolicy, is_idempotent_transaction
 from adapter.errors import ConfigError
 from adapter.redact import scrub
+from adapter.waits import waiting_on
 
 __all__ = ["FHIR_JSON", "FhirClient", "SearchParams"]
 
@@ -523,6 +524,11 @@ class FhirClient:
 
     def _request_once(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
                       headers: Mapping[str, str], stream: bool = False) -> requests.Response:
+        with waiting_on(f"the FHIR server ({method} {urlsplit(url).netloc})"):
+            return self._send_request(method, url, params, data, headers, stream)
+
+    def _send_request(self, method: str, url: str, params: SearchParams | None, data: bytes | None,
+                      headers: Mapping[str, str], stream: bool) -> requests.Response:
         return self.session.request(
             method,
             url,

@@ -38,7 +38,7 @@ class FolderTransport:
             finally:
                 os.close(directory)
         except OSError as exc:
-            raise TransportError(f"{self.where}: cannot write {name} ({exc.strerror or exc})") from None
+            raise TransportError(f"{self.where}: cannot write {name} ({exc.strerror or exc})", sent=False) from None
         return Ack("written", control_id, name)
 
     def close(self) -> None:

@@ -12,6 +12,11 @@ checks them for each):
   the same patient: those were planned on the rejected one going through.
 - `history(patient)` is the patient's messages in sequence order: what each carried (the Visit and the
   charges with their versions) is what corrections are planned from.
+- A send without a usable answer (`attempt_failed`) counts an attempt and sets when the message may be sent
+  again (`not_before`, on the ledger's clock: the database server's for PostgreSQL); `pending` says whether
+  each message is `due` by that clock. `PARKED` (infinity) means never by itself: the message waits in
+  review until `unpark` (what `review replay` of its `hl7v2-unacknowledged` entry does). `unreached` keeps
+  the error of a send that reached nobody (no connection), counting nothing.
 - A rejection holds the patient: `holds(patient)` lists the rejected messages not released since, and while
   it lists any the sink sends nothing new for that patient. `release(patients)` (what `review replay` of the
   refusal's entry does) releases every rejection recorded so far; a later rejection holds the patient again.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -50,6 +56,22 @@ class MessageStatus(StrEnum):
     """The receiver answered AE or AR: its charges did not go through (a review entry says why)."""
     CANCELLED = "cancelled"
     """Never sent: an earlier message of the same patient was rejected, and this one was planned on it."""
+
+
+PARKED = math.inf
+"""`not_before` of a message that got no ACK `sinks.hl7v2.attempts` times: it waits for `review replay`."""
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """What `status` says about the HL7 v2 path (ages on the ledger's clock)."""
+
+    pending: int = 0
+    parked: int = 0
+    oldest_pending_seconds: float | None = None
+    last_failure: str | None = None
+    """The error of the latest send that failed, when no message has been acknowledged since."""
+    last_failure_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,15 @@ class LedgerMessage(NewMessage):
     ack_code: str | None = None
     ack_text: str | None = None
     last_error: str | None = None
+    not_before: float = 0.0
+    """When it may be sent again after a send without an ACK (the ledger's clock); PARKED: after replay."""
+    last_attempt_at: float | None = None
+    due: bool = True
+    """`not_before` has passed, by the ledger's clock at reading."""
+
+    @property
+    def parked(self) -> bool:
+        return self.status == MessageStatus.PENDING and self.not_before == PARKED
 
     @property
     def versions(self) -> list[tuple[str, str]]:
@@ -100,8 +131,17 @@ class Ledger(Protocol):
 
     def message(self, control_id: str) -> LedgerMessage | None: ...
 
-    def attempt_failed(self, control_id: str, error: str) -> None:
-        """A send got no usable answer (no connection, no ACK in time): counted, the message stays pending."""
+    def attempt_failed(self, control_id: str, error: str, retry_in: float = 0.0) -> None:
+        """A send got no usable answer (no ACK in time, a lost connection): counted, the message stays pending
+        and is due again `retry_in` seconds from now (PARKED: after `unpark`)."""
+
+    def unreached(self, control_id: str, error: str) -> None:
+        """A send reached nobody (no connection): the error is kept, nothing is counted."""
+
+    def unpark(self, patients: Collection[str]) -> None:
+        """The patients' parked messages are due again, their attempts counted from zero (review replay)."""
+
+    def summary(self) -> LedgerSummary: ...
 
     def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
         """The receiver took the message: `sent`."""
@@ -151,8 +191,10 @@ class MemoryLedger:
         return out
 
     def _sorted(self, keep: Callable[[LedgerMessage], bool]) -> list[LedgerMessage]:
+        now = time.time()
         with self._lock:
-            return sorted((m for m in self._messages.values() if keep(m)), key=lambda m: m.seq)
+            return sorted((replace(m, due=m.not_before <= now) for m in self._messages.values() if keep(m)),
+                          key=lambda m: m.seq)
 
     def pending(self, patient: str | None = None, limit: int = 1000) -> list[LedgerMessage]:
         return self._sorted(lambda m: m.status == MessageStatus.PENDING
@@ -165,11 +207,27 @@ class MemoryLedger:
         with self._lock:
             return self._messages.get(control_id)
 
-    def attempt_failed(self, control_id: str, error: str) -> None:
+    def attempt_failed(self, control_id: str, error: str, retry_in: float = 0.0) -> None:
         with self._lock:
             stored = self._messages.get(control_id)
             if stored is not None and stored.status == MessageStatus.PENDING:
-                self._messages[control_id] = replace(stored, attempts=stored.attempts + 1, last_error=error)
+                now = time.time()
+                self._messages[control_id] = replace(stored, attempts=stored.attempts + 1, last_error=error,
+                                                     not_before=now + retry_in, last_attempt_at=now)
+
+    def unreached(self, control_id: str, error: str) -> None:
+        with self._lock:
+            stored = self._messages.get(control_id)
+            if stored is not None and stored.status == MessageStatus.PENDING:
+                self._messages[control_id] = replace(stored, last_error=error, last_attempt_at=time.time())
+
+    def unpark(self, patients: Collection[str]) -> None:
+        with self._lock:
+            for m in self._sorted(lambda m: m.patient in patients and m.parked):
+                self._messages[m.control_id] = replace(m, not_before=0.0, attempts=0)
+
+    def summary(self) -> LedgerSummary:
+        return _summary(list(self._sorted(lambda _m: True)), time.time())
 
     def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
         self._finish(control_id, MessageStatus.SENT, code, text, now)
@@ -222,13 +280,32 @@ class MemoryLedger:
         return None
 
 
+def _summary(messages: list[LedgerMessage], now: float) -> LedgerSummary:
+    pending = [m for m in messages if m.status == MessageStatus.PENDING]
+    acked = max((m.finished_at or 0.0 for m in messages if m.status == MessageStatus.SENT), default=None)
+    failed = max((m for m in pending if m.last_attempt_at and m.last_error), key=lambda m: m.last_attempt_at or 0.0,
+                 default=None)
+    return summary_of(len(pending), sum(1 for m in pending if m.parked),
+                      min((m.created_at for m in pending), default=None), acked,
+                      (failed.last_error, failed.last_attempt_at) if failed else None, now)
+
+
+def summary_of(pending: int, parked: int, oldest: float | None, last_ack: float | None,
+               failed: tuple[Any, Any] | None, now: float) -> LedgerSummary:
+    """The summary from counts and times on one clock; a failure older than the latest ACK is over."""
+    error, at = failed or (None, None)
+    current = error is not None and at is not None and (last_ack is None or at > last_ack)
+    return LedgerSummary(int(pending or 0), int(parked or 0), max(0.0, now - oldest) if oldest is not None else None,
+                         error if current else None, max(0.0, now - at) if current else None)
+
+
 def _fields_of(new: NewMessage) -> dict[str, Any]:
     return {name: getattr(new, name) for name in NewMessage.__dataclass_fields__}
 
 
 # -- SQLite ----------------------------------------------------------------------------------------------------
 
-LEDGER_SCHEMA_VERSION = 2
+LEDGER_SCHEMA_VERSION = 3
 _SCHEMA = {
     1: [
         "CREATE TABLE IF NOT EXISTS hl7v2_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -244,10 +321,14 @@ _SCHEMA = {
         "CREATE TABLE IF NOT EXISTS hl7v2_release (patient TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
         "released_at REAL NOT NULL)",
     ],
+    3: [  # resends back off per message; a message that is never acknowledged waits in review (PARKED)
+        "ALTER TABLE hl7v2_message ADD COLUMN not_before REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE hl7v2_message ADD COLUMN last_attempt_at REAL",
+    ],
 }
 """Schema steps of the ledger's own tables (`hl7v2_meta` holds its version), apart from the state's."""
 _COLUMNS = ("control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, "
-            "created_at, finished_at, ack_code, ack_text, last_error")
+            "created_at, finished_at, ack_code, ack_text, last_error, not_before, last_attempt_at")
 
 T = TypeVar("T")
 
@@ -325,13 +406,15 @@ class SqliteLedger:
     @staticmethod
     def _message(row: tuple[Any, ...]) -> LedgerMessage:
         (control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, created_at,
-         finished_at, ack_code, ack_text, last_error) = row
+         finished_at, ack_code, ack_text, last_error, not_before, last_attempt_at, due) = row
         return LedgerMessage(control_id, patient, session, kind, text, json.loads(visit),
                              tuple(json.loads(charges)), tuple(json.loads(procedures)), seq, status, attempts,
-                             created_at, finished_at, ack_code, ack_text, last_error)
+                             created_at, finished_at, ack_code, ack_text, last_error, float(not_before),
+                             last_attempt_at, bool(due))
 
     def _select(self, where: str, args: tuple[Any, ...], db: sqlite3.Connection | None = None) -> list[LedgerMessage]:
-        rows = (db or self._db()).execute(f"SELECT {_COLUMNS} FROM hl7v2_message WHERE {where}", args).fetchall()
+        rows = (db or self._db()).execute(f"SELECT {_COLUMNS}, not_before <= ? FROM hl7v2_message WHERE {where}",
+                                          (time.time(), *args)).fetchall()
         return [self._message(r) for r in rows]
 
     @_translated
@@ -366,10 +449,35 @@ class SqliteLedger:
         return found[0] if found else None
 
     @_translated
-    def attempt_failed(self, control_id: str, error: str) -> None:
+    def attempt_failed(self, control_id: str, error: str, retry_in: float = 0.0) -> None:
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE hl7v2_message SET attempts=attempts+1, last_error=? WHERE control_id=? AND "
-                       "status='pending'", (error, control_id))
+            db.execute("UPDATE hl7v2_message SET attempts=attempts+1, last_error=?, not_before=?, last_attempt_at=? "
+                       "WHERE control_id=? AND status='pending'", (error, now + retry_in, now, control_id))
+
+    @_translated
+    def unreached(self, control_id: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE hl7v2_message SET last_error=?, last_attempt_at=? WHERE control_id=? AND "
+                       "status='pending'", (error, time.time(), control_id))
+
+    @_translated
+    def unpark(self, patients: Collection[str]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE hl7v2_message SET not_before=0, attempts=0 WHERE patient=? AND status='pending' "
+                           "AND not_before=?", [(p, PARKED) for p in sorted(set(patients))])
+
+    @_translated
+    def summary(self) -> LedgerSummary:
+        db = self._db()
+        pending, parked, oldest, last_ack = db.execute(
+            "SELECT sum(status='pending'), sum(status='pending' AND not_before=?), "
+            "min(CASE WHEN status='pending' THEN created_at END), max(CASE WHEN status='sent' THEN finished_at END) "
+            "FROM hl7v2_message", (PARKED,)).fetchone()
+        failed = db.execute("SELECT last_error, last_attempt_at FROM hl7v2_message WHERE status='pending' AND "
+                            "last_error IS NOT NULL AND last_attempt_at IS NOT NULL ORDER BY last_attempt_at DESC "
+                            "LIMIT 1").fetchone()
+        return summary_of(pending, parked, oldest, last_ack, failed, time.time())
 
     @_translated
     def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:

@@ -3,9 +3,14 @@
 MLLP (HL7 v2 Minimal Lower Layer Protocol): a message is sent as <VT> message <FS><CR>, and the receiver
 answers with an ACK framed the same way. The ACK must name our MSH-10 in MSA-2; MSA-1 says how it went:
 AA (or CA) taken, AE/AR (CE/CR) refused with a reason (MSA-3 and the ERR segments). No ACK within the
-timeout, a dropped connection or an ACK for another message -> the same message again, with the same
-control id (receivers de-duplicate on MSH-10), on a fresh connection, up to `attempts` times; then
-`TransportError` and the message stays pending in the ledger.
+timeout, a dropped connection or an ACK for another message -> `TransportError` (its `sent` says whether the
+message may have reached the receiver): the message stays pending in the ledger and the sink sends it again
+later, after a backoff, with the same control id (receivers de-duplicate on MSH-10). The client never resends
+by itself: each resend is a copy at the receiver.
+
+A connection whose ACK did not come in time is never used for another message (its late ACK would be taken
+for the next message's), but it is kept open for a while (`linger`): `late_acks()` collects ACKs that arrive
+on it late, so a slow receiver's ACK still settles its message and no copy needs to be sent.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from adapter.errors import AdapterError
+from adapter.waits import waiting_on
 
 log = logging.getLogger("adapter.hl7v2.mllp")
 
@@ -28,7 +34,16 @@ MAX_ACK_BYTES = 1024 * 1024
 
 
 class TransportError(AdapterError):
-    """No usable answer from the receiver (unreachable, no ACK in time, a garbled ACK): retry later."""
+    """No usable answer from the receiver (unreachable, no ACK in time, a garbled ACK): retry later.
+    `sent`: the message may have reached the receiver (False: no connection, nothing went out)."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class AckTimeout(TransportError):
+    """The message went out and no ACK came within the timeout (it may still come, late)."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,31 @@ class MllpSettings:
     port: int
     connect_timeout: float = 5.0
     ack_timeout: float = 30.0
-    attempts: int = 3
     tls: ssl.SSLContext | None = None
     server_name: str = ""
+    linger: float = 600.0
+    """How long a connection whose ACK timed out is kept open for the late ACK."""
+
+
+MAX_LINGERING = 32
+"""Connections kept open for late ACKs at most (the oldest is closed first)."""
+
+
+@dataclass
+class _Lingering:
+    sock: socket.socket
+    control_id: str
+    until: float
+    buffer: bytes = b""
+
+
+def _take_frame(buffer: bytes) -> tuple[bytes | None, bytes]:
+    """The first complete frame's content and what follows it, or (None, buffer)."""
+    start = buffer.find(START)
+    end = buffer.find(END, start + 1) if start >= 0 else -1
+    if start >= 0 and end >= 0:
+        return buffer[start + 1:end], buffer[end + len(END):]
+    return None, buffer
 
 
 class MllpClient:
@@ -92,6 +129,7 @@ class MllpClient:
         self.settings = settings
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._lingering: list[_Lingering] = []
         self.connections = 0
         """Connections opened so far (for tests and metrics: reuse keeps this low)."""
 
@@ -104,43 +142,94 @@ class MllpClient:
         try:
             raw = socket.create_connection((conf.host, conf.port), timeout=conf.connect_timeout)
         except OSError as exc:
-            raise TransportError(f"{self.where}: cannot connect ({exc.strerror or exc})") from None
+            raise TransportError(f"{self.where}: cannot connect ({exc.strerror or exc})", sent=False) from None
         sock: socket.socket = raw
         if conf.tls is not None:
             try:
                 sock = conf.tls.wrap_socket(raw, server_hostname=conf.server_name or conf.host)
             except (OSError, ssl.SSLError) as exc:
                 raw.close()
-                raise TransportError(f"{self.where}: TLS handshake failed ({exc})") from None
+                raise TransportError(f"{self.where}: TLS handshake failed ({exc})", sent=False) from None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.connections += 1
         self._buffer = b""
         return sock
 
     def close(self) -> None:
+        """Close the connection and every one kept for a late ACK."""
+        self._drop()
+        for late in self._lingering:
+            with contextlib.suppress(OSError):
+                late.sock.close()
+        self._lingering = []
+
+    def _drop(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
             self._buffer = b""
 
+    def _linger(self, control_id: str) -> None:
+        """Keep the current connection for the late ACK of `control_id`; the next message gets a new one."""
+        if self._sock is None:
+            return
+        self._lingering.append(_Lingering(self._sock, control_id, time.monotonic() + self.settings.linger,
+                                          self._buffer))
+        self._sock, self._buffer = None, b""
+        while len(self._lingering) > MAX_LINGERING:
+            with contextlib.suppress(OSError):
+                self._lingering.pop(0).sock.close()
+
+    def late_acks(self) -> list[Ack]:
+        """ACKs that arrived late on kept connections (without waiting); each such connection is then closed."""
+        acks: list[Ack] = []
+        now = time.monotonic()
+        for late in list(self._lingering):
+            done = now > late.until
+            try:
+                late.sock.setblocking(False)
+                while True:
+                    chunk = late.sock.recv(65536)
+                    if not chunk:
+                        done = True
+                        break
+                    late.buffer += chunk
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            except OSError:
+                done = True
+            frame, late.buffer = _take_frame(late.buffer)
+            if frame is not None:
+                try:
+                    ack = parse_ack(frame)
+                except TransportError as exc:
+                    log.info("a late answer for DFT^P03 %s is no ACK: %s", late.control_id, exc)
+                else:
+                    if ack.control_id == late.control_id:
+                        acks.append(ack)
+                done = True
+            if done:
+                self._lingering.remove(late)
+                with contextlib.suppress(OSError):
+                    late.sock.close()
+        return acks
+
     def _read_frame(self, sock: socket.socket, deadline: float) -> bytes:
         while True:
-            start = self._buffer.find(START)
-            end = self._buffer.find(END, start + 1) if start >= 0 else -1
-            if start >= 0 and end >= 0:
-                frame, self._buffer = self._buffer[start + 1:end], self._buffer[end + len(END):]
+            frame, self._buffer = _take_frame(self._buffer)
+            if frame is not None:
                 return frame
             if len(self._buffer) > MAX_ACK_BYTES:
                 raise TransportError(f"{self.where}: an answer of more than {MAX_ACK_BYTES} bytes without a frame end")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransportError(f"{self.where}: no ACK within {self.settings.ack_timeout:g} s")
+                raise AckTimeout(f"{self.where}: no ACK within {self.settings.ack_timeout:g} s")
             sock.settimeout(left)
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
-                raise TransportError(f"{self.where}: no ACK within {self.settings.ack_timeout:g} s") from None
+                raise AckTimeout(f"{self.where}: no ACK within {self.settings.ack_timeout:g} s") from None
             except OSError as exc:
                 raise TransportError(f"{self.where}: connection lost waiting for the ACK ({exc})") from None
             if not chunk:
@@ -155,28 +244,29 @@ class MllpClient:
         try:
             sock.sendall(payload)
         except OSError as exc:
-            self.close()
+            self._drop()
             if reused:  # the receiver closed an idle connection: a new one, not a failed attempt
                 return self._exchange(payload, control_id)
-            raise TransportError(f"{self.where}: sending failed ({exc})") from None
+            raise TransportError(f"{self.where}: sending failed ({exc})", sent=False) from None
         ack = parse_ack(self._read_frame(sock, time.monotonic() + self.settings.ack_timeout))
         if ack.control_id != control_id:
             raise TransportError(f"{self.where}: the ACK names {ack.control_id[:20]!r}, not {control_id}")
         return ack
 
     def send(self, text: str, control_id: str, seq: int = 0) -> Ack:
-        """Send one message and return its ACK; retries with the same bytes; raises TransportError. (`seq`, the
-        ledger's sequence number, names files in the folder transport; MLLP needs none.)"""
+        """Send one message once and return its ACK; raises TransportError. (`seq`, the ledger's sequence
+        number, names files in the folder transport; MLLP needs none.)"""
         payload = START + text.encode("utf-8") + END
-        last = ""
-        for attempt in range(1, self.settings.attempts + 1):
-            try:
+        try:
+            with waiting_on(f"the HL7 v2 receiver {self.where}"):
                 return self._exchange(payload, control_id)
-            except TransportError as exc:
-                self.close()  # never reuse a connection that may still carry an answer to this message
-                last = str(exc)
-                log.info("DFT^P03 %s, attempt %d of %d: %s", control_id, attempt, self.settings.attempts, last)
-        raise TransportError(f"{last} (after {self.settings.attempts} attempt(s))")
+        except TransportError as exc:
+            if isinstance(exc, AckTimeout):
+                self._linger(control_id)  # its ACK may still come: kept apart, never reused
+            else:
+                self._drop()  # never reuse a connection that may still carry an answer to this message
+            log.info("DFT^P03 %s: %s", control_id, exc)
+            raise
 
 
 def tls_context(ca_bundle: str = "", client_cert: str = "") -> ssl.SSLContext:

@@ -8,11 +8,10 @@ process adds no connection for it.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from adapter.hl7v2.ledger import LedgerMessage, NewMessage
+from adapter.hl7v2.ledger import LedgerMessage, LedgerSummary, NewMessage, summary_of
 from adapter.state.postgres import Cursor, PostgresState, Steps
 
 LEDGER_MIGRATIONS: Steps = (
@@ -29,10 +28,19 @@ LEDGER_MIGRATIONS: Steps = (
         "CREATE TABLE hl7v2_release (patient text PRIMARY KEY, seq bigint NOT NULL, "
         "released_at double precision NOT NULL)",
     )),
+    (3, (  # resends back off per message (on the server's clock); one never acknowledged waits in review
+        "ALTER TABLE hl7v2_message ADD COLUMN not_before double precision NOT NULL DEFAULT 0",
+        "ALTER TABLE hl7v2_message ADD COLUMN last_attempt_at double precision",
+    )),
 )
 COMPONENT = "hl7v2-ledger"
 _COLUMNS = ("control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, "
-            "created_at, finished_at, ack_code, ack_text, last_error")
+            "created_at, finished_at, ack_code, ack_text, last_error, not_before, last_attempt_at, "
+            "not_before <= extract(epoch FROM transaction_timestamp())")
+_NOW = "extract(epoch FROM transaction_timestamp())::float8"
+"""The server's clock: every time the ledger stores or compares is on it, whichever replica sends."""
+_AT = f"coalesce(%s::float8, {_NOW})"
+"""A time given by the caller (tests), else the server's clock."""
 _WHAT = "HL7 v2 ledger: "
 
 
@@ -51,10 +59,10 @@ class PostgresLedger:
     @staticmethod
     def _message(row: Sequence[Any]) -> LedgerMessage:
         (control_id, patient, session, kind, text, visit, charges, procedures, seq, status, attempts, created_at,
-         finished_at, ack_code, ack_text, last_error) = row
+         finished_at, ack_code, ack_text, last_error, not_before, last_attempt_at, due) = row
         return LedgerMessage(control_id, patient, session, kind, text, json.loads(visit), tuple(json.loads(charges)),
                              tuple(procedures), int(seq), status, int(attempts), created_at, finished_at, ack_code,
-                             ack_text, last_error)
+                             ack_text, last_error, float(not_before), last_attempt_at, bool(due))
 
     def _select(self, cur: Cursor, where: str, args: Sequence[Any]) -> list[LedgerMessage]:
         cur.execute(f"SELECT {_COLUMNS} FROM hl7v2_message WHERE {where}", args)  # type: ignore[arg-type]
@@ -64,14 +72,13 @@ class PostgresLedger:
         return self.state.transaction(lambda cur: self._select(cur, where, args), readonly=True, what=_WHAT)
 
     def record(self, messages: Sequence[NewMessage], now: float | None = None) -> list[LedgerMessage]:
-        now = time.time() if now is None else now
         if not messages:
             return []
 
         def run(cur: Cursor) -> list[LedgerMessage]:
             cur.executemany(
                 "INSERT INTO hl7v2_message (control_id, patient, session, kind, status, text, visit, charges, "
-                "procedures, created_at) VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s::jsonb, %s) "
+                f"procedures, created_at) VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s::jsonb, {_AT}) "
                 "ON CONFLICT (control_id) DO NOTHING",
                 [(m.control_id, m.patient, m.session, m.kind, m.text, _json(m.visit), _json(list(m.charges)),
                   _json(list(m.procedures)), now) for m in messages])
@@ -96,17 +103,39 @@ class PostgresLedger:
     def _write(self, query: str, args: Sequence[Any]) -> None:
         self.state.transaction(lambda cur: cur.execute(query, args), what=_WHAT)  # type: ignore[arg-type]
 
-    def attempt_failed(self, control_id: str, error: str) -> None:
-        self._write("UPDATE hl7v2_message SET attempts = attempts + 1, last_error = %s WHERE control_id = %s "
+    def attempt_failed(self, control_id: str, error: str, retry_in: float = 0.0) -> None:
+        self._write(f"UPDATE hl7v2_message SET attempts = attempts + 1, last_error = %s, last_attempt_at = {_NOW}, "
+                    f"not_before = {_NOW} + %s WHERE control_id = %s AND status = 'pending'",
+                    (error, retry_in, control_id))
+
+    def unreached(self, control_id: str, error: str) -> None:
+        self._write(f"UPDATE hl7v2_message SET last_error = %s, last_attempt_at = {_NOW} WHERE control_id = %s "
                     "AND status = 'pending'", (error, control_id))
 
+    def unpark(self, patients: Collection[str]) -> None:
+        self._write("UPDATE hl7v2_message SET not_before = 0, attempts = 0 WHERE patient = ANY(%s::text[]) "
+                    "AND status = 'pending' AND not_before = 'Infinity'", (sorted(set(patients)),))
+
+    def summary(self) -> LedgerSummary:
+        def run(cur: Cursor) -> LedgerSummary:
+            cur.execute("SELECT count(*) FILTER (WHERE status = 'pending'), "
+                        "count(*) FILTER (WHERE status = 'pending' AND not_before = 'Infinity'), "
+                        "min(created_at) FILTER (WHERE status = 'pending'), "
+                        f"max(finished_at) FILTER (WHERE status = 'sent'), {_NOW} FROM hl7v2_message")
+            pending, parked, oldest, last_ack, now = cur.fetchone()  # type: ignore[misc]
+            cur.execute("SELECT last_error, last_attempt_at FROM hl7v2_message WHERE status = 'pending' AND "
+                        "last_error IS NOT NULL AND last_attempt_at IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1")
+            return summary_of(pending, parked, oldest, last_ack, cur.fetchone(), now)
+
+        return self.state.transaction(run, readonly=True, what=_WHAT)
+
     def acknowledged(self, control_id: str, code: str, text: str, now: float | None = None) -> None:
-        self._write("UPDATE hl7v2_message SET status = 'sent', ack_code = %s, ack_text = %s, finished_at = %s "
+        self._write(f"UPDATE hl7v2_message SET status = 'sent', ack_code = %s, ack_text = %s, finished_at = {_AT} "
                     "WHERE control_id = %s AND status = 'pending'",
-                    (code, text, time.time() if now is None else now, control_id))
+                    (code, text, now, control_id))
 
     def rejected(self, control_id: str, code: str, text: str, now: float | None = None) -> list[str]:
-        at = time.time() if now is None else now
+        at = now
 
         def run(cur: Cursor) -> list[str]:
             # the row lock keeps a concurrent acknowledgement or rejection of the same message out until commit
@@ -116,8 +145,8 @@ class PostgresLedger:
             if row is None:
                 return []
             cur.execute("UPDATE hl7v2_message SET status = 'rejected', ack_code = %s, ack_text = %s, "
-                        "finished_at = %s WHERE control_id = %s", (code, text, at, control_id))
-            cur.execute("UPDATE hl7v2_message SET status = 'cancelled', finished_at = %s, last_error = %s "
+                        f"finished_at = {_AT} WHERE control_id = %s", (code, text, at, control_id))
+            cur.execute(f"UPDATE hl7v2_message SET status = 'cancelled', finished_at = {_AT}, last_error = %s "
                         "WHERE patient = %s AND seq > %s AND status = 'pending' RETURNING control_id, seq",
                         (at, f"cancelled: {control_id} before it was rejected", row[0], row[1]))
             return [c for c, _ in sorted(cur.fetchall(), key=lambda r: r[1])]
@@ -136,11 +165,12 @@ class PostgresLedger:
                           "WHERE r.patient = hl7v2_message.patient), 0) ORDER BY seq", (patient,))
 
     def release(self, patients: Collection[str], now: float | None = None) -> None:
-        at = time.time() if now is None else now
+        at = now
 
         def run(cur: Cursor) -> None:
             for patient in sorted(set(patients)):
-                cur.execute("INSERT INTO hl7v2_release (patient, seq, released_at) SELECT patient, max(seq), %s "
+                cur.execute("INSERT INTO hl7v2_release (patient, seq, released_at) SELECT patient, max(seq), "
+                            f"{_AT} "
                             "FROM hl7v2_message WHERE patient = %s GROUP BY patient ON CONFLICT (patient) DO UPDATE "
                             "SET seq = excluded.seq, released_at = excluded.released_at", (at, patient))
 

@@ -59,7 +59,7 @@ def sqlite_path(location: str) -> str | None:
 
 
 def open_state(location: str, *, busy_timeout: float = 5.0, lease_seconds: float = 300.0,
-               instance_id: str | None = None) -> StateBackend:
+               instance_id: str | None = None, statement_timeout: float = 30.0) -> StateBackend:
     """The backend for `location`; raises StateError (with what to do) when it cannot be used."""
     if location in MEMORY:
         from adapter.state.memory import MemoryState
@@ -72,7 +72,7 @@ def open_state(location: str, *, busy_timeout: float = 5.0, lease_seconds: float
             raise StateUnavailable(safe_location(location), f"the PostgreSQL driver cannot be loaded ({exc}): "
                                                             "install psycopg (pip install 'psycopg[binary]')") from None
         return PostgresState(location, busy_timeout=busy_timeout, lease_seconds=lease_seconds,
-                             instance_id=instance_id)
+                             instance_id=instance_id, statement_timeout=statement_timeout)
     path = sqlite_path(location)
     if path is None:
         raise ValueError(f"no state backend for {location.split(':', 1)[0]}: URLs (settings reject it first)")

@@ -12,7 +12,9 @@ patient claims that expire (`claim_patients`), roles held by one replica at a ti
 the poller), and a heartbeat per replica (`replicas` lists them). A backend says with `shared` whether
 several processes may run on it at once.
 
-Times are Unix seconds (`time.time()`); `now` arguments exist so tests need not wait.
+Times are Unix seconds; `now` arguments exist so tests need not wait. Stored times that are compared with each
+other come from one clock, the state's (the database server's, in the transaction, for PostgreSQL): a wait
+is given as a `delay` and turned into a time there, never computed from a replica's own clock.
 """
 
 from __future__ import annotations
@@ -90,15 +92,26 @@ class WorkItem:
     not_before: float = 0.0
     last_error: str | None = None
     received_at: float = 0.0
+    delay: float | None = None
+    """Seconds from the state's clock, when it is stored, until the item may run (set instead of `not_before`)."""
+
+    def due_at(self, now: float) -> float:
+        """`not_before` on the state's clock `now` (the time of the storing transaction)."""
+        return now + self.delay if self.delay is not None else self.not_before
 
 
 @dataclass(frozen=True)
 class Retry:
-    """Put a leased item back: it runs again at `not_before`, with `error` kept as its reason."""
+    """Put a leased item back: it runs again at `not_before` (or `delay` seconds after the state's clock at
+    storing), with `error` kept as its reason."""
 
     id: int
     not_before: float
     error: str
+    delay: float | None = None
+
+    def due_at(self, now: float) -> float:
+        return now + self.delay if self.delay is not None else self.not_before
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,9 @@ class StateStats:
     dead: int
     reviews_open: int
     cursor: str | None
+    read_at: float | None = None
+    """The state's clock when these were read (the database server's, for PostgreSQL): ages are computed
+    against it, never against the local clock (None: the local clock)."""
 
 
 @dataclass(frozen=True)
@@ -333,10 +349,12 @@ class StateBackend(Protocol):
 
     # -- health and housekeeping ---------------------------------------------------------------------------------
 
-    def heartbeat(self, now: float | None = None) -> None:
-        """Record that this instance is alive: a small write that also proves the state is writable."""
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
+        """Record that this instance is alive: a small write that also proves the state is writable, within
+        `timeout` seconds (client-side) or StateUnavailable. Returns the local clock minus the state's clock
+        (the database server's for PostgreSQL; 0.0 where the state's clock is the local one)."""
 
-    def stats(self, now: float | None = None) -> StateStats: ...
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats: ...
 
     def counts(self) -> dict[str, int]:
         """processed, review_open, audit, queue_depth."""
@@ -368,10 +386,12 @@ def owner_alive(owner: str) -> bool:
     return True
 
 
-def patient_work(patient: str, error: str, not_before: float, source: str = "retry") -> WorkItem:
-    """Recode `patient` from the server at `not_before` (at most one such item is queued per patient)."""
+def patient_work(patient: str, error: str, not_before: float = 0.0, source: str = "retry", *,
+                 delay: float | None = None) -> WorkItem:
+    """Recode `patient` from the server at `not_before`, or `delay` seconds from the state's clock (at most one
+    such item is queued per patient)."""
     return WorkItem(WorkKind.PATIENT, {"reference": patient}, source, dedupe=f"patient:{patient}",
-                    not_before=not_before, last_error=error)
+                    not_before=not_before, last_error=error, delay=delay)
 
 
 def check_kinds(items: Iterable[WorkItem]) -> None:

@@ -117,12 +117,13 @@ class MemoryState:
         if item.dedupe:
             for rid, row in self._queue.items():
                 if row.item.dedupe == item.dedupe and row.status == "pending":
-                    row.item = replace(row.item, not_before=min(row.item.not_before, item.not_before),
+                    row.item = replace(row.item, not_before=min(row.item.not_before, item.due_at(now)),
                                        last_error=item.last_error or row.item.last_error)
                     return rid
         rid = next(self._ids)
         self._queue[rid] = _Row(replace(item, id=rid, attempts=0, payload=copy.deepcopy(item.payload),
-                                        received_at=item.received_at or now))
+                                        received_at=item.received_at or now, not_before=item.due_at(now),
+                                        delay=None))
         return rid
 
     def lease(self, limit: int, *, owner: str = "", now: float | None = None) -> list[WorkItem]:
@@ -152,14 +153,14 @@ class MemoryState:
 
     def retry(self, retries: Collection[Retry]) -> None:
         with self._lock:
-            self._retry(retries)
+            self._retry(retries, time.time())
 
-    def _retry(self, retries: Collection[Retry]) -> None:
+    def _retry(self, retries: Collection[Retry], now: float) -> None:
         for r in retries:
             if r.id in self._queue:
                 row = self._queue[r.id]
                 row.status = "pending"
-                row.item = replace(row.item, not_before=r.not_before, last_error=r.error)
+                row.item = replace(row.item, not_before=r.due_at(now), last_error=r.error)
 
     def dead_letter(self, ids: Collection[int], error: str, reviews: Iterable[NewReview] = ()) -> None:
         reviews = list(reviews)
@@ -215,7 +216,7 @@ class MemoryState:
             self._audit += [(now, a) for a in record.audit]
             self._cursors.update(record.cursors)
             self._ack(record.acked, now)
-            self._retry(record.retried)
+            self._retry(record.retried, now)
             self._dead(record.dead, now)
             for patient in record.release:
                 if self._claims.get(patient, ("", 0.0))[0] == record.owner:
@@ -325,15 +326,16 @@ class MemoryState:
 
     # -- health and housekeeping -----------------------------------------------------------------------------------
 
-    def heartbeat(self, now: float | None = None) -> None:
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
         with self._lock:
             self._heartbeat(time.time() if now is None else now)
+        return 0.0
 
     def _heartbeat(self, now: float) -> None:
         started = self._replicas.get(self.instance_id, [now, now])[0]
         self._replicas[self.instance_id] = [started, now]
 
-    def stats(self, now: float | None = None) -> StateStats:
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats:
         with self._lock:
             queued = [row for row in self._queue.values() if row.status in ("pending", "leased")]
             return StateStats(
@@ -342,7 +344,7 @@ class MemoryState:
                 oldest_queued_at=min((row.item.received_at for row in queued), default=None),
                 dead=sum(1 for row in self._queue.values() if row.status == "failed"),
                 reviews_open=sum(1 for e in self._reviews.values() if e.status == "open"),
-                cursor=self._cursors.get("poll"))
+                cursor=self._cursors.get("poll"), read_at=time.time() if now is None else now)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -20,6 +20,11 @@ precision` columns, as in the other backends. A method given no `now` takes the 
 (`transaction_timestamp()`), so replicas on hosts with slightly different clocks still agree on when a
 lease, claim or role ran out.
 
+Every call has a client-side deadline (`statement_timeout`, default 30 s, or the call's own `timeout`): the
+server's statement timeout ends a slow statement, and a watchdog thread drops the connection of a call that is
+still waiting a second after its deadline (a server that is stopped or hung cannot time anything out), so
+the call fails with StateUnavailable instead of hanging its thread; `/healthz` depends on this.
+
 A connection that was lost (server restart, `pg_terminate_backend`, network) is replaced on the next call;
 a call that lost it before committing is run again once on a new connection, one that lost it while
 committing raises StateUnavailable (the outcome is unknown). Deadlocks and serialization failures are retried
@@ -34,6 +39,8 @@ import logging
 import math
 import os
 import random
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -59,6 +66,7 @@ from adapter.state.base import (
     new_instance_id,
 )
 from adapter.state.pgurl import PgTarget, parse, safe_location
+from adapter.waits import waiting_on
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,8 +133,78 @@ _LOST = (pg_errors.AdminShutdown, pg_errors.CrashShutdown, pg_errors.CannotConne
          pg_errors.IdleSessionTimeout, pg_errors.IdleInTransactionSessionTimeout)
 
 
+WATCHDOG_GRACE_SECONDS = 1.0
+"""How long past its deadline a call may wait before the watchdog drops its connection (the server's own
+statement timeout normally ends it first, keeping the connection)."""
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+class _Watch:
+    """One call under the watchdog: its deadline (monotonic) and, once connected, its connection."""
+
+    __slots__ = ("conn", "deadline", "fired", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds + WATCHDOG_GRACE_SECONDS
+        self.conn: psycopg.Connection[Any] | None = None
+        self.fired = False
+
+
+class Watchdog:
+    """Drops the connection of every call past its deadline: shuts its socket down, so the thread blocked in
+    the driver's wait sees the connection end and raises. One daemon thread per process, started on first use;
+    watching a call is a dictionary write under a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._watches: set[_Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, seconds: float) -> _Watch:
+        entry = _Watch(seconds)
+        with self._lock:
+            self._watches.add(entry)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="state-watchdog", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        return entry
+
+    def release(self, entry: _Watch) -> bool:
+        """The call is over (or about to handle its failure); True when the watchdog ended it."""
+        with self._lock:
+            self._watches.discard(entry)
+            return entry.fired
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                for entry in [w for w in self._watches if w.deadline <= now]:
+                    self._watches.discard(entry)
+                    entry.fired = True
+                    _shut_down(entry.conn)
+                wait = min((w.deadline for w in self._watches), default=now + 60.0) - now
+                self._lock.wait(max(0.05, wait))
+
+
+def _shut_down(conn: psycopg.Connection[Any] | None) -> None:
+    """End a connection's TCP stream under the thread using it (a duplicate of the descriptor is shut down;
+    the original stays open until its owner closes it, so the number cannot be reused meanwhile)."""
+    if conn is None:
+        return
+    with suppress(Exception):
+        dup = socket.socket(fileno=os.dup(conn.fileno()))
+        with suppress(OSError):
+            dup.shutdown(socket.SHUT_RDWR)
+        dup.close()
+
+
+WATCHDOG = Watchdog()
 
 
 def _one_line(text: str) -> str:
@@ -139,7 +217,8 @@ class PostgresState:
     shared = True
 
     def __init__(self, url: str, *, busy_timeout: float = 5.0, lease_seconds: float = 300.0,
-                 instance_id: str | None = None, password: str | None = None) -> None:
+                 instance_id: str | None = None, password: str | None = None,
+                 statement_timeout: float = 30.0) -> None:
         try:
             self.target: PgTarget = parse(url)
         except ValueError as exc:
@@ -147,6 +226,8 @@ class PostgresState:
         self.location = self.target.location
         self.schema = self.target.schema
         self.busy_timeout = busy_timeout
+        self.statement_timeout = statement_timeout
+        """The client-side deadline of a call without a `timeout` of its own (see the module docstring)."""
         self.lease_seconds = lease_seconds
         self.instance_id = instance_id or new_instance_id()
         self._password_given = password
@@ -201,8 +282,12 @@ class PostgresState:
             conn = psycopg.connect(autocommit=True, **params)
         except psycopg.Error as exc:
             raise self._connect_error(exc) from None
+        watch = getattr(self._local, "watch", None)
+        if watch is not None:
+            watch.conn = conn
         try:
             conn.execute(f"SET lock_timeout = {max(1, int(self.busy_timeout * 1000))}")
+            conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout * 1000))}")
             if self.schema:
                 conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
         except psycopg.Error as exc:
@@ -236,51 +321,80 @@ class PostgresState:
                     what: str = "") -> T:
         """Run `body` in one transaction on this thread's connection; psycopg errors become StateErrors.
 
-        `timeout`: the longest wait for locks and statements (default `busy_timeout` for locks only). `what`
-        prefixes messages (the HL7 v2 ledger shares this machinery)."""
+        `timeout`: the longest wait for locks and statements (default `busy_timeout` for locks only), and the
+        call's client-side deadline (default `statement_timeout`). `what` prefixes messages (the HL7 v2 ledger
+        shares this machinery)."""
+        with waiting_on(f"the state {self.location} ({what}{_caller()})"):
+            return self._transaction(body, timeout, readonly, what)
+
+    def _transaction(self, body: Callable[[Cursor], T], timeout: float | None, readonly: bool, what: str) -> T:
         waited = self.busy_timeout if timeout is None else timeout
+        limit = self.statement_timeout if timeout is None else timeout
         deadline = time.monotonic() + waited
         reconnected = False
         attempt = 0
         while True:
             attempt += 1
-            conn = self._connection(timeout)
+            watch = WATCHDOG.watch(limit)
+            self._local.watch = watch
             try:
-                with conn.cursor() as cur:
-                    cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if readonly else "BEGIN")
-                    if timeout is not None:
-                        ms = max(1, int(timeout * 1000))
-                        cur.execute(f"SET LOCAL lock_timeout = {ms}")
-                        cur.execute(f"SET LOCAL statement_timeout = {ms}")
-                    result = body(cur)
-            except psycopg.Error as exc:
-                lost = self._lost(conn, exc)
-                self._abandon(conn)
-                if lost and not reconnected and time.monotonic() < deadline:
-                    reconnected = True  # nothing was committed: run it again on a new connection, once
-                    log.warning("state %s: the connection to the server was lost (%s); reconnecting", self.location,
-                                self._scrub(str(exc)))
-                    continue
-                if isinstance(exc, _RETRYABLE) and attempt < TRIES and time.monotonic() < deadline:
-                    time.sleep(random.uniform(0.005, 0.05) * attempt)
-                    continue
-                raise self._error(exc, waited, what) from None
-            except BaseException:
-                self._abandon(conn)
+                conn = self._connection(timeout)
+                watch.conn = conn
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if readonly else "BEGIN")
+                        if timeout is not None:
+                            ms = max(1, int(timeout * 1000))
+                            cur.execute(f"SET LOCAL lock_timeout = {ms}")
+                            cur.execute(f"SET LOCAL statement_timeout = {ms}")
+                        result = body(cur)
+                except psycopg.Error as exc:
+                    if WATCHDOG.release(watch):
+                        self._abandon(conn)
+                        raise self._hung(limit, what) from None
+                    lost = self._lost(conn, exc)
+                    self._abandon(conn)
+                    if lost and not reconnected and time.monotonic() < deadline:
+                        reconnected = True  # nothing was committed: run it again on a new connection, once
+                        log.warning("state %s: the connection to the server was lost (%s); reconnecting",
+                                    self.location, self._scrub(str(exc)))
+                        continue
+                    if isinstance(exc, _RETRYABLE) and attempt < TRIES and time.monotonic() < deadline:
+                        time.sleep(random.uniform(0.005, 0.05) * attempt)
+                        continue
+                    raise self._error(exc, waited, what) from None
+                except BaseException:
+                    WATCHDOG.release(watch)
+                    self._abandon(conn)
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except psycopg.Error as exc:
+                    fired = WATCHDOG.release(watch)
+                    lost = self._lost(conn, exc)
+                    self._abandon(conn)
+                    if lost or fired:
+                        cause = (f"no answer from the server within {limit:g} s" if fired
+                                 else f"lost the connection to the server ({self._scrub(str(exc))})")
+                        raise StateUnavailable(self.location, f"{what}{cause} while committing: the change may or "
+                                                              "may not have been saved; the next call reconnects") \
+                            from None
+                    if isinstance(exc, _RETRYABLE) and attempt < TRIES:
+                        continue
+                    raise self._error(exc, waited, what) from None
+                return result
+            except StateError:
+                if WATCHDOG.release(watch):  # it ended the connection while this one was being set up
+                    raise self._hung(limit, what) from None
                 raise
-            try:
-                conn.execute("COMMIT")
-            except psycopg.Error as exc:
-                lost = self._lost(conn, exc)
-                self._abandon(conn)
-                if lost:
-                    raise StateUnavailable(self.location, f"{what}lost the connection to the server while committing "
-                                                          f"({self._scrub(str(exc))}): the change may or may not "
-                                                          "have been saved; the next call reconnects") from None
-                if isinstance(exc, _RETRYABLE) and attempt < TRIES:
-                    continue
-                raise self._error(exc, waited, what) from None
-            return result
+            finally:
+                self._local.watch = None
+                WATCHDOG.release(watch)
+
+    def _hung(self, limit: float, what: str) -> StateUnavailable:
+        return StateUnavailable(self.location, f"{what}no answer from the server within {limit:g} s (client-side "
+                                               "deadline): it is stopped, hung or unreachable; the connection was "
+                                               "dropped and the next call reconnects")
 
     # -- errors -------------------------------------------------------------------------------------------------
 
@@ -415,7 +529,8 @@ class PostgresState:
                     cur.execute(f"INSERT INTO {VERSION_TABLE} VALUES (%s, %s, extract(epoch FROM now()), %s)",
                                 (component, step, __version__))
 
-        self.transaction(upgrade, what=f"upgrading the {label}: ")
+        self.transaction(upgrade, what=f"upgrading the {label}: ",
+                         timeout=max(self.busy_timeout, MIGRATION_LOCK_SECONDS))
 
     def _schema_usable(self) -> bool:
         """True when the schema exists and this role may use it; False when it is still to be created."""
@@ -535,11 +650,11 @@ class PostgresState:
             if row:
                 cur.execute("UPDATE queue SET not_before = least(not_before, %s), "
                             "last_error = coalesce(%s, last_error) WHERE id = %s",
-                            (item.not_before, item.last_error, row[0]))
+                            (item.due_at(now), item.last_error, row[0]))
                 return int(row[0])
         cur.execute("INSERT INTO queue (kind, payload, source, received_at, not_before, dedupe, last_error) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.not_before,
+                    (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.due_at(now),
                      item.dedupe, item.last_error))
         return int(cur.fetchone()[0])  # type: ignore[index]
 
@@ -576,14 +691,14 @@ class PostgresState:
                         "WHERE id = ANY(%s::bigint[])", (now, sorted(ids)))
 
     def retry(self, retries: Collection[Retry]) -> None:
-        self.transaction(lambda cur: self._retry(cur, retries))
+        self.transaction(lambda cur: self._retry(cur, retries, self._now(cur, None)))
 
     @staticmethod
-    def _retry(cur: Cursor, retries: Collection[Retry]) -> None:
+    def _retry(cur: Cursor, retries: Collection[Retry], now: float) -> None:
         if retries:
             cur.executemany("UPDATE queue SET status = 'pending', lease_until = NULL, not_before = %s, "
                             "last_error = %s WHERE id = %s",
-                            [(r.not_before, r.error, r.id) for r in sorted(retries, key=lambda r: r.id)])
+                            [(r.due_at(now), r.error, r.id) for r in sorted(retries, key=lambda r: r.id)])
 
     def dead_letter(self, ids: Collection[int], error: str, reviews: Iterable[NewReview] = ()) -> None:
         reviews = list(reviews)
@@ -655,7 +770,7 @@ class PostgresState:
             for name, value in record.cursors.items():
                 self._set_cursor(cur, name, value, now)
             self._ack(cur, record.acked, now)
-            self._retry(cur, record.retried)
+            self._retry(cur, record.retried, now)
             self._dead(cur, record.dead, now)
             if record.release:
                 cur.execute("DELETE FROM claims WHERE owner = %s AND patient = ANY(%s::text[])",
@@ -801,15 +916,26 @@ class PostgresState:
 
     # -- health and housekeeping -----------------------------------------------------------------------------------
 
-    def heartbeat(self, now: float | None = None) -> None:
-        def run(cur: Cursor) -> None:
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
+        """The replica's heartbeat, and its clock's skew against the server's: the local clock halfway through
+        the round trip of a query of the server's clock, minus that clock."""
+        def run(cur: Cursor) -> float:
+            before = time.time()
+            cur.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+            after = time.time()
+            server = float(cur.fetchone()[0])  # type: ignore[index]
             at = self._now(cur, now)
             cur.execute("INSERT INTO replicas VALUES (%s, %s, %s) ON CONFLICT (instance) DO UPDATE SET "
                         "last_seen = excluded.last_seen", (self.instance_id, at, at))
+            return (before + after) / 2 - server
 
-        self.transaction(run)
+        return self.transaction(run, timeout=timeout)
 
-    def stats(self, now: float | None = None) -> StateStats:
+    def now(self) -> float:
+        """The database server's clock (Unix seconds)."""
+        return self.transaction(lambda cur: self._now(cur, None), readonly=True)
+
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats:
         def run(cur: Cursor) -> StateStats:
             cur.execute(
                 "SELECT count(*) FILTER (WHERE status IN ('pending', 'leased')), "
@@ -817,12 +943,13 @@ class PostgresState:
                 "count(*) FILTER (WHERE status = 'pending' AND attempts > 0), "
                 "count(*) FILTER (WHERE status = 'failed'), "
                 "(SELECT count(*) FROM review WHERE status = 'open'), "
-                "(SELECT value FROM cursor WHERE name = 'poll') "
+                "(SELECT value FROM cursor WHERE name = 'poll'), "
+                "extract(epoch FROM transaction_timestamp())::float8 "
                 "FROM queue WHERE status IN ('pending', 'leased', 'failed')")
-            depth, oldest, backlog, dead, reviews, cursor = cur.fetchone()  # type: ignore[misc]
-            return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor)
+            depth, oldest, backlog, dead, reviews, cursor, at = cur.fetchone()  # type: ignore[misc]
+            return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor, at)
 
-        return self.transaction(run, readonly=True)
+        return self.transaction(run, readonly=True, timeout=timeout)
 
     def counts(self) -> dict[str, int]:
         def run(cur: Cursor) -> dict[str, int]:
@@ -850,6 +977,16 @@ class PostgresState:
             return {"queue": done, "audit": audit, "claims": claims}
 
         return self.transaction(run)
+
+
+def _caller() -> str:
+    """The state method a transaction runs for (the first public frame above it): what a stuck loop waits on."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame.f_back is None or not frame.f_code.co_name.startswith(("_", "<")):
+            break
+        frame = frame.f_back
+    return frame.f_code.co_name
 
 
 def _value(cur: Cursor, query: str, args: Sequence[Any] = ()) -> Any:

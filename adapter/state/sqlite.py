@@ -347,12 +347,12 @@ class SqliteState:
                              (item.dedupe,)).fetchone()
             if row:
                 db.execute("UPDATE queue SET not_before=min(not_before, ?), last_error=coalesce(?, last_error) "
-                           "WHERE id=?", (item.not_before, item.last_error, row[0]))
+                           "WHERE id=?", (item.due_at(now), item.last_error, row[0]))
                 return int(row[0])
         cur = db.execute(
             "INSERT INTO queue (kind, payload, source, received_at, not_before, dedupe, last_error) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.not_before,
+            (str(item.kind), _json(item.payload), item.source, item.received_at or now, item.due_at(now),
              item.dedupe, item.last_error))
         return int(cur.lastrowid or 0)
 
@@ -386,12 +386,12 @@ class SqliteState:
     @_translated
     def retry(self, retries: Collection[Retry]) -> None:
         with self._tx() as db:
-            self._retry(db, retries)
+            self._retry(db, retries, time.time())
 
     @staticmethod
-    def _retry(db: sqlite3.Connection, retries: Collection[Retry]) -> None:
+    def _retry(db: sqlite3.Connection, retries: Collection[Retry], now: float) -> None:
         db.executemany("UPDATE queue SET status='pending', lease_until=NULL, not_before=?, last_error=? WHERE id=?",
-                       [(r.not_before, r.error, r.id) for r in retries])
+                       [(r.due_at(now), r.error, r.id) for r in retries])
 
     @_translated
     def dead_letter(self, ids: Collection[int], error: str, reviews: Iterable[NewReview] = ()) -> None:
@@ -447,7 +447,7 @@ class SqliteState:
             for name, value in record.cursors.items():
                 self._set_cursor(db, name, value)
             self._ack(db, record.acked, now)
-            self._retry(db, record.retried)
+            self._retry(db, record.retried, now)
             self._dead(db, record.dead, now)
             if record.release:
                 db.executemany("DELETE FROM claims WHERE patient=? AND owner=?",
@@ -577,22 +577,25 @@ class SqliteState:
     # -- health and housekeeping -----------------------------------------------------------------------------------
 
     @_translated
-    def heartbeat(self, now: float | None = None) -> None:
+    def heartbeat(self, now: float | None = None, *, timeout: float | None = None) -> float:
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx(timeout) as db:
             db.execute("INSERT INTO replicas VALUES (?, ?, ?) ON CONFLICT(instance) DO UPDATE SET "
                        "last_seen=excluded.last_seen", (self.instance_id, now, now))
+        return 0.0  # one file, one host: the state's clock is this process's
 
     @_translated
-    def stats(self, now: float | None = None) -> StateStats:
+    def stats(self, now: float | None = None, *, timeout: float | None = None) -> StateStats:
         db = self._db()
+        read_at = time.time()
         depth, oldest, backlog = db.execute(
             "SELECT count(*), min(received_at), coalesce(sum(attempts > 0 AND status='pending'), 0) FROM queue "
             "WHERE status IN ('pending', 'leased')").fetchone()
         dead = db.execute("SELECT count(*) FROM queue WHERE status='failed'").fetchone()[0]
         reviews = db.execute("SELECT count(*) FROM review WHERE status='open'").fetchone()[0]
         cursor = db.execute("SELECT value FROM cursor WHERE name='poll'").fetchone()
-        return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor[0] if cursor else None)
+        return StateStats(int(depth), int(backlog), oldest, int(dead), int(reviews), cursor[0] if cursor else None,
+                          read_at)
 
     @_translated
     def counts(self) -> dict[str, int]:

@@ -7,9 +7,10 @@ independent implementation.
 
 Every message received is appended to the record file (one JSON line: control id, the message text, the
 answer given) before it is answered. Answers follow the rules file, a JSON list checked in order:
-`{"match": "<text the message contains>", "answer": "AE" | "AR" | "silence", "text": "...", "count": n}`
-(`count`: only the first n messages that match; `"match": ""` matches every message); no rule: AA.
-`silence` keeps the message and answers nothing (the sender's ACK timeout). Prints `listening <port>` once
+`{"match": "<text the message contains>", "answer": "AE" | "AR" | "silence", "text": "...", "count": n,
+"delay": seconds}` (`count`: only the first n messages that match; `"match": ""` matches every message); no
+rule: AA. `silence` keeps the message and answers nothing (the sender's ACK timeout); `delay` answers that
+much later, on the same connection (a slow receiver: its ACKs come late). Prints `listening <port>` once
 ready. Stops on SIGTERM/SIGINT (or dies on SIGKILL, as a receiver that crashes does).
 """
 
@@ -31,12 +32,12 @@ class Rules:
         self.rules = rules
         self.used = [0] * len(rules)
 
-    def answer(self, text: str) -> tuple[str, str]:
+    def answer(self, text: str) -> tuple[str, str, float]:
         for n, rule in enumerate(self.rules):
             if rule.get("match", "") in text and ("count" not in rule or self.used[n] < rule["count"]):
                 self.used[n] += 1
-                return rule["answer"], rule.get("text", "")
-        return "AA", ""
+                return rule["answer"], rule.get("text", ""), float(rule.get("delay", 0))
+        return "AA", "", 0.0
 
 
 def main() -> None:
@@ -56,12 +57,14 @@ def main() -> None:
             while not writer.is_closing():
                 message = await reader.readmessage()
                 text = str(message)
-                answer, why = rules.answer(text)
+                answer, why, delay = rules.answer(text)
                 control_id = str(message.segment("MSH")(10))
                 with record.open("a", encoding="utf-8") as out:
                     out.write(json.dumps({"control_id": control_id, "text": text, "answer": answer}) + "\n")
                 if answer == "silence":
                     continue
+                if delay:
+                    await asyncio.sleep(delay)
                 ack = message.create_ack(answer)
                 if why:
                     ack.segment("MSA").assign_field(why, 3)

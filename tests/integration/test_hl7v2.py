@@ -87,7 +87,7 @@ def hl7v2_adapter(tmp_path: Path, hapi_url: str, listener: Listener, *, fhir: bo
                   ack_timeout: float = 5) -> Adapter:
     return Adapter(tmp_path, hapi_url, sinks={"fhir": fhir, "hl7v2": {
         "enabled": True, "host": "127.0.0.1", "port": listener.port, "ack_timeout_seconds": ack_timeout,
-        "attempts": 2, "connect_timeout_seconds": 2}},
+        "attempts": 4, "connect_timeout_seconds": 2, "resend_initial_seconds": 0.5, "resend_max_seconds": 2}},
         worker={"retry_initial_seconds": 0.2, "retry_max_seconds": 1},
         poll={"interval_seconds": 1, "overlap_seconds": 0, "page_size": 25})  # only what this test writes
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from adapter.hl7v2.files import FolderTransport
-from adapter.hl7v2.mllp import MllpClient, MllpSettings, TransportError, tls_context
+from adapter.hl7v2.mllp import AckTimeout, MllpClient, MllpSettings, TransportError, tls_context
 from tests.unit.test_client_tls import pki  # noqa: F401  (the throwaway CA, server and client certificates)
 
+from .helpers import wait_for
 from .test_hl7v2 import Listener
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def test_messages_go_over_tls_on_one_reused_connection(tmp_path: Path, pki: dict
             assert (ack.code, ack.control_id, ack.accepted) == ("AA", control, True)
         assert client.connections == 1  # one TLS handshake for all three
         assert [r["control_id"] for r in listener.records()] == [wire(p)[1] for p in GOLDEN]
-        untrusted = MllpClient(MllpSettings("127.0.0.1", listener.port, attempts=1, tls=tls_context()))
+        untrusted = MllpClient(MllpSettings("127.0.0.1", listener.port, tls=tls_context()))
         with pytest.raises(TransportError, match="TLS handshake failed"):
             untrusted.send(*wire(GOLDEN[0]))
         client.close()
@@ -60,27 +61,40 @@ def test_messages_go_over_tls_on_one_reused_connection(tmp_path: Path, pki: dict
         listener.stop()
 
 
-def test_no_ack_is_retried_with_the_same_bytes_then_reported(tmp_path: Path) -> None:
-    listener = Listener(tmp_path, [{"match": "", "answer": "silence"}])
+def test_no_ack_is_one_copy_and_a_late_ack_is_collected_from_the_kept_connection(tmp_path: Path) -> None:
+    listener = Listener(tmp_path, [{"match": "", "answer": "AA", "delay": 1.0}])
     listener.start()
     try:
-        client = MllpClient(MllpSettings("127.0.0.1", listener.port, ack_timeout=0.5, attempts=2))
+        client = MllpClient(MllpSettings("127.0.0.1", listener.port, ack_timeout=0.3))
         text, control = wire(GOLDEN[0])
-        with pytest.raises(TransportError, match=r"no ACK within 0.5 s \(after 2 attempt"):
+        with pytest.raises(AckTimeout, match=r"no ACK within 0.3 s"):
             client.send(text, control)
-        received = listener.records()
-        assert [r["control_id"] for r in received] == [control, control]
-        assert received[0]["text"] == received[1]["text"]
-        assert client.connections == 2  # a connection that may still carry a late ACK is never reused
+        assert [r["control_id"] for r in listener.records()] == [control]  # the client never resends by itself
+        assert client.late_acks() == []  # not yet
+        other, other_control = wire(GOLDEN[1])
+        with pytest.raises(AckTimeout):  # the next message goes on a new connection, never on the kept one
+            client.send(other, other_control)
+        assert client.connections == 2
+
+        def collected() -> list[str]:
+            got.extend(a.control_id for a in client.late_acks())
+            return got if len(got) == 2 else []
+
+        got: list[str] = []
+        wait_for(collected, 10, "both late ACKs", every=0.1)
+        assert sorted(got) == sorted([control, other_control])
+        assert [r["control_id"] for r in listener.records()] == [control, other_control]  # one copy each
+        client.close()
     finally:
         listener.stop()
 
 
 def test_an_unreachable_receiver_is_a_transport_error(tmp_path: Path) -> None:
     listener = Listener(tmp_path)  # never started: nothing listens on its port
-    client = MllpClient(MllpSettings("127.0.0.1", listener.port, connect_timeout=1, attempts=1))
-    with pytest.raises(TransportError, match="cannot connect"):
+    client = MllpClient(MllpSettings("127.0.0.1", listener.port, connect_timeout=1))
+    with pytest.raises(TransportError, match="cannot connect") as raised:
         client.send(*wire(GOLDEN[0]))
+    assert not raised.value.sent  # nothing went out: no attempt counts against the message
 
 
 def test_the_folder_transport_writes_each_message_whole_in_order(tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def test_work_policy_retries_outages_forever_and_gives_bugs_a_bounded_number_of_
 
 
 def test_an_old_queued_item_makes_health_fail() -> None:
-    health = Health(HealthSettings(max_queue_age_seconds=900), wall=lambda: 10_000.0)
+    health = Health(HealthSettings(max_queue_age_seconds=900), wall=lambda: 10_000.0, clock=lambda: 0.0)
     health.set_stats(StateStats(queue_depth=3, retry_backlog=2, oldest_queued_at=9_500.0, dead=0, reviews_open=0,
                                 cursor=None))
     assert health.check().ok and health.oldest_queued_seconds() == 500

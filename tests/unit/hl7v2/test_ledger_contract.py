@@ -123,7 +123,8 @@ def test_sqlite_upgrades_a_ledger_of_schema_1_and_keeps_its_holds(tmp_path: Path
     ledger.release(["Patient/1"])
     assert ledger.holds("Patient/1") == []
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM hl7v2_meta WHERE key='schema_version'").fetchone() == ("2",)
+        version = db.execute("SELECT value FROM hl7v2_meta WHERE key='schema_version'").fetchone()
+        assert version == (str(ledger_module.LEDGER_SCHEMA_VERSION),)
 
 
 def test_sqlite_refuses_a_newer_ledger_schema(tmp_path: Path) -> None:
@@ -135,3 +136,28 @@ def test_sqlite_refuses_a_newer_ledger_schema(tmp_path: Path) -> None:
         db.execute("UPDATE hl7v2_meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StateSchemaError, match="newer"):
         SqliteLedger(path)
+
+
+def test_a_failed_send_backs_off_on_the_ledgers_clock_and_a_parked_message_waits_for_unpark(
+        make_ledger: MakeLedger) -> None:
+    ledger = make_ledger()
+    ledger.record([message("A1"), message("B1", patient="Patient/2")])
+    ledger.unreached("B1", "mllp://r:1: cannot connect (Connection refused)")  # nothing went out: nothing counted
+    ledger.attempt_failed("A1", "mllp://r:1: no ACK within 2 s", 3600.0)
+    a, b = make_ledger().pending()  # another process sees the same, on the same clock
+    assert (a.attempts, a.due, a.parked) == (1, False, False) and a.not_before > a.created_at
+    assert (b.attempts, b.due, b.last_error) == (0, True, "mllp://r:1: cannot connect (Connection refused)")
+    summary = ledger.summary()
+    assert (summary.pending, summary.parked) == (2, 0)
+    assert summary.last_failure == "mllp://r:1: no ACK within 2 s" and summary.oldest_pending_seconds is not None
+    ledger.attempt_failed("A1", "mllp://r:1: no ACK within 2 s", ledger_module.PARKED)
+    [parked] = ledger.pending("Patient/1")
+    assert parked.parked and not parked.due and ledger.summary().parked == 1
+    ledger.unpark(["Patient/2"])  # not its patient: stays parked
+    assert ledger.pending("Patient/1")[0].parked
+    ledger.unpark(["Patient/1"])
+    [again] = ledger.pending("Patient/1")
+    assert (again.parked, again.due, again.attempts) == (False, True, 0)
+    ledger.acknowledged("B1", "AA", "")
+    ledger.acknowledged("A1", "AA", "")
+    assert ledger.summary() == ledger_module.LedgerSummary()  # nothing pending, no current failure

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from adapter.hl7v2.ledger import MemoryLedger, MessageStatus
 from adapter.hl7v2.messages import session_charges, validate
 from adapter.hl7v2.mllp import Ack, TransportError
 from adapter.hl7v2.plan import active_charges, plan_patient
-from adapter.hl7v2.sink import REJECTED, UNREACHABLE, Hl7v2Sink
+from adapter.hl7v2.sink import REJECTED, UNACKNOWLEDGED, UNREACHABLE, Hl7v2Sink
 from adapter.pipeline import RunReport, process
 from adapter.sources.files import SourcedResource
 from adapter.state.base import ReviewEntry
@@ -123,19 +124,87 @@ def test_a_voided_procedure_credits_every_charge_it_had(sink: Hl7v2Sink, receive
 
 
 def test_no_ack_leaves_the_message_pending_and_it_is_resent_with_the_same_control_id_first(
-        sink: Hl7v2Sink, receiver: FakeReceiver) -> None:
+        receiver: FakeReceiver) -> None:
+    sink = Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW, resend=(0.2, 0.2), rng=lambda: 1.0)
+    seen: list[tuple[bool, str]] = []
+    sink.observer = lambda ok, why: seen.append((ok, why))
     receiver.default = "silence"
     failed = sink.deliver(run(scenario()), [PATIENT])
     [failure] = failed.failures
     assert failure.retryable and failure.kind == UNREACHABLE and failure.patients == (PATIENT,)
+    assert failure.reason.endswith("sent again in 0 s") and seen == [(False, "fake://receiver: no ACK within 1 s")]
     [pending] = sink.ledger.pending()
-    assert pending.attempts == 1
+    assert pending.attempts == 1 and not pending.due
     receiver.default = "AA"
+    waiting = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])  # backing off: nothing is sent, not even
+    assert receiver.received == [] and "backs off" in waiting.failures[0].reason  # the change planned behind it
+    time.sleep(0.25)
     result = sink.deliver(run(one_lesion_less(scenario())), [PATIENT])
     # the pending message goes first, byte for byte; only then is the change planned and sent
     assert receiver.received[0] == (pending.control_id, pending.text)
     assert [t[0] for t in receiver.ft1(1)] == ["CD"] and receiver.ft1(2) == [("CG", "10006", "1")]
-    assert result.sent == 3 and not sink.ledger.pending()
+    assert result.sent == 3 and not sink.ledger.pending() and seen[-1] == (True, "")
+
+
+def two_patients() -> list[dict[str, Any]]:
+    return scenario("01-single-us") + scenario()
+
+
+def test_while_one_message_backs_off_the_other_patients_messages_go_on(receiver: FakeReceiver) -> None:
+    sink = Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW)
+    first = sink.deliver(run(two_patients()), [])
+    receiver.answers = {m.control_id: "silence" for m in sink.ledger.history("Patient/s01-pat")}
+    assert first.sent == 2  # (nothing was silent the first time)
+    sink2 = Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW)
+    result = sink2.deliver(run(two_patients()), [])
+    assert result.sent == 1 and [f.patients for f in result.failures] == [("Patient/s01-pat",)]
+    assert {m.patient for m in sink2.ledger.pending()} == {"Patient/s01-pat"}
+
+
+class LateReceiver(FakeReceiver):
+    """Answers nothing in time, then hands the ACKs over late (as the MLLP client's kept connections do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late: list[Ack] = []
+
+    def send(self, text: str, control_id: str, seq: int = 0) -> Ack:
+        self.received.append((control_id, text))
+        self.late.append(Ack("AA", control_id))
+        raise TransportError(f"{self.where}: no ACK within 1 s")
+
+    def late_acks(self) -> list[Ack]:
+        acks, self.late = self.late, []
+        return acks
+
+
+def test_a_late_ack_settles_its_message_without_a_resend() -> None:
+    receiver = LateReceiver()
+    sink = Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW, resend=(0.01, 0.01))
+    sink.deliver(run(scenario()), [PATIENT])
+    time.sleep(0.02)
+    again = sink.deliver(run(scenario()), [PATIENT])
+    assert again.sent == 1 and len(receiver.received) == 1 and not sink.ledger.pending()
+    assert [m.status for m in sink.ledger.history(PATIENT)] == [MessageStatus.SENT]
+
+
+def test_a_message_never_acknowledged_waits_in_review_until_replayed(receiver: FakeReceiver) -> None:
+    sink = Hl7v2Sink(TABLES, MemoryLedger(), receiver, clock=lambda: NOW, attempts=2, resend=(0.01, 0.01))
+    receiver.default = "silence"
+    sink.deliver(run(scenario()), [PATIENT])
+    time.sleep(0.02)
+    [failure] = sink.deliver(run(scenario()), [PATIENT]).failures
+    assert not failure.retryable and failure.kind == UNACKNOWLEDGED
+    assert "was sent 2 time(s)" in failure.reason and "review replay" in failure.reason
+    [parked] = sink.ledger.pending()
+    assert parked.parked
+    time.sleep(0.02)
+    receiver.default = "AA"
+    [still] = sink.deliver(run(scenario()), [PATIENT]).failures  # parked: never sent again by itself
+    assert still.kind == UNACKNOWLEDGED and receiver.received == []
+    assert sink.release_replayed([entry(failure, UNACKNOWLEDGED)]) == {PATIENT}
+    replay = sink.deliver(run(scenario()), [PATIENT])
+    assert replay.sent == 1 and receiver.received[0][0] == parked.control_id and not sink.ledger.pending()
 
 
 def test_a_refused_message_goes_to_review_and_cancels_what_was_planned_on_it(

@@ -58,6 +58,22 @@ def test_each_retried_item_keeps_its_own_not_before_and_reason(state: StateBacke
     assert (later.id, later.attempts, later.last_error) == (a, 2, "fhir-unreachable: connection refused")
 
 
+def test_delays_become_times_on_the_states_clock_when_stored(state: StateBackend) -> None:
+    """A wait given as a delay is turned into a time by the state itself (the database's clock, in the storing
+    transaction): a replica whose clock is off cannot postpone a retry, nor run it without backoff."""
+    a, b = state.enqueue([poll("a"), poll("b")])
+    state.lease(10)
+    before = state.stats().read_at or time.time()
+    state.retry([Retry(a, 0.0, "HTTP 503", delay=100.0)])
+    state.record_pass(PassRecord(retried=[Retry(b, 0.0, "HTTP 503", delay=30.0)],
+                                 due=[patient_work("Patient/p", "HTTP 503", delay=60.0)]))
+    after = state.stats().read_at or time.time()
+    waits = {i.payload.get("reason") or i.payload.get("reference"): i.not_before for i in state.queued()}
+    assert before + 100 <= waits["a"] <= after + 100 and before + 30 <= waits["b"] <= after + 30
+    assert before + 60 <= waits["Patient/p"] <= after + 60
+    assert state.lease(10, now=before + 29) == []
+
+
 def test_dead_letter_opens_reviews_in_the_same_step(state: StateBackend) -> None:
     [item_id] = state.enqueue([WorkItem("resources", {"resources": [{"resourceType": "Procedure", "id": "p"}]},
                                         "engine")])

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from adapter.errors import StateSchemaError, StateUnavailable
-from adapter.hl7v2.ledger import NewMessage
 from adapter.hl7v2.ledgers import open_ledger
 from adapter.hl7v2.pg_ledger import LEDGER_MIGRATIONS, PostgresLedger
 from adapter.state import open_state
@@ -142,10 +141,10 @@ def test_a_ledger_of_the_first_version_is_upgraded_and_keeps_its_refusals(pg_url
     """Ledger schema 1 (before refusals held a patient) opens; a refusal recorded then holds the patient."""
     state = PostgresState(pg_url)
     state.migrate("hl7v2-ledger", LEDGER_MIGRATIONS, upto=1, label="HL7 v2 ledger schema")
-    old = PostgresLedger.__new__(PostgresLedger)  # the version-1 ledger: no migration on opening
-    old.state, old.location = state, state.location
-    [message] = old.record([NewMessage("c1", "Patient/1", "s", "CG", "MSH|...", {}, (), ("Procedure/a",))])
-    old.rejected(message.control_id, "AE", "unknown account")
+    state.transaction(lambda cur: cur.execute(  # a refusal as the version-1 ledger recorded it
+        "INSERT INTO hl7v2_message (control_id, patient, session, kind, status, text, visit, charges, procedures, "
+        "created_at, finished_at, ack_code, ack_text) VALUES ('c1', 'Patient/1', 's', 'CG', 'rejected', 'MSH|...', "
+        "'{}', '[]', '[\"Procedure/a\"]'::jsonb, 1.0, 2.0, 'AE', 'unknown account')"))
     ledger = PostgresLedger(state)
     assert state.schema_versions()["hl7v2-ledger"] == LEDGER_MIGRATIONS[-1][0]
     assert [m.control_id for m in ledger.holds("Patient/1")] == ["c1"]

@@ -707,7 +707,7 @@ def status_cmd(ctx: click.Context, fmt: str) -> None:
 
 def _echo_hl7v2(settings: AppSettings, state: StateBackend) -> None:
     """The HL7 v2 path from its ledger: what waits, what waits in review, and the receiver's latest failure."""
-    from adapter.hl7v2.ledger import open_ledger
+    from adapter.hl7v2.ledgers import open_ledger
 
     conf = settings.sinks.hl7v2
     where = f"mllp{'s' if conf.tls else ''}://{conf.host}:{conf.port}" if conf.transport == "mllp" else conf.folder

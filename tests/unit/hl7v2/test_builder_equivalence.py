@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from adapter.config import load_tables
 from adapter.hl7v2.checks import ShapeCheck, ValueProblem, check_values, skeleton
-from adapter.hl7v2.messages import CHARGE, CREDIT, Charge, Coded, InvalidMessageError, Person, Visit, render
+from adapter.hl7v2.messages import (
+    CHARGE,
+    CREDIT,
+    Charge,
+    Coded,
+    InvalidMessageError,
+    Person,
+    Visit,
+    render,
+    validate,
+)
 from adapter.hl7v2.tables import SUPPORTED_VERSIONS, Hl7v2Tables
 from tests.unit.hl7v2.hl7apy_reference import render_with_hl7apy
 
@@ -67,11 +77,15 @@ def outcome(build: Callable[..., str], *args: Any) -> str | None:
         return None
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([CHARGE, CREDIT]), visit, st.lists(charge, min_size=1, max_size=3), tables)
 def test_the_string_builder_writes_what_hl7apy_wrote(kind: str, v: Visit, charges: list[Charge],
                                                      conf: Hl7v2Tables) -> None:
     expected = outcome(render_with_hl7apy, kind, v, charges, "C0FFEE", NOW, conf)
+    if expected is not None and outcome(validate, expected, conf.version) is None:
+        # the object tree held a required field whose value is blank (a name of spaces) and passed; its text,
+        # which is what is sent, fails hl7apy's validation: the string builder refuses such a message
+        expected = None
     assert outcome(render, kind, v, charges, "C0FFEE", NOW, conf) == expected
 
 
@@ -83,7 +97,7 @@ def test_the_generated_sessions_meet_both_verdicts() -> None:
         find(st.tuples(st.sampled_from([CHARGE, CREDIT]), visit, charge),
              lambda args, want=accepted: (outcome(render, args[0], args[1], [args[2]], "C1", NOW, TABLES.hl7v2)
                                           is not None) == want,
-             settings=settings(max_examples=400, deadline=None, database=None))
+             settings=settings(max_examples=400, deadline=None, database=None, phases=[Phase.generate]))
 
 
 GOLDEN = sorted((ROOT / "fixtures/fhir/scenarios").glob("*/hl7v2.txt"))
@@ -132,3 +146,19 @@ def test_a_shape_is_verified_once_and_forgotten_past_the_limit() -> None:
     assert shapes.needs_check(three, "2.5.1") is None and shapes.needs_check(two, "2.5.1") is None
     assert shapes.needs_check(one, "2.5.1") is not None  # the oldest, forgotten
     assert shapes.needs_check(three, "2.4") is not None  # per version
+
+
+def test_every_scenario_session_is_written_as_hl7apy_wrote_it_in_every_version() -> None:
+    """The bundled scenarios' sessions, each charged or credited in one of the supported versions in turn (the
+    golden files hold every charge in the configured version)."""
+    from adapter.hl7v2.messages import session_charges
+    from adapter.pipeline import process_paths
+
+    report = process_paths(sorted((ROOT / "fixtures/fhir/scenarios").glob("*/input.json")), TABLES, NOW)
+    sessions, _ = session_charges(report, TABLES)
+    assert len(sessions) > 50
+    for n, sc in enumerate(sessions):
+        conf = dataclasses.replace(TABLES.hl7v2, version=SUPPORTED_VERSIONS[n % len(SUPPORTED_VERSIONS)])
+        kind = (CHARGE, CREDIT)[n // len(SUPPORTED_VERSIONS) % 2]
+        assert render(kind, sc.visit, sc.charges, "C1", NOW, conf) == \
+            render_with_hl7apy(kind, sc.visit, sc.charges, "C1", NOW, conf), (sc.session, kind, conf.version)

@@ -180,6 +180,12 @@ _REFERENCES: dict[str, Reference] = {}
 _REFERENCES_LOCK = threading.Lock()
 
 
+def forget_references() -> None:
+    """Drop what was read from hl7apy and every value verdict (the benchmarks measure a fresh process)."""
+    with _REFERENCES_LOCK:
+        _REFERENCES.clear()
+
+
 def reference(version: str) -> Reference:
     with _REFERENCES_LOCK:
         if version not in _REFERENCES:
@@ -256,6 +262,11 @@ class ShapeCheck:
         self._lock = threading.Lock()
         self.verified = 0
         """How many messages hl7apy validated in full (a new shape each)."""
+
+    def clear(self) -> None:
+        with self._lock:
+            self._known.clear()
+            self.verified = 0
 
     def needs_check(self, text: str, version: str) -> tuple[str, str, str] | None:
         """The shape's key when hl7apy has not yet accepted this shape, else None."""

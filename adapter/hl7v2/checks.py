@@ -9,10 +9,10 @@ about 20 ms; a charge feed sends the same few shapes again and again with other 
   characters), the reference's maximum length, and the HL7 table when hl7apy has a copy of it (the local
   99zzz coding systems of table 0396 excepted, as in `messages.validate`). A position the reference does not
   know, or components where the datatype has none, is an error too.
-- `ShapeCheck` (once per shape): the message's skeleton (segment names, delimiters, which positions hold a
-  value) decides everything hl7apy's structure validation looks at: segments, groups, cardinality, allowed
-  children, datatypes. The first message of a shape is parsed back and validated strictly by hl7apy; later
-  messages of the same shape only need `check_values`.
+- `ShapeCheck` (once per shape): the sequence of segment names and each segment's skeleton (delimiters kept,
+  which positions hold a value) decide everything hl7apy's structure validation looks at: segments, groups,
+  cardinality, allowed children, datatypes. A message with a sequence or a segment shape not seen before is
+  parsed back and validated strictly by hl7apy; the others only need `check_values`.
 
 The reference data is read once per version and position, lazily.
 """
@@ -253,30 +253,39 @@ def skeleton(text: str) -> str:
 
 
 class ShapeCheck:
-    """Which message shapes hl7apy's strict validation has accepted (per version and MSH-9), so that each shape
-    is verified once. Bounded: past `limit` shapes the oldest are forgotten (and verified again when met)."""
+    """Which shapes hl7apy's strict validation has accepted, so that each is verified once: the sequence of
+    segment names (what the message structure and its groups depend on) and each segment's skeleton (what a
+    segment's validation depends on: which fields, components, repetitions hold a value), per version and
+    MSH-9. hl7apy validates a message as the sum of its segments against their references, so a message whose
+    sequence and segments are all known needs only `check_values`. Bounded: past `limit` keys the oldest are
+    forgotten (and verified again when met)."""
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
-        self._known: dict[tuple[str, str, str], None] = {}
+        self._known: dict[tuple[str, ...], None] = {}
         self._lock = threading.Lock()
         self.verified = 0
-        """How many messages hl7apy validated in full (a new shape each)."""
+        """How many messages hl7apy validated in full (each with a new sequence or segment shape)."""
 
     def clear(self) -> None:
         with self._lock:
             self._known.clear()
             self.verified = 0
 
-    def needs_check(self, text: str, version: str) -> tuple[str, str, str] | None:
-        """The shape's key when hl7apy has not yet accepted this shape, else None."""
-        header = text.split("\r", 1)[0].split("|")
-        key = (version, header[8] if len(header) > 8 else "", skeleton(text))
-        return None if key in self._known else key
+    def needs_check(self, text: str, version: str) -> list[tuple[str, ...]] | None:
+        """The shapes of `text` hl7apy has not accepted yet, or None when it has accepted them all."""
+        segments = text.split("\r")
+        header = segments[0].split("|")
+        message_type = header[8] if len(header) > 8 else ""
+        keys = [("sequence", version, message_type, "\r".join(s[:3] for s in segments))]
+        keys += [("segment", version, message_type, s[:3] + _VALUE.sub("x", s[3:])) for s in segments]
+        unknown = [key for key in keys if key not in self._known]
+        return unknown or None
 
-    def accepted(self, key: tuple[str, str, str]) -> None:
+    def accepted(self, keys: list[tuple[str, ...]]) -> None:
         with self._lock:
             self.verified += 1
-            self._known[key] = None
+            for key in keys:
+                self._known[key] = None
             while len(self._known) > self.limit:
                 del self._known[next(iter(self._known))]

@@ -6,8 +6,9 @@ Two steps, so a reversal can repeat exactly what an earlier message carried:
    per line (what its FT1 says), or the review reasons naming what the message needs and the input lacks.
    These records are what the ledger keeps for every message sent.
 2. `render` turns a Visit and Charges into one DFT^P03 (FT1-6 CG for charges, CD for the credit of earlier
-   charges), built with hl7apy and validated strictly for the configured version: structure, cardinality,
-   data types, and every value of an HL7 table (hl7apy reports those as warnings; here they are errors).
+   charges), written by string formatting and validated strictly for the configured version: structure,
+   cardinality, data types, lengths, and every value of an HL7 table (hl7apy reports those as warnings; here
+   they are errors). checks.py says how: every value each time, each message shape by hl7apy once.
 
 docs/output.md lists the source of every field.
 """
@@ -452,10 +453,10 @@ def render(kind: str, visit: Visit, charges: list[Charge], control: str, now: da
         check_values(text, version)
     except ValueProblem as exc:
         raise InvalidMessageError(f"{what} is not a valid HL7 v{version} DFT^P03: {exc}") from None
-    shape = SHAPES.needs_check(text, version)
-    if shape is not None:
+    shapes = SHAPES.needs_check(text, version)
+    if shapes is not None:
         validate(text, version, what)
-        SHAPES.accepted(shape)
+        SHAPES.accepted(shapes)
     return text
 
 

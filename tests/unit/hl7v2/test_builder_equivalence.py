@@ -136,16 +136,23 @@ def test_the_value_checks_name_each_position_that_fails() -> None:
 
 
 def test_a_shape_is_verified_once_and_forgotten_past_the_limit() -> None:
-    shapes = ShapeCheck(limit=2)
-    one, two, three = "MSH|^~\\&|A|B\rPID|1", "MSH|^~\\&|A\rPID|1", "MSH|^~\\&|A\rPID|1|2"
+    one, two = "MSH|^~\\&|A|B\rPID|1", "MSH|^~\\&|A\rPID|1"
     assert skeleton(one) == skeleton("MSH|^~\\&|Z|Y\rPID|9") != skeleton(two)
-    for text in (one, two, three):
-        key = shapes.needs_check(text, "2.5.1")
-        assert key is not None
-        shapes.accepted(key)
-    assert shapes.needs_check(three, "2.5.1") is None and shapes.needs_check(two, "2.5.1") is None
-    assert shapes.needs_check(one, "2.5.1") is not None  # the oldest, forgotten
-    assert shapes.needs_check(three, "2.4") is not None  # per version
+    shapes = ShapeCheck()
+    for text in (one, two):
+        keys = shapes.needs_check(text, "2.5.1")
+        assert keys is not None
+        shapes.accepted(keys)
+    assert shapes.needs_check("MSH|^~\\&|Z|Y\rPID|9", "2.5.1") is None
+    assert shapes.needs_check("MSH|^~\\&|A\rPID|1\rPID|2", "2.5.1") == [
+        ("sequence", "2.5.1", "", "MSH\rPID\rPID")]  # known segments, a new sequence
+    assert [k[0] for k in shapes.needs_check("MSH|^~\\&|A\rPID|1|2", "2.5.1") or []] == ["segment"]
+    assert shapes.needs_check(one, "2.4") is not None  # per version
+    small = ShapeCheck(limit=3)
+    for text in (one, two):
+        small.accepted(small.needs_check(text, "2.5.1") or [])
+    assert small.needs_check(one, "2.5.1") is not None  # its sequence, the oldest key, was forgotten
+    assert small.verified == 2
 
 
 def test_every_scenario_session_is_written_as_hl7apy_wrote_it_in_every_version() -> None:

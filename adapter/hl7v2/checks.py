@@ -30,8 +30,9 @@ _LOCAL_SYSTEM = re.compile(r"^99[A-Z0-9]{1,3}$")
 _VALUE = re.compile(r"[^|^~&\r]+")
 _REWRITTEN = frozenset({"DT", "TM", "DTM", "NM", "SI"})
 """Base datatypes hl7apy stores as numbers or times: their text is written anew."""
-_VERDICTS = 100_000
-"""Leaf verdicts remembered per version (then forgotten all at once): a few MiB at most."""
+_VERDICTS = 20_000
+"""Leaf verdicts remembered per version (then forgotten all at once): under 10 MiB."""
+_FINE: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Reference:
         self._fields: dict[tuple[str, int], Leaf | Composite | None] = {}
         self._tables: dict[str, frozenset[str] | None] = {}
         self._lock = threading.Lock()
-        self._verdicts: dict[tuple[str, str], list[str]] = {}
+        self._verdicts: dict[tuple[str, str], tuple[str, ...]] = {}
         self._builders = self._datatype_builders(load_library(version).get_base_datatypes())
 
     @staticmethod
@@ -145,8 +146,9 @@ class Reference:
         key = (leaf.name, value)
         found = self._verdicts.get(key)
         if found is None:
-            found = []
-            self._check_leaf(leaf, value, found)
+            fresh: list[str] = []
+            self._check_leaf(leaf, value, fresh)
+            found = tuple(fresh) if fresh else _FINE
             if len(self._verdicts) >= _VERDICTS:
                 self._verdicts.clear()
             self._verdicts[key] = found

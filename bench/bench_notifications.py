@@ -150,8 +150,12 @@ def delete_subscription(client: FhirClient, subscription: str) -> None:
             raise
 
 
-def sample(client: FhirClient, prefix: str, seed: int, loaded: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
-                                                                                               str]:
+Resources = list[dict[str, Any]]
+
+
+def sample(prefix: str, seed: int, loaded: Resources) -> tuple[Resources, str]:
+    """One generated Procedure with its patient's resources (remembered in `loaded` for the cleanup), and its
+    reference."""
     resources = list(generate(1, prefix=prefix, seed=seed))
     loaded += resources
     proc = next(r for r in resources if r["resourceType"] == "Procedure")
@@ -165,7 +169,7 @@ def measure(client: FhirClient, serve: Serve, run: str, samples: int, backlog: i
         serve.cli("subscribe")
         hapi: list[float] = []
         for i in range(samples):
-            resources, proc = sample(client, f"l{run}h{i}-", i, loaded)
+            resources, proc = sample(f"l{run}h{i}-", i, loaded)
             started = time.time()
             put_all(client, resources)
             hapi.append(recorded_at(serve.state, [proc]) - started)
@@ -174,7 +178,7 @@ def measure(client: FhirClient, serve: Serve, run: str, samples: int, backlog: i
         pushed: list[float] = []
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
         for i in range(samples):
-            resources, proc = sample(client, f"l{run}e{i}-", i, loaded)
+            resources, proc = sample(f"l{run}e{i}-", i, loaded)
             put_all(client, resources)
             body = json.dumps(next(r for r in resources if r["resourceType"] == "Procedure"))
             started = time.time()

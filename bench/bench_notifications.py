@@ -4,8 +4,15 @@
    integration engine pushing the Procedure straight to the receiver;
 2. drain rate of a queued backlog: N Procedures already in the durable queue when `serve` starts.
 
+A Procedure counts as charged when `serve` records its outcome in the state (after its ChargeItems are on the
+server): the bench reads that time from the state file, so nothing but the adapter's own work and HAPI's
+delivery runs while a latency or the drain is timed (no searches on HAPI); that the ChargeItems are on HAPI is
+checked afterwards. Everything the bench loads and the adapter writes is deleted at the end, and the
+Subscription too, also after a failure.
+
     scripts/hapi start
     .venv/bin/python bench/bench_notifications.py --server http://127.0.0.1:8089/fhir [--samples 20] [--backlog 500]
+    .venv/bin/python bench/bench_notifications.py --server ... --smoke      (2 samples, backlog 20: for CI)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -22,19 +30,23 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cleanup import remove
 from generate import generate, put_all
 
 from adapter.client import FhirClient
+from adapter.config import load_tables
+from adapter.errors import AdapterError
 from adapter.state.base import WorkItem
 from adapter.state.sqlite import SqliteState
 
 TOKEN = "bench-token"
-CHARGE_SYSTEM = "http://fhir-charge-adapter.example.org/fhir/NamingSystem/charge-line"
+CHARGE_SYSTEM = load_tables().settings.charge_identifier_system
 
 
 def free_port() -> int:
@@ -49,13 +61,20 @@ def charge_count(client: FhirClient, patient: str) -> int:
     return int(page.get("total", 0))
 
 
-def wait_charged(client: FhirClient, patient: str, timeout: float = 60) -> float:
+def recorded_at(state: Path, procedures: list[str], timeout: float = 60, every: float = 0.2) -> float:
+    """When `serve` recorded the outcome of the last of `procedures` (Procedure/x), as time.time(): read from its
+    state file, which the bench only reads (every `every` s, which does not change the figure)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if charge_count(client, patient):
-            return time.monotonic()
-        time.sleep(0.05)
-    raise RuntimeError(f"no ChargeItem for {patient} after {timeout} s")
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=10) as db:
+            marks = ",".join("?" * len(procedures))
+            done, last = db.execute(f"SELECT count(DISTINCT procedure), max(at) FROM processed WHERE procedure IN "
+                                    f"({marks})", procedures).fetchone()
+        if done >= len(procedures):
+            return float(last)
+        time.sleep(every)
+    raise RuntimeError(f"serve recorded no outcome for {len(procedures)} Procedure(s) ({procedures[0]}...) after "
+                       f"{timeout} s")
 
 
 def percentiles(values: list[float]) -> str:
@@ -66,6 +85,7 @@ def percentiles(values: list[float]) -> str:
 
 class Serve:
     def __init__(self, server: str, tmp: Path, sub_id: str) -> None:
+        self.subscription = sub_id
         self.port = free_port()
         self.state = tmp / "state.sqlite"
         self.config = tmp / "adapter.yaml"
@@ -100,57 +120,100 @@ class Serve:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True)
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--backlog", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=None, help="default 20 (2 with --smoke)")
+    parser.add_argument("--backlog", type=int, default=None, help="default 500 (20 with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the bench works")
     args = parser.parse_args()
+    samples = args.samples or (2 if args.smoke else 20)
+    backlog = args.backlog or (20 if args.smoke else 500)
     client = FhirClient(args.server)
     run = uuid.uuid4().hex[:6]
-    with tempfile.TemporaryDirectory() as tmp:
-        serve = Serve(args.server, Path(tmp), f"bench-{run}")
-        serve.start()
-        try:
-            serve.cli("subscribe")
-            hapi: list[float] = []
-            for i in range(args.samples):
-                resources = list(generate(1, prefix=f"l{run}h{i}-", seed=i))
-                started = time.monotonic()
-                put_all(client, resources)
-                hapi.append(wait_charged(client, f"Patient/l{run}h{i}-1-pat") - started)
-            client.delete("Subscription", f"bench-{run}")
-            time.sleep(6)  # HAPI keeps delivering for a few seconds after the delete
-            pushed: list[float] = []
-            headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
-            for i in range(args.samples):
-                resources = list(generate(1, prefix=f"l{run}e{i}-", seed=i))
-                put_all(client, resources)
-                proc = next(r for r in resources if r["resourceType"] == "Procedure")
-                started = time.monotonic()
-                requests.post(f"http://127.0.0.1:{serve.port}/notify", data=json.dumps(proc), headers=headers,
-                              timeout=10).raise_for_status()
-                pushed.append(wait_charged(client, f"Patient/l{run}e{i}-1-pat") - started)
-        finally:
-            serve.stop()
-        print(f"latency, HAPI rest-hook Subscription -> ChargeItem: {percentiles(hapi)}")
-        print(f"latency, engine push to the receiver -> ChargeItem: {percentiles(pushed)}")
+    loaded: list[dict[str, Any]] = []
+    subscription = f"bench-{run}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            serve = Serve(args.server, Path(tmp), subscription)
+            measure(client, serve, run, samples, backlog, loaded)
+    finally:
+        delete_subscription(client, subscription)
+        started = time.perf_counter()
+        removed = remove(client, loaded)
+        print(f"removed {removed} resources and Subscription/{subscription} from the server in "
+              f"{time.perf_counter() - started:.1f} s")
 
-        # drain rate: a backlog already in the durable queue when serve starts
-        resources = list(generate(args.backlog, prefix=f"d{run}"))
-        put_all(client, resources)
-        store = SqliteState(serve.state)
-        procedures = [r for r in resources if r["resourceType"] == "Procedure"]
-        store.enqueue([WorkItem("procedure", {"resource": p}, "rest-hook") for p in procedures])
-        started = time.monotonic()
-        serve.start()
-        try:
-            while store.queue_depth():
-                time.sleep(0.05)
-            elapsed = time.monotonic() - started
-        finally:
-            serve.stop()
-        last = procedures[-1]["subject"]["reference"]
-        assert charge_count(client, last), "backlog drained but the last patient has no charge"
-        print(f"drain: {len(procedures)} queued Procedures in {elapsed:.1f} s = {len(procedures) / elapsed:.0f} "
-              f"Procedures/s (including serve start-up)")
+
+def delete_subscription(client: FhirClient, subscription: str) -> None:
+    try:
+        client.delete("Subscription", subscription)
+    except AdapterError as exc:  # never created (serve did not start): nothing to remove
+        if "404" not in str(exc) and "410" not in str(exc):
+            raise
+
+
+Resources = list[dict[str, Any]]
+
+
+def sample(prefix: str, seed: int, loaded: Resources) -> tuple[Resources, str]:
+    """One generated Procedure with its patient's resources (remembered in `loaded` for the cleanup), and its
+    reference."""
+    resources = list(generate(1, prefix=prefix, seed=seed))
+    loaded += resources
+    proc = next(r for r in resources if r["resourceType"] == "Procedure")
+    return resources, f"Procedure/{proc['id']}"
+
+
+def measure(client: FhirClient, serve: Serve, run: str, samples: int, backlog: int,
+            loaded: list[dict[str, Any]]) -> None:
+    serve.start()
+    try:
+        serve.cli("subscribe")
+        hapi: list[float] = []
+        for i in range(samples):
+            resources, proc = sample(f"l{run}h{i}-", i, loaded)
+            started = time.time()
+            put_all(client, resources)
+            hapi.append(recorded_at(serve.state, [proc]) - started)
+        client.delete("Subscription", serve.subscription)
+        time.sleep(6)  # HAPI keeps delivering for a few seconds after the delete
+        pushed: list[float] = []
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+        for i in range(samples):
+            resources, proc = sample(f"l{run}e{i}-", i, loaded)
+            put_all(client, resources)
+            body = json.dumps(next(r for r in resources if r["resourceType"] == "Procedure"))
+            started = time.time()
+            requests.post(f"http://127.0.0.1:{serve.port}/notify", data=body, headers=headers,
+                          timeout=10).raise_for_status()
+            pushed.append(recorded_at(serve.state, [proc]) - started)
+    finally:
+        serve.stop()
+    charged = [r["subject"]["reference"] for r in loaded if r["resourceType"] == "Procedure"]
+    missing = [p for p in charged if not charge_count(client, p)]
+    if missing:
+        raise SystemExit(f"bench: recorded as done but no ChargeItem on the server for {missing[:3]}")
+    print(f"latency, HAPI rest-hook Subscription -> ChargeItem: {percentiles(hapi)}")
+    print(f"latency, engine push to the receiver -> ChargeItem: {percentiles(pushed)}")
+
+    # drain rate: a backlog already in the durable queue when serve starts
+    resources = list(generate(backlog, prefix=f"d{run}"))
+    loaded += resources
+    put_all(client, resources)
+    store = SqliteState(serve.state)
+    procedures = [r for r in resources if r["resourceType"] == "Procedure"]
+    store.enqueue([WorkItem("procedure", {"resource": p}, "rest-hook") for p in procedures])
+    store.close()
+    started = time.time()
+    serve.start()
+    try:
+        finished = recorded_at(serve.state, [f"Procedure/{p['id']}" for p in procedures], timeout=600, every=0.5)
+    finally:
+        serve.stop()
+    elapsed = finished - started
+    missing = [p for p in {p["subject"]["reference"] for p in procedures} if not charge_count(client, p)]
+    if missing:
+        raise SystemExit(f"bench: backlog drained but no ChargeItem on the server for {missing[:3]}")
+    print(f"drain: {len(procedures)} queued Procedures in {elapsed:.1f} s = {len(procedures) / elapsed:.0f} "
+          f"Procedures/s (including serve start-up)")
 
 
 if __name__ == "__main__":

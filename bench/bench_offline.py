@@ -3,6 +3,7 @@ validate, serialise, write the compact Bundle to a file), on one core, each size
 peak memory (max RSS) figures are not mixed.
 
     .venv/bin/python bench/bench_offline.py [N ...] [--memory-up-to N] [--workdir DIR]
+    .venv/bin/python bench/bench_offline.py --smoke      (200 Procedures, both paths: for CI)
 
 Default: 10000. Every size runs the streaming path (dry-run --stream); sizes up to --memory-up-to (default 10000)
 run the in-memory path too. Targets: 10,000 Procedures in under 10 s; 1,000,000 streamed with peak RSS under 1 GB.
@@ -76,10 +77,14 @@ def main() -> None:
                         help="also run the in-memory path for sizes up to this (its memory grows with the input)")
     parser.add_argument("--workdir", help="where the input, the output and the streaming index are written")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "MODE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="200 Procedures, both paths: checks the bench runs (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes = [200]
     if args.child:
         print(json.dumps(child(*args.child, args.workdir)))
         return
+    failed = False
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.sizes:
             path = Path(tmp) / f"procedures-{n}.ndjson"
@@ -96,6 +101,7 @@ def main() -> None:
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(f"   {mode}: failed ({done.returncode})\n{done.stderr[-2000:]}", flush=True)
+                    failed = True
                     continue
                 f = json.loads(done.stdout.strip().splitlines()[-1])
                 rate = f["procedures"] / f["elapsed_s"]
@@ -107,6 +113,8 @@ def main() -> None:
                       f"peak RSS {f['peak_rss_mib']:,.0f} MiB; output {f['output_mb']:,.0f} MB", flush=True)
                 out.unlink(missing_ok=True)
             path.unlink()
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 under cProfile, on one core. Prints the top functions by own time and by cumulative time.
 
     .venv/bin/python bench/profile_offline.py [N] [TOP]        (default 3000 Procedures, top 30)
+    .venv/bin/python bench/profile_offline.py --smoke          (100 Procedures, top 5: for CI)
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from adapter.pipeline import process_paths
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3_000
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    args = [a for a in sys.argv[1:] if a != "--smoke"]
+    smoke = len(args) < len(sys.argv) - 1  # a tiny run that checks the profile runs (CI)
+    n = int(args[0]) if args else (100 if smoke else 3_000)
+    top = int(args[1]) if len(args) > 1 else (5 if smoke else 30)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,7 @@ from adapter.sources.receive import (
 from adapter.state import ReplicaInfo, StateBackend, open_state
 from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer, SyncSummary
+from adapter.worklist.reasons import help_for
 
 log = logging.getLogger("adapter.cli")
 
@@ -659,7 +660,8 @@ def review_show(ctx: click.Context, review_id: int) -> None:
     for name, value in (("id", entry.id), ("procedure", entry.procedure),
                         ("patient", ", ".join(entry.patients) or "-"), ("kind", entry.kind),
                         ("reason", entry.reason), ("status", entry.status), ("attempts", entry.attempts),
-                        ("detail", entry.detail), ("pushed", pushed)):
+                        ("detail", entry.detail), ("element", help_for(entry.reason).element),
+                        ("fix", help_for(entry.reason).fix), ("pushed", pushed)):
         click.echo(f"{name + ':':11}{value}")
     for record in state.audit_for(entry.procedure):
         click.echo(f"audit:     version {record.version} -> {', '.join(record.codes) or '-'} "

@@ -89,11 +89,11 @@ def test_a_state_of_the_previous_schema_version_opens_and_upgrades(postgres_url:
             installation = conn.execute(f'SELECT value FROM "{schema}".meta WHERE key = %s',
                                         ("installation_id",)).fetchone()[0]
         state = PostgresState(url)
-        assert state.schema_versions() == {"state": SCHEMA_VERSION} and SCHEMA_VERSION == 2
+        assert state.schema_versions() == {"state": SCHEMA_VERSION} and SCHEMA_VERSION == 3
         with pg.admin(postgres_url) as conn:
             history = conn.execute(f'SELECT component, version, adapter FROM "{schema}".{VERSION_TABLE} '
                                    "ORDER BY version").fetchall()
-        assert [(c, v) for c, v, _ in history] == [("state", 1), ("state", 2)]
+        assert [(c, v) for c, v, _ in history] == [("state", 1), ("state", 2), ("state", 3)]
         # every row is still there and usable
         assert state.installation_id() == installation
         assert state.cursor() == "2026-03-01T10:00:00Z" and state.seen("Procedure/a", "3")

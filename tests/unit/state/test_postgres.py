@@ -121,7 +121,7 @@ def test_a_newer_schema_is_refused_and_left_alone(pg_url: str, postgres_url: str
     schema = parse(pg_url).schema
     with pg.admin(postgres_url) as conn:
         conn.execute(f"INSERT INTO \"{schema}\".{VERSION_TABLE} VALUES ('state', 99, 1.0, '9.9')")
-    with pytest.raises(StateSchemaError, match=r"state schema 99 is newer than this adapter \(2\): upgrade the "
+    with pytest.raises(StateSchemaError, match=r"state schema 99 is newer than this adapter \(3\): upgrade the "
                                                r"adapter") as caught:
         PostgresState(pg_url)
     assert pg_url.split("?")[0] in str(caught.value)

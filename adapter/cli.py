@@ -31,7 +31,15 @@ from adapter import __version__, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
-from adapter.errors import AdapterError, ConfigError, ExitCode, ListenError, StateSchemaError, exit_code_for
+from adapter.errors import (
+    AdapterError,
+    ConfigError,
+    ExitCode,
+    FhirError,
+    ListenError,
+    StateSchemaError,
+    exit_code_for,
+)
 from adapter.pipeline import RunReport, process_paths
 from adapter.reconciliation import drift_table, reconcile
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
@@ -52,6 +60,7 @@ from adapter.state import ReplicaInfo, StateBackend, open_state
 from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer, SyncSummary
 from adapter.worklist.reasons import help_for
+from adapter.worklist.tasks import mirror_of, task_loop_turn
 
 log = logging.getLogger("adapter.cli")
 
@@ -515,6 +524,12 @@ def _monitor_loop(service: Service) -> Loop:
     return Loop("monitor", service.monitor, max_backoff=30.0)
 
 
+def _task_loops(service: Service, stop: threading.Event) -> list[Loop]:
+    """Review items as FHIR Tasks, and coders' actions on them (adapter/worklist/tasks.py)."""
+    mirror, every = mirror_of(service), service.settings.worklist.task_poll_seconds
+    return [Loop("tasks", task_loop_turn(mirror, every), stop, max(every, 60.0))] if mirror and every else []
+
+
 @cli.command("run")
 @click.option("--once", is_flag=True, help="One poll over the backlog (and the retries due), then exit.")
 @click.pass_context
@@ -544,7 +559,8 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
     server = _listen(make_app(service.state, None, service.metrics, health=service.health), service.settings,
                      service.metrics)
     backoff = max(interval, service.settings.worker.retry_max_seconds)
-    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
+    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service),
+             *_task_loops(service, stop)]
     _serve_until_stopped(service, loops, server, "", stop)
     status = service.status()
     ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
@@ -561,6 +577,12 @@ def _run_once(ctx: click.Context, service: Service) -> None:
     while not stop.is_set() and service.work_once(stop):
         pass
     click.echo(result.text(), err=True)
+    mirror = mirror_of(service)
+    if mirror is not None and not stop.is_set():
+        try:
+            click.echo(mirror.turn().text(), err=True)
+        except FhirError as exc:
+            click.echo(f"review Tasks not mirrored now (the next run does): {redact.scrub(str(exc))}", err=True)
     status = service.status()
     waiting = sum(count for state, count in status.queue.items() if state in ("pending", "leased"))
     if waiting and not stop.is_set():
@@ -586,7 +608,7 @@ def serve_cmd(ctx: click.Context) -> None:
     stop, wake = threading.Event(), threading.Event()
     app = make_app(service.state, receiver, service.metrics, on_enqueued=wake.set, health=service.health)
     server = _listen(app, settings, service.metrics)
-    loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
+    loops = [_worker_loop(service, stop, wake), _monitor_loop(service), *_task_loops(service, stop)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
         loops.append(Loop("safety-poll", lambda: (service.reconcile_if_due(stop), service.poll_once(stop),
                                                   conf.safety_poll_seconds)[2], stop,

@@ -583,6 +583,7 @@ def _run_once(ctx: click.Context, service: Service) -> None:
             click.echo(mirror.turn().text(), err=True)
         except FhirError as exc:
             click.echo(f"review Tasks not mirrored now (the next run does): {redact.scrub(str(exc))}", err=True)
+    service.stop()  # a shared state's poll role is given up: the next run --once polls at once, not in 5 minutes
     status = service.status()
     waiting = sum(count for state, count in status.queue.items() if state in ("pending", "leased"))
     if waiting and not stop.is_set():

@@ -89,7 +89,7 @@ def test_review_items_live_as_tasks_and_coders_act_through_them(
     client.update({**task80, "businessStatus": {"coding": [{"system": URLS["status"], "code": "replay"}]}})
 
     acted = adapter.cmd("run", "--once")
-    assert acted.returncode == 0, acted.stderr
+    assert acted.returncode == 0, (acted.stderr, state.reviews())
     assert "1 dismissed and 1 replayed through their Task" in acted.stderr, acted.stderr
     after = _our_tasks(client, state)
     assert (after[ref["31"]]["status"], _business(after[ref["31"]])) == ("completed", "coded")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_pa
 from adapter.sync import Syncer, SyncSummary
 from adapter.worklist.reasons import help_for
 from adapter.worklist.tasks import mirror_of, task_loop_turn
+from adapter.worklist.web import mounted, worklist_of
 
 log = logging.getLogger("adapter.cli")
 
@@ -608,6 +610,8 @@ def serve_cmd(ctx: click.Context) -> None:
     service.state.acquire_instance_lock()
     stop, wake = threading.Event(), threading.Event()
     app = make_app(service.state, receiver, service.metrics, on_enqueued=wake.set, health=service.health)
+    if settings.worklist.page:  # the coder's worklist under /worklist (adapter/worklist/web.py)
+        app = mounted(worklist_of(service, token, dict(os.environ)), app)
     server = _listen(app, settings, service.metrics)
     loops = [_worker_loop(service, stop, wake), _monitor_loop(service), *_task_loops(service, stop)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
@@ -615,6 +619,28 @@ def serve_cmd(ctx: click.Context) -> None:
                                                   conf.safety_poll_seconds)[2], stop,
                           max(conf.safety_poll_seconds, settings.worker.retry_max_seconds)))
     _serve_until_stopped(service, loops, server, receiver.base_path, stop)
+
+
+@cli.command("worklist")
+@click.pass_context
+def worklist_cmd(ctx: click.Context) -> None:
+    """Serve the worklist page alone on worklist.host:worklist.port (for sites that do not run `serve`)."""
+    service = _service(ctx)
+    conf = service.settings.worklist
+    token = "" if conf.users_env else secret(service.settings, "serve.token_env", "receiver bearer token")
+    app = worklist_of(service, token, dict(os.environ))
+    try:
+        server = serve_app(app, conf.host, conf.port, limits=_limits(service.settings), metrics=service.metrics)
+    except ListenError as exc:
+        raise ListenError(f"{exc} (worklist.host, worklist.port in {service.settings.source})") from None
+    stopping = _stop_on_signals(lambda: None)
+    threading.Thread(target=server.run, name="http", daemon=True).start()
+    host, port = bound_addresses(server)[0]
+    click.echo(f"worklist on http://{host}:{port}/worklist/", err=True)
+    while not stopping.wait(1.0):
+        pass
+    stop_server(server)
+    click.echo("stopped", err=True)
 
 
 @cli.command("status")

@@ -42,6 +42,19 @@ _templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape
                          trim_blocks=True, lstrip_blocks=True)
 
 
+def age_text(days: float) -> str:
+    """An item's age as a coder reads it: minutes, hours, then days."""
+    minutes = days * 1440
+    if minutes < 60:
+        return f"{max(1, round(minutes))} min"
+    if minutes < 1440:
+        return f"{minutes / 60:.0f} h"
+    return f"{days:.1f} d"
+
+
+_templates.filters["age"] = age_text
+
+
 @dataclass(frozen=True)
 class ProcedureFacts:
     """What the list filters on, read from the server: the rendering provider and the date of service."""

@@ -195,7 +195,7 @@ class TaskMirror:
         task = self.task_for(entry, base)
         if current is not None and self.same(task, current):
             return
-        task["lastModified"] = _instant(time.time())
+        task["lastModified"] = _instant(max(time.time(), entry.first_seen))  # inv-1: never before authoredOn
         validate_resource(task, f"Task for review entry {entry.id}")
         if current is None:
             ident = task["identifier"][0]

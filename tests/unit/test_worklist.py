@@ -75,3 +75,24 @@ def test_replay_is_asked_by_code_or_by_text() -> None:
 def test_logins_and_ages_read_as_documented() -> None:
     assert parse_users("ann:pw1; bob:p:w2\n\nbroken\n:nope") == {"ann": "pw1", "bob": "p:w2"}
     assert [age_text(d) for d in (0.0001, 0.5, 3.25)] == ["1 min", "12 h", "3.2 d"]
+
+
+def review_tasks_sample() -> list[dict[str, Any]]:
+    """Tasks of every status (open, in progress, completed, cancelled) for every fifth reason: what the
+    official HL7 validator checks in tests/integration/test_sync.py (all reasons: 0 errors, 0 warnings too)."""
+    mirror, state = _mirror()
+    out = []
+    for n, reason in enumerate(list(REASONS)[::5]):
+        entry = _entry(state, reason, f"Procedure/p{n}")
+        if n % 4 == 1:
+            state.dismiss_review(entry.id, "web:a", "n")
+        elif n % 4 == 2:
+            state.record_pass(PassRecord(resolve_ids=[entry.id]))
+        current = {"status": "in-progress", "note": [{"text": "on it"}]} if n % 4 == 3 else None
+        task = mirror.task_for(state.review(entry.id), current)  # type: ignore[arg-type]
+        out.append({**task, "id": f"review-{n}", "lastModified": task["authoredOn"]})
+    return out
+
+
+def test_the_tasks_sample_has_every_status() -> None:
+    assert {t["status"] for t in review_tasks_sample()} == {"requested", "in-progress", "completed", "cancelled"}

@@ -26,6 +26,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from adapter.errors import FhirError
 from adapter.extraction.procedures import RULE_OF_REASON
+from adapter.pipeline import process
+from adapter.redact import MASK, FreeText
+from adapter.report import explain
+from adapter.sources.files import SourcedResource
 from adapter.state.base import ReviewAction, ReviewEntry, StateBackend
 from adapter.worklist.reasons import help_for
 
@@ -89,11 +93,13 @@ class Worklist:
     def __init__(self, state: StateBackend, replay: Callable[[list[int]], Any], *, token: str = "",
                  users: dict[str, str] | None = None, show_patient_names: bool = False,
                  read: Callable[[str, str], dict[str, Any]] | None = None,
-                 history: Callable[[str, str], list[dict[str, Any]]] | None = None) -> None:
+                 history: Callable[[str, str], list[dict[str, Any]]] | None = None,
+                 explain: Callable[[ReviewEntry], str] | None = None) -> None:
         if not token and not users:
             raise ValueError("the worklist needs a login: the receiver's token or worklist.users_env")
         self.state, self.replay, self.token, self.users = state, replay, token, users or {}
         self.show_patient_names, self.read, self.history = show_patient_names, read, history
+        self.explain = explain
         self._key = secrets.token_bytes(32)
         self._facts: dict[str, tuple[float, ProcedureFacts]] = {}
 
@@ -280,8 +286,15 @@ class Worklist:
                     versions.append(f"version {meta.get('versionId', '?')} at {meta.get('lastUpdated', '?')}")
             except FhirError:
                 versions = []
+        explanation = ""
+        if self.explain is not None:
+            try:
+                explanation = self.explain(entry)
+            except FhirError:
+                explanation = "(the FHIR server could not be read now: reload the page to try again)"
         return "200 OK", [], self._page(
-            "item.html", entry=entry, help=help_for(entry.reason), rule=RULE_OF_REASON.get(entry.reason, ""),
+            "item.html", entry=entry, explanation=explanation, help=help_for(entry.reason),
+            rule=RULE_OF_REASON.get(entry.reason, ""),
             facts=self.facts(entry), audit=self.state.audit_for(entry.procedure),
             actions=self.state.review_actions(entry.id), versions=versions, login=login, csrf=csrf,
             show_names=self.show_patient_names, message=message)
@@ -339,5 +352,18 @@ def worklist_of(service: Any, token: str, env: dict[str, str]) -> Worklist:
         page = answer.json() if answer.ok else {}
         return [e["resource"] for e in page.get("entry") or [] if isinstance(e.get("resource"), dict)]
 
+    def explanation(entry: ReviewEntry) -> str:
+        """`explain` of the entry's Procedure, re-coded (nothing written) from the server's data and the
+        pushed resources; free text of the input masked as in the CLI's messages."""
+        if not entry.patients and not entry.resources:
+            return ""
+        ctx = service.syncer.source.context(list(entry.patients))
+        pushed = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in entry.resources]
+        report = process([*ctx.resources, *pushed], service.tables, server_base=service.client.base_url)
+        text = explain(report, service.tables, entry.procedure if entry.procedure.startswith("Procedure/") else None)
+        pattern = FreeText.of(r.resource for r in [*ctx.resources, *pushed]).pattern
+        return pattern.sub(MASK, text) if pattern is not None else text
+
     return Worklist(service.state, service.replay, token=token, users=users,
-                    show_patient_names=conf.show_patient_names, read=service.client.read, history=history)
+                    show_patient_names=conf.show_patient_names, read=service.client.read, history=history,
+                    explain=explanation)

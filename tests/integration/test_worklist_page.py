@@ -78,9 +78,12 @@ def test_a_coder_logs_in_filters_reads_replays_and_dismisses(client: FhirClient,
     item = coder.get(f"{base}/item/{entries['missing-payer'].id}", timeout=10)
     assert item.status_code == 200
     for text in (REASONS["missing-payer"].fix, REASONS["missing-payer"].element, "names no payer Organization",
-                 "version 1 at"):
+                 "version 1 at", "Lesions (each counted once, in order)", "(rule coding) 10005",
+                 "Claim: waits in review"):
         assert text in html.unescape(item.text), text
     csrf = _csrf(item.text)
+    shown = adapter.cmd("review", "show", str(entries["missing-payer"].id)).stdout
+    assert f"fix:       {REASONS['missing-payer'].fix}" in shown and "element:   Coverage.payor" in shown
 
     # without (or with a wrong) CSRF token the action is refused and nothing happens
     assert coder.post(f"{base}/item/{entries['missing-payer'].id}/replay", timeout=10).status_code == 403

@@ -15,7 +15,7 @@ import requests
 from adapter.client import FhirClient
 from adapter.worklist.reasons import REASONS
 
-from .adapter_process import TOKEN, Adapter, billed
+from .adapter_process import TABLES, TOKEN, Adapter, billed
 from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
 
 
@@ -127,3 +127,26 @@ def _answers(base: str) -> bool:
         return requests.get(f"{base}/login", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_serve_serves_the_page_and_its_loop_acts_on_a_cancelled_task(client: FhirClient, tmp_path: Path,
+                                                                      hapi_url: str, fhir_ns: str) -> None:
+    adapter = Adapter(tmp_path, hapi_url, worklist={"task_poll_seconds": 1})
+    try:
+        adapter.start_cursor_at(server_now(client))
+        client.transaction(namespaced("31", fhir_ns))  # modality-missing
+        assert adapter.cmd("run", "--once").returncode == 1
+        [entry] = adapter.store().reviews()
+        system = f"{TABLES.settings.canonical_base}/sid/review-item"
+        [task] = client.search_all("Task", {"identifier": f"{system}|{adapter.store().installation_id()}-{entry.id}"})
+        adapter.start("serve")
+        adapter.wait_healthy()
+        assert requests.get(f"{adapter.url}/worklist/login", timeout=10).status_code == 200
+        assert requests.get(f"{adapter.url}/worklist/", allow_redirects=False, timeout=10).status_code == 303
+        client.update({**task, "status": "cancelled"})
+        wait_for(lambda: adapter.store().review(entry.id).status == "dismissed", 60,  # type: ignore[union-attr]
+                 "serve's task loop to dismiss the item")
+        wait_for(lambda: client.read("Task", task["id"])["businessStatus"]["coding"][0]["code"] == "dismissed", 30,
+                 "the Task to say dismissed")
+    finally:
+        adapter.stop_all()

@@ -12,6 +12,7 @@ message and exit code in one place (`AdapterGroup`), so no command prints errors
 from __future__ import annotations
 
 import faulthandler
+import getpass
 import json
 import logging
 import os
@@ -715,6 +716,10 @@ def review_show(ctx: click.Context, review_id: int) -> None:
     for record in state.audit_for(entry.procedure):
         click.echo(f"audit:     version {record.version} -> {', '.join(record.codes) or '-'} "
                    f"(tables {record.table_version}) -> {', '.join(record.written) or 'nothing written'}")
+    for action in state.review_actions(entry.id):
+        note = f": {action.note}" if action.note else ""
+        click.echo(f"action:    {action.action} by {action.actor} at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(action.at))}{note}")
 
 
 @review_group.command("replay")
@@ -734,6 +739,20 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
         click.echo(f"{len(result.to_retry)} session(s) could not be written now; they are queued and retried by "
                    "run/serve", err=True)
     ctx.exit(ExitCode.REVIEW if left else ExitCode.OK)
+
+
+@review_group.command("dismiss")
+@click.argument("review_id", type=int)
+@click.option("--note", required=True, help="Why nobody will fix it (kept in the audit, shown on the worklist).")
+@click.pass_context
+def review_dismiss(ctx: click.Context, review_id: int, note: str) -> None:
+    """Close an open entry that nobody will fix (its Task is cancelled on the next run/serve turn)."""
+    if not note.strip():
+        raise click.UsageError("--note must say why")
+    if not _state(ctx).dismiss_review(review_id, f"cli:{getpass.getuser()}", note.strip()):
+        click.echo(f"review entry {review_id} is not open", err=True)
+        ctx.exit(ExitCode.REVIEW)
+    click.echo(f"review entry {review_id} dismissed")
 
 
 @cli.command("subscribe")

@@ -96,3 +96,26 @@ def review_tasks_sample() -> list[dict[str, Any]]:
 
 def test_the_tasks_sample_has_every_status() -> None:
     assert {t["status"] for t in review_tasks_sample()} == {"requested", "in-progress", "completed", "cancelled"}
+
+
+def test_review_dismiss_on_the_command_line_needs_a_note_and_an_open_entry(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from adapter.cli import cli
+    from adapter.state.sqlite import SqliteState
+
+    state = SqliteState(tmp_path / "state.sqlite")
+    state.open_review(NewReview("Procedure/a", "needs-review", "mue-exceeded", "d", ("Patient/x",)))
+    [entry] = state.reviews()
+    config = tmp_path / "adapter.yaml"
+    config.write_text(f"state: {tmp_path / 'state.sqlite'}\n")
+    run = CliRunner().invoke
+    assert run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", " "]).exit_code == 2
+    done = run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", "billed by hand"])
+    assert done.exit_code == 0 and "dismissed" in done.output
+    assert run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", "x"]).exit_code == 1
+    [action] = state.review_actions(entry.id)
+    assert action.actor.startswith("cli:") and action.note == "billed by hand"
+    shown = run(cli, ["--config", str(config), "review", "show", str(entry.id)]).output
+    assert "status:    dismissed" in shown and REASONS["mue-exceeded"].fix in shown
+    assert f"action:    dismiss by {action.actor} at " in shown and shown.rstrip().endswith(": billed by hand")

@@ -17,7 +17,8 @@ from adapter.client import FhirClient
 from adapter.worklist.reasons import REASONS
 
 from .adapter_process import TOKEN, Adapter, billed
-from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
+from .helpers import free_port, namespaced, patients_of, server_now, wait_for
+from .worklist_helpers import give_scenario_80_a_payer, page_answers
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -50,7 +51,7 @@ def test_a_coder_works_an_item_in_the_browser(client: FhirClient, adapter: Adapt
     payer_item = next(e for e in adapter.store().reviews() if e.reason == "missing-payer")
     adapter.start("worklist")
     base = f"http://127.0.0.1:{adapter.settings['worklist']['port']}/worklist"
-    wait_for(lambda: _answers(base), 60, "the worklist to listen")
+    wait_for(lambda: page_answers(base), 60, "the worklist to listen")
 
     page = browser.new_page()
     page.goto(f"{base}/item/{payer_item.id}")
@@ -77,22 +78,10 @@ def test_a_coder_works_an_item_in_the_browser(client: FhirClient, adapter: Adapt
     assert adapter.store().review(payer_item.id).status == "open"  # type: ignore[union-attr]
     assert requests.get(f"{base}/", allow_redirects=False, timeout=10).status_code == 303  # no cookie: login
 
-    payer = client.update({"resourceType": "Organization", "id": f"{fhir_ns}-s80-payer", "active": True,
-                           "name": "Test Payer"})
-    coverage = next(r for r in resources_of(bundles["80"]) if r["resourceType"] == "Coverage")
-    client.update({**coverage, "payor": [{"reference": f"Organization/{payer['id']}"}],
-                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                        "code": "EHCPOL"}]}})
+    give_scenario_80_a_payer(client, bundles["80"], fhir_ns)
     page.click("button[value=replay]")
     assert f"Item {payer_item.id} replayed: coded." in html.unescape(page.locator(".message").inner_text())
     assert page.locator(f"a[href$='/item/{payer_item.id}']").count() == 0  # it left the list
     assert page.locator("table.items tbody tr").count() == 1  # the other item is still there
     assert billed(client, patients_of(bundles["80"])) == [("10005", 1)]
     assert (tmp_path / "worklist-list.png").stat().st_size > 1000 and (tmp_path / "worklist-item.png").exists()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/login", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False

@@ -17,6 +17,7 @@ from adapter.worklist.reasons import REASONS
 
 from .adapter_process import TABLES, TOKEN, Adapter, billed
 from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
+from .worklist_helpers import give_scenario_80_a_payer, page_answers
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_a_coder_logs_in_filters_reads_replays_and_dismisses(client: FhirClient,
 
     adapter.start("worklist")
     base = f"http://127.0.0.1:{adapter.settings['worklist']['port']}/worklist"
-    wait_for(lambda: _answers(base), 60, "the worklist to listen")
+    wait_for(lambda: page_answers(base), 60, "the worklist to listen")
     anonymous = requests.get(f"{base}/", allow_redirects=False, timeout=10)
     assert anonymous.status_code == 303 and anonymous.headers["Location"].endswith("/worklist/login")
     assert requests.post(f"{base}/item/{entries['missing-payer'].id}/replay", data={"csrf": "x"},
@@ -92,12 +93,7 @@ def test_a_coder_logs_in_filters_reads_replays_and_dismisses(client: FhirClient,
     assert adapter.store().review(entries["missing-payer"].id).status == "open"  # type: ignore[union-attr]
 
     # the payer is fixed on the server; the coder replays from the page and the item leaves the list
-    payer = client.update({"resourceType": "Organization", "id": f"{fhir_ns}-s80-payer", "active": True,
-                           "name": "Test Payer"})
-    coverage = next(r for r in resources_of(bundles["80"]) if r["resourceType"] == "Coverage")
-    client.update({**coverage, "payor": [{"reference": f"Organization/{payer['id']}"}],
-                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                        "code": "EHCPOL"}]}})
+    give_scenario_80_a_payer(client, bundles["80"], fhir_ns)
     replayed = coder.post(f"{base}/item/{entries['missing-payer'].id}/replay", data={"csrf": csrf}, timeout=120)
     assert replayed.status_code == 200 and "replayed: coded" in replayed.text
     assert f"#{entries['missing-payer'].id}<" not in replayed.text
@@ -120,13 +116,6 @@ def test_a_coder_logs_in_filters_reads_replays_and_dismisses(client: FhirClient,
         ("web:coder1", "replay")]
     history = coder.get(f"{base}/item/{missing}", timeout=10).text
     assert "dismiss by web:coder1: palpation, billed by hand" in history and 'name="csrf"' not in history
-
-
-def _answers(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/login", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_serve_serves_the_page_and_its_loop_acts_on_a_cancelled_task(client: FhirClient, tmp_path: Path,

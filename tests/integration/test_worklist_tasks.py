@@ -19,6 +19,7 @@ from adapter.worklist.tasks import task_urls
 
 from .adapter_process import TABLES, Adapter, billed
 from .helpers import namespaced, patients_of, resources_of, server_now
+from .worklist_helpers import give_scenario_80_a_payer
 
 URLS = task_urls(TABLES.settings.canonical_base)
 
@@ -77,14 +78,7 @@ def test_review_items_live_as_tasks_and_coders_act_through_them(
     # a coder cancels 30's Task with a note; the payer of 80 is fixed and a coder asks for a replay
     task30 = tasks[ref["30"]]
     client.update({**task30, "status": "cancelled", "note": [{"text": "coded by hand"}]})
-    payer = client.update({"resourceType": "Organization", "id": f"{fhir_ns}-s80-payer", "active": True,
-                           "name": "Test Payer", "type": [{"coding": [{
-                               "system": "http://terminology.hl7.org/CodeSystem/organization-type",
-                               "code": "pay"}]}]})
-    coverage = next(r for r in resources_of(bundles["80"]) if r["resourceType"] == "Coverage")
-    client.update({**coverage, "payor": [{"reference": f"Organization/{payer['id']}"}],
-                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                                        "code": "EHCPOL"}]}})
+    give_scenario_80_a_payer(client, bundles["80"], fhir_ns)
     task80 = tasks[ref["80"]]
     client.update({**task80, "businessStatus": {"coding": [{"system": URLS["status"], "code": "replay"}]}})
 

@@ -13,8 +13,10 @@ message and exit code in one place (`AdapterGroup`), so no command prints errors
 from __future__ import annotations
 
 import faulthandler
+import getpass
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -34,7 +36,15 @@ from adapter import __version__, jsonout, logs, redact
 from adapter.building.resources import transaction_bundle
 from adapter.client import FhirClient
 from adapter.config import CodeTables, load_tables
-from adapter.errors import AdapterError, ConfigError, ExitCode, ListenError, StateSchemaError, exit_code_for
+from adapter.errors import (
+    AdapterError,
+    ConfigError,
+    ExitCode,
+    FhirError,
+    ListenError,
+    StateSchemaError,
+    exit_code_for,
+)
 from adapter.pipeline import RunReport, process_paths
 from adapter.reconciliation import drift_table, reconcile
 from adapter.report import charges_table, diagnostics, explain, summary, text_table
@@ -54,6 +64,9 @@ from adapter.sources.receive import (
 from adapter.state import ReplicaInfo, ReviewEntry, StateBackend, open_state
 from adapter.streaming.run import STREAM_THRESHOLD_BYTES, input_bytes, stream_paths
 from adapter.sync import Syncer, SyncSummary
+from adapter.worklist.reasons import help_for
+from adapter.worklist.tasks import mirror_of, task_loop_turn
+from adapter.worklist.web import mounted, worklist_of
 
 log = logging.getLogger("adapter.cli")
 
@@ -579,6 +592,12 @@ def _monitor_loop(service: Service) -> Loop:
     return Loop("monitor", service.monitor, max_backoff=service.monitor_every)
 
 
+def _task_loops(service: Service, stop: threading.Event) -> list[Loop]:
+    """Review items as FHIR Tasks, and coders' actions on them (adapter/worklist/tasks.py)."""
+    mirror, every = mirror_of(service), service.settings.worklist.task_poll_seconds
+    return [Loop("tasks", task_loop_turn(mirror, every), stop, max(every, 60.0))] if mirror and every else []
+
+
 @cli.command("run")
 @click.option("--once", is_flag=True, help="One poll over the backlog (and the retries due), then exit.")
 @click.pass_context
@@ -608,7 +627,8 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
     server = _listen(make_app(service.state, None, service.metrics, health=service.health), service.settings,
                      service.metrics)
     backoff = max(interval, service.settings.worker.retry_max_seconds)
-    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service)]
+    loops = [Loop("poll", poll, stop, backoff), _worker_loop(service, stop, wake), _monitor_loop(service),
+             *_task_loops(service, stop)]
     _serve_until_stopped(service, loops, server, "", stop)
     status = service.status()
     ctx.exit(ExitCode.REVIEW if status.reviews_open else ExitCode.OK)
@@ -625,6 +645,13 @@ def _run_once(ctx: click.Context, service: Service) -> None:
     while not stop.is_set() and service.work_once(stop):
         pass
     click.echo(result.text(), err=True)
+    mirror = mirror_of(service)
+    if mirror is not None and not stop.is_set():
+        try:
+            click.echo(mirror.turn().text(), err=True)
+        except FhirError as exc:
+            click.echo(f"review Tasks not mirrored now (the next run does): {redact.scrub(str(exc))}", err=True)
+    service.stop()  # a shared state's poll role is given up: the next run --once polls at once, not in 5 minutes
     status = service.status()
     click.echo(f"review: {status.reviews_open} entries open in the state (as status and review list count them)",
                err=True)
@@ -651,8 +678,10 @@ def serve_cmd(ctx: click.Context) -> None:
     service.state.acquire_instance_lock()
     stop, wake = threading.Event(), threading.Event()
     app = make_app(service.state, receiver, service.metrics, on_enqueued=wake.set, health=service.health)
+    if settings.worklist.page:  # the coder's worklist under /worklist (adapter/worklist/web.py)
+        app = mounted(worklist_of(service, token, dict(os.environ)), app)
     server = _listen(app, settings, service.metrics)
-    loops = [_worker_loop(service, stop, wake), _monitor_loop(service)]
+    loops = [_worker_loop(service, stop, wake), _monitor_loop(service), *_task_loops(service, stop)]
     if conf.safety_poll_seconds > 0:  # push alone loses events (a sender gives up retrying)
         loops.append(Loop("safety-poll", lambda: (service.reconcile_if_due(stop), service.poll_once(stop),
                                                   conf.safety_poll_seconds)[2], stop,
@@ -672,6 +701,28 @@ def _echo_json(data: Any) -> None:
 
 def _utc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@cli.command("worklist")
+@click.pass_context
+def worklist_cmd(ctx: click.Context) -> None:
+    """Serve the worklist page alone on worklist.host:worklist.port (for sites that do not run `serve`)."""
+    service = _service(ctx)
+    conf = service.settings.worklist
+    token = "" if conf.users_env else secret(service.settings, "serve.token_env", "receiver bearer token")
+    app = worklist_of(service, token, dict(os.environ))
+    try:
+        server = serve_app(app, conf.host, conf.port, limits=_limits(service.settings), metrics=service.metrics)
+    except ListenError as exc:
+        raise ListenError(f"{exc} (worklist.host, worklist.port in {service.settings.source})") from None
+    stopping = _stop_on_signals(lambda: None)
+    threading.Thread(target=server.run, name="http", daemon=True).start()
+    host, port = bound_addresses(server)[0]
+    click.echo(f"worklist on http://{host}:{port}/worklist/", err=True)
+    while not stopping.wait(1.0):
+        pass
+    stop_server(server)
+    click.echo("stopped", err=True)
 
 
 @cli.command("status")
@@ -786,11 +837,16 @@ def review_show(ctx: click.Context, review_id: int, fmt: str) -> None:
     for name, value in (("id", entry.id), ("procedure", entry.procedure),
                         ("patient", ", ".join(entry.patients) or "-"), ("kind", entry.kind),
                         ("reason", entry.reason), ("status", entry.status), ("attempts", entry.attempts),
-                        ("detail", entry.detail), ("pushed", pushed)):
+                        ("detail", entry.detail), ("element", help_for(entry.reason).element),
+                        ("fix", help_for(entry.reason).fix), ("pushed", pushed)):
         click.echo(f"{name + ':':11}{value}")
     for record in state.audit_for(entry.procedure):
         click.echo(f"audit:     version {record.version} -> {', '.join(record.codes) or '-'} "
                    f"(tables {record.table_version}) -> {', '.join(record.written) or 'nothing written'}")
+    for action in state.review_actions(entry.id):
+        note = f": {action.note}" if action.note else ""
+        click.echo(f"action:    {action.action} by {action.actor} at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(action.at))}{note}")
 
 
 @review_group.command("replay")
@@ -819,6 +875,20 @@ def review_replay(ctx: click.Context, review_id: int | None, replay_all: bool) -
         click.echo(f"{len(result.to_retry)} session(s) could not be written now; they are queued and retried by "
                    "run/serve", err=True)
     ctx.exit(ExitCode.REVIEW if left else ExitCode.OK)
+
+
+@review_group.command("dismiss")
+@click.argument("review_id", type=int)
+@click.option("--note", required=True, help="Why nobody will fix it (kept in the audit, shown on the worklist).")
+@click.pass_context
+def review_dismiss(ctx: click.Context, review_id: int, note: str) -> None:
+    """Close an open entry that nobody will fix (its Task is cancelled on the next run/serve turn)."""
+    if not note.strip():
+        raise click.UsageError("--note must say why")
+    if not _state(ctx).dismiss_review(review_id, f"cli:{getpass.getuser()}", note.strip()):
+        click.echo(f"review entry {review_id} is not open", err=True)
+        ctx.exit(ExitCode.REVIEW)
+    click.echo(f"review entry {review_id} dismissed")
 
 
 @cli.command("subscribe")

@@ -425,6 +425,29 @@ class SinksSettings:
 
 
 @dataclass(frozen=True)
+class WorklistSettings:
+    """The coder's worklist: review items as FHIR Tasks, and the web page (docs/operations.md, worklist)."""
+
+    tasks: bool = True
+    """Mirror every review item as a Task on the FHIR server, and act on coders' changes to those Tasks."""
+    task_poll_seconds: float = setting(30.0, low=1, high=86400, off=0)
+    """`run` and `serve` mirror and read the Tasks this often (0: never; `run --once` does it once)."""
+    page: bool = True
+    """`serve` serves the worklist page under /worklist (the `worklist` command serves it alone)."""
+    host: str = "127.0.0.1"
+    port: int = setting(8092, low=1, high=65535)
+    """Where the `worklist` command listens (`serve` uses serve.host and serve.port)."""
+    users_env: str = ""
+    """An environment variable holding `name:password` pairs (one per line, or `;`-separated) for HTTP basic
+    logins; without it the login is the receiver's token (serve.token_env) and a name for the audit."""
+    show_patient_names: bool = False
+    """Show patients' names on the page (otherwise only their references)."""
+
+    def __post_init__(self) -> None:
+        _check_env_name(self.users_env, "users_env")
+
+
+@dataclass(frozen=True)
 class AppSettings:
     source: str = "(defaults)"
     tables: str = ""
@@ -436,6 +459,7 @@ class AppSettings:
     health: HealthSettings = field(default_factory=HealthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     sinks: SinksSettings = field(default_factory=SinksSettings)
+    worklist: WorklistSettings = field(default_factory=WorklistSettings)
 
     @property
     def state_path(self) -> str:
@@ -445,7 +469,7 @@ class AppSettings:
 
 SECTIONS: dict[str, type] = {"state": StateSettings, "server": ServerSettings, "poll": PollSettings,
                              "serve": ServeSettings, "worker": WorkerSettings, "health": HealthSettings,
-                             "logging": LoggingSettings, "sinks": SinksSettings}
+                             "logging": LoggingSettings, "sinks": SinksSettings, "worklist": WorklistSettings}
 TOP_LEVEL = ("tables", "state_path")
 """Keys outside the sections (`state_path`: the state's location before the `state:` section existed)."""
 SHORTHAND = {"state": "location"}

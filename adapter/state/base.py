@@ -150,6 +150,19 @@ class ReviewEntry:
 
 
 @dataclass(frozen=True)
+class ReviewAction:
+    """Who did what to a review entry (a dismissal with its note, a replay asked for): the worklist's audit."""
+
+    review_id: int
+    at: float
+    actor: str
+    """`web:<login>`, `task:Task/<id>/_history/<n>` or `cli`."""
+    action: str
+    """`dismiss` or `replay`."""
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Processed:
     """A Procedure version whose outcome is final (see `RECORDED_OUTCOMES`)."""
 
@@ -342,6 +355,16 @@ class StateBackend(Protocol):
     def reviews(self, status: str | None = "open") -> list[ReviewEntry]: ...
 
     def review(self, review_id: int) -> ReviewEntry | None: ...
+
+    def dismiss_review(self, review_id: int, actor: str, note: str = "") -> bool:
+        """Close an open entry as `dismissed` (nobody will fix it: a coder decided) and audit it, together.
+        False when it was not open (resolved or dismissed before)."""
+
+    def record_review_action(self, action: ReviewAction) -> None:
+        """Audit an action on an entry that changes no status by itself (a replay asked for)."""
+
+    def review_actions(self, review_id: int) -> list[ReviewAction]:
+        """The entry's actions, oldest first."""
 
     # -- audit -----------------------------------------------------------------------------------------------
 

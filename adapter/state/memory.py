@@ -22,6 +22,7 @@ from adapter.state.base import (
     PassRecord,
     ReplicaInfo,
     Retry,
+    ReviewAction,
     ReviewEntry,
     StateStats,
     WorkItem,
@@ -59,6 +60,7 @@ class MemoryState:
         self._ids = itertools.count(1)
         self._review_ids = itertools.count(1)
         self._reviews: dict[int, ReviewEntry] = {}
+        self._review_actions: list[ReviewAction] = []
         self._audit: list[tuple[float, AuditRecord]] = []
         self._events: dict[str, int] = {}
         self._claims: dict[str, tuple[str, float]] = {}
@@ -309,6 +311,24 @@ class MemoryState:
         for rid, entry in list(self._reviews.items()):
             if entry.status == "open" and entry.procedure in wanted and (entry.procedure, entry.reason) not in keep:
                 self._reviews[rid] = replace(entry, status="resolved", last_seen=now)
+
+    def dismiss_review(self, review_id: int, actor: str, note: str = "") -> bool:
+        with self._lock:
+            entry = self._reviews.get(review_id)
+            if entry is None or entry.status != "open":
+                return False
+            now = time.time()
+            self._reviews[review_id] = replace(entry, status="dismissed", last_seen=now)
+            self._review_actions.append(ReviewAction(review_id, now, actor, "dismiss", note))
+            return True
+
+    def record_review_action(self, action: ReviewAction) -> None:
+        with self._lock:
+            self._review_actions.append(action)
+
+    def review_actions(self, review_id: int) -> list[ReviewAction]:
+        with self._lock:
+            return [a for a in self._review_actions if a.review_id == review_id]
 
     def reviews(self, status: str | None = "open") -> list[ReviewEntry]:
         with self._lock:

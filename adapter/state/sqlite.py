@@ -31,6 +31,7 @@ from adapter.state.base import (
     PassRecord,
     ReplicaInfo,
     Retry,
+    ReviewAction,
     ReviewEntry,
     StateStats,
     WorkItem,
@@ -39,7 +40,7 @@ from adapter.state.base import (
     owner_alive,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_HEADER = b"SQLite format 3\x00"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,6 +89,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS queue_dedupe_pending ON queue (dedupe) "
         "WHERE dedupe IS NOT NULL AND status = 'pending'",
         "CREATE TABLE IF NOT EXISTS leads (role TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
+    ],
+    4: [  # the worklist's audit of who dismissed or replayed an entry
+        "CREATE TABLE IF NOT EXISTS review_action (id INTEGER PRIMARY KEY AUTOINCREMENT, review_id INTEGER NOT NULL, "
+        "at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, note TEXT NOT NULL DEFAULT '')",
+        "CREATE INDEX IF NOT EXISTS review_action_review ON review_action (review_id)",
     ],
 }
 
@@ -565,6 +571,29 @@ class SqliteState:
     def review(self, review_id: int) -> ReviewEntry | None:
         row = self._db().execute(f"SELECT {_REVIEW_COLUMNS} FROM review WHERE id=?", (review_id,)).fetchone()
         return self._review(row) if row else None
+
+    @_translated
+    def dismiss_review(self, review_id: int, actor: str, note: str = "") -> bool:
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute("UPDATE review SET status='dismissed', last_seen=? WHERE id=? AND status='open'",
+                                 (now, review_id)).rowcount
+            if changed:
+                db.execute("INSERT INTO review_action (review_id, at, actor, action, note) VALUES (?, ?, ?, ?, ?)",
+                           (review_id, now, actor, "dismiss", note))
+        return bool(changed)
+
+    @_translated
+    def record_review_action(self, action: ReviewAction) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO review_action (review_id, at, actor, action, note) VALUES (?, ?, ?, ?, ?)",
+                       (action.review_id, action.at, action.actor, action.action, action.note))
+
+    @_translated
+    def review_actions(self, review_id: int) -> list[ReviewAction]:
+        rows = self._db().execute("SELECT review_id, at, actor, action, note FROM review_action WHERE review_id=? "
+                                  "ORDER BY id", (review_id,)).fetchall()
+        return [ReviewAction(*row) for row in rows]
 
     # -- audit ---------------------------------------------------------------------------------------------------
 

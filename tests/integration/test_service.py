@@ -163,7 +163,10 @@ def test_bad_requests_get_the_right_4xx_and_change_nothing(serving: Adapter, hea
 
 
 
-def test_a_deleted_procedure_is_seen_in_the_history(client: FhirClient, adapter: Adapter, fhir_ns: str) -> None:
+def test_a_deleted_procedure_is_seen_in_the_history(client: FhirClient, tmp_path: Path, hapi_url: str,
+                                                    fhir_ns: str) -> None:
+    # without review Tasks: a Task's focus, like a billed ChargeItem, makes HAPI refuse the delete (409)
+    adapter = Adapter(tmp_path, hapi_url, worklist={"tasks": False})
     adapter.start_cursor_at(server_now(client))
     bundle = namespaced("31", fhir_ns)  # nothing billed, so HAPI lets the Procedure be deleted
     client.transaction(bundle)

@@ -25,6 +25,7 @@ from adapter.sinks.ownership import payload
 from adapter.sync import Syncer
 
 from ..unit.test_lifecycle import corrections_sample
+from ..unit.test_worklist import review_tasks_sample
 from .helpers import namespaced, patients_of, server_now
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,6 +120,7 @@ def test_the_official_hl7_validator_finds_no_error_in_golden_or_synced_output(
                                                        "valueString": "x"}])
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     lifecycle = corrections_sample()  # credits, replacement lines, replacement and void Claims
+    lifecycle += review_tasks_sample()  # review items as Tasks, of every status and reason
     (tmp_path / "lifecycle.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
                                                          "entry": [{"resource": r} for r in lifecycle]}))
     report = tmp_path / "report.json"

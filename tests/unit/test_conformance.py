@@ -44,7 +44,9 @@ def test_export_rebases_and_indexes(tmp_path: Path) -> None:
                      "NamingSystem-charge-line.json", "NamingSystem-claim.json",
                      "StructureDefinition-written-fingerprint.json", "StructureDefinition-offsets-charge.json",
                      "StructureDefinition-replaces.json", "StructureDefinition-claim-frequency.json",
-                     "CodeSystem-claim-frequency.json", "ValueSet-claim-frequency.json"}
+                     "CodeSystem-claim-frequency.json", "ValueSet-claim-frequency.json",
+                     "CodeSystem-review-reason.json", "CodeSystem-review-task-status.json",
+                     "CodeSystem-review-task-input.json"}
     text = "".join(p.read_text() for p in folder.iterdir())
     assert "fhir-charge-adapter.org" not in text
     assert canonical_urls(base)["modifier_extension"] in text

@@ -89,11 +89,11 @@ def test_a_state_of_the_previous_schema_version_opens_and_upgrades(postgres_url:
             installation = conn.execute(f'SELECT value FROM "{schema}".meta WHERE key = %s',
                                         ("installation_id",)).fetchone()[0]
         state = PostgresState(url)
-        assert state.schema_versions() == {"state": SCHEMA_VERSION} and SCHEMA_VERSION == 2
+        assert state.schema_versions() == {"state": SCHEMA_VERSION} and SCHEMA_VERSION == 3
         with pg.admin(postgres_url) as conn:
             history = conn.execute(f'SELECT component, version, adapter FROM "{schema}".{VERSION_TABLE} '
                                    "ORDER BY version").fetchall()
-        assert [(c, v) for c, v, _ in history] == [("state", 1), ("state", 2)]
+        assert [(c, v) for c, v, _ in history] == [("state", 1), ("state", 2), ("state", 3)]
         # every row is still there and usable
         assert state.installation_id() == installation
         assert state.cursor() == "2026-03-01T10:00:00Z" and state.seen("Procedure/a", "3")
@@ -121,7 +121,7 @@ def test_a_newer_schema_is_refused_and_left_alone(pg_url: str, postgres_url: str
     schema = parse(pg_url).schema
     with pg.admin(postgres_url) as conn:
         conn.execute(f"INSERT INTO \"{schema}\".{VERSION_TABLE} VALUES ('state', 99, 1.0, '9.9')")
-    with pytest.raises(StateSchemaError, match=r"state schema 99 is newer than this adapter \(2\): upgrade the "
+    with pytest.raises(StateSchemaError, match=r"state schema 99 is newer than this adapter \(3\): upgrade the "
                                                r"adapter") as caught:
         PostgresState(pg_url)
     assert pg_url.split("?")[0] in str(caught.value)

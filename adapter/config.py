@@ -21,6 +21,7 @@ from adapter.errors import ConfigError
 from adapter.extraction.index import normalize_base
 from adapter.hl7v2.tables import FILE as HL7V2_FILE
 from adapter.hl7v2.tables import Hl7v2Tables, load_hl7v2_tables
+from adapter.x12.tables import X12Tables, load_x12_tables
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -130,6 +131,8 @@ class CodeTables:
     """Where each MUE value comes from (a source, or `site decision: ...`)."""
     hl7v2: Hl7v2Tables = field(default_factory=Hl7v2Tables)
     """HL7 v2 charge messages: sender, receiver, version, value maps (config/hl7v2.yaml)."""
+    x12: X12Tables = field(default_factory=X12Tables)
+    """X12 837P claims: envelope, value maps (config/x12.yaml), billing providers' addresses and taxonomy."""
 
     def display_of(self, modality: str) -> str:
         return self.modalities.get(modality, modality)
@@ -357,6 +360,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
     needed = {cpt_system: f"{cpt_file.name} system", ICD10CM: "ICD-10-CM diagnoses",
               **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
     hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
+    x12 = load_x12_tables(base, _read_yaml)
 
     digest = hashlib.sha256()
     definitions = sorted((base / DEFINITIONS_DIR).glob("*.json")) if (base / DEFINITIONS_DIR).is_dir() else []
@@ -367,7 +371,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         fna=fna, core_needle_biopsy=core, modalities=modalities, method_codes=method_codes,
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
-        guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, **reading,
+        guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, x12=x12, **reading,
     )
 
 

@@ -164,6 +164,10 @@ class Service:
         self.hl7v2 = hl7v2_sink(settings.sinks.hl7v2, settings.source, tables, self.state) \
             if settings.sinks.hl7v2.enabled else None
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
+        if settings.sinks.x12.enabled:  # 837P interchanges to a folder (adapter/x12/sink.py)
+            from adapter.x12.sink import from_settings as x12_sink
+
+            self.syncer.x12 = x12_sink(settings.sinks.x12, tables.x12, self.state)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
         worker = settings.worker

@@ -232,6 +232,8 @@ class Syncer:
         """Write ChargeItems and Claims back to the server (`sinks.fhir`)."""
         self.hl7v2 = hl7v2
         """Send DFT^P03 messages to a billing system (`sinks.hl7v2`)."""
+        self.x12: Any = None
+        """Write the pass's Claims as an X12 837P interchange to a folder (`sinks.x12`, adapter/x12/sink.py)."""
         self.local_bases = local_bases(tables, client.base_url)
         """Bases whose absolute references are local: config/input.yaml local_bases and the server's own."""
         self.source = ServerSource(client, tables, local=self.local_bases)
@@ -261,6 +263,14 @@ class Syncer:
             failed = self._write(writes, summary, should_stop)
         if not self.dry_run and self.hl7v2 is not None:
             self._send_hl7v2(report, wanted, summary, failed, should_stop)
+        if not self.dry_run and self.x12 is not None:
+            from adapter.x12.step import send_x12
+
+            x12, x12_reviews = send_x12(self.x12, self.client, report, writes, failed)
+            summary.reviews += x12_reviews
+            if x12.failure:
+                summary.failures.append(WriteFailure("X12 interchange", (), x12.failure, tuple(wanted), True,
+                                                     "x12-unwritable"))
         summary.outcomes = self._outcomes(report, writes, failed, summary.reviews)
         return summary
 

@@ -107,3 +107,32 @@ def test_pyx12_catches_a_broken_interchange() -> None:
 def test_values_never_carry_delimiters() -> None:
     assert clean("O'Brien*Smith~Jr:^\nIII  ", 60) == "O'Brien Smith Jr III"
     assert clean("x" * 80, 60) == "x" * 60
+
+
+def test_dry_run_format_x12_prints_the_interchange_and_names_what_a_claim_lacks() -> None:
+    from click.testing import CliRunner
+
+    from adapter.cli import cli
+
+    scenarios = ROOT / "fixtures/fhir/scenarios"
+    ok = CliRunner().invoke(cli, ["dry-run", "--format", "x12", "--now", "2026-04-01T12:00:00Z",
+                                  str(scenarios / "01-single-us/input.json")])
+    assert ok.exit_code == 0 and ok.stdout == (scenarios / "01-single-us/claims.837").read_text()
+    held = CliRunner().invoke(cli, ["dry-run", "--format", "x12", str(scenarios / "04-no-guidance-two/input.json")])
+    assert held.exit_code == 1 and held.stdout == ""
+    assert "review: Procedure/s04-fna-1: x12-missing-element: not in the 837P: 2000B SBR09 is required" in held.stderr
+    streamed = CliRunner().invoke(cli, ["dry-run", "--format", "x12", "--stream", str(scenarios / "01-single-us")])
+    assert streamed.exit_code == 2 and "coded in memory only" in streamed.output
+
+
+def test_the_x12_sink_setting_needs_a_folder(tmp_path: Path) -> None:
+    from adapter.errors import ConfigError
+    from adapter.settings import load_settings
+
+    path = tmp_path / "service.yaml"
+    path.write_text("sinks:\n  fhir: false\n  x12: {enabled: true, folder: /var/spool/837}\n")
+    sinks = load_settings(path, env={}).sinks
+    assert (sinks.fhir, sinks.x12.enabled, sinks.x12.folder) == (False, True, "/var/spool/837")
+    path.write_text("sinks:\n  x12: {enabled: true}\n")
+    with pytest.raises(ConfigError, match=r"sinks\.x12\.folder"):
+        load_settings(path, env={})

@@ -135,7 +135,10 @@ class SqliteRegister:
 
 
 def open_register(state: Any) -> ControlRegister:
-    """The register beside a state backend: in its SQLite file, or in memory beside the memory state."""
+    """The register beside a state backend: in its SQLite file or PostgreSQL database, or in memory beside the
+    memory state (the PostgreSQL driver is imported only for a PostgreSQL state)."""
+    import sys
+
     from adapter.state.memory import MemoryState
     from adapter.state.sqlite import SqliteState
 
@@ -143,9 +146,14 @@ def open_register(state: Any) -> ControlRegister:
         return SqliteRegister(state.path, state.busy_timeout)
     if isinstance(state, MemoryState):
         return MemoryRegister()
+    postgres = sys.modules.get("adapter.state.postgres")
+    if postgres is not None and isinstance(state, postgres.PostgresState):
+        from adapter.x12.pg_register import PostgresRegister
+
+        return PostgresRegister(state)
     raise StateError(getattr(state, "location", "?"), "the X12 sink keeps its interchange control numbers in the "
-                                                      "state, and this state backend has none yet: use an SQLite "
-                                                      "state")
+                                                      "state, and this state backend has none: use an SQLite or "
+                                                      "PostgreSQL state")
 
 
 class X12Folder(FolderTransport):

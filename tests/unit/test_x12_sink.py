@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,13 +26,31 @@ def _report(scenario: str, now: datetime = T0):
     return process_paths([ROOT / "fixtures/fhir/scenarios" / scenario / "input.json"], TABLES, now)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "memory"])
-def test_register_reuses_a_batch_number_and_time(tmp_path: Path, kind: str) -> None:
-    register = SqliteRegister(tmp_path / "state.sqlite") if kind == "sqlite" else MemoryRegister()
+def _register(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    if kind == "sqlite":
+        return SqliteRegister(tmp_path / "state.sqlite")
+    if kind == "postgres":
+        from adapter.state.postgres import PostgresState
+        from adapter.x12.pg_register import PostgresRegister
+
+        return PostgresRegister(PostgresState(request.getfixturevalue("pg_url")))
+    return MemoryRegister()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "memory"])
+def test_register_reuses_a_batch_number_and_time(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    register = _register(kind, tmp_path, request)
     first = register.assign("a", T0)
     assert (first.number, first.created) == (1, T0)
     assert register.assign("a", T0 + timedelta(hours=1)) == first
     assert register.assign("b", T0 + timedelta(hours=1)).number == 2
+    assert register.pending() == []
+    register.keep(2, "text of 2")
+    register.keep(2, "other text")  # a stored interchange is never rewritten
+    register.keep(1, "text of 1")
+    assert register.pending() == [(1, "text of 1"), (2, "text of 2")]
+    register.written(1)
+    assert register.pending() == [(2, "text of 2")]
     if kind == "sqlite":  # the numbers live in the state file, not the process
         assert SqliteRegister(tmp_path / "state.sqlite").assign("a", T0 + timedelta(days=1)) == first
         assert SqliteRegister(tmp_path / "state.sqlite").assign("c", T0).number == 3

@@ -87,6 +87,8 @@ def _correction(case: str) -> tuple[list[dict[str, Any]], Any, dict[str, str]]:
                                                  ("L4-entered-in-error-after-billing", "8")])
 def test_correction_837p(case: str, frequency: str) -> None:
     claims, report, numbers = _correction(case)
+    assert [[e["valueCoding"]["code"] for e in c["extension"] if e["url"].endswith("/claim-frequency")]
+            for c in claims] == [[frequency]]  # one frequency: the first Claim's 1 is not carried over
     interchange = build_interchange(claims, report.index.get, TABLES.x12, Control(7, NOW), numbers)
     assert interchange.problems == [] and len(interchange.claims) == 1
     assert interchange.text == (ROOT / "fixtures/fhir/lifecycle" / case / "claims.837").read_text()

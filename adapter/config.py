@@ -75,6 +75,8 @@ class Settings:
     when_missing: str = "review"
     distinct_modifier: str = "59"
     claims: bool = True
+    require_837p: bool = False
+    """True: a Claim lacking an element the X12 837P requires waits in review naming it (ChargeItems written)."""
     when_price_missing: str = "review"
     """`review`: the Claim waits in review (ChargeItems are written); `warn`: written without a price."""
     guidance_code_system: str = "http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance"
@@ -221,6 +223,7 @@ def _load_settings(path: Path) -> Settings:
             coding.get("distinct_modifier", defaults.distinct_modifier), path, "coding.distinct_modifier"
         ),
         "claims": output.get("claims", defaults.claims),
+        "require_837p": output.get("require_837p", defaults.require_837p),
         "when_price_missing": _str(pricing.get("when_missing", defaults.when_price_missing), path,
                                    "pricing.when_missing"),
         "guidance_code_system": _str(urls.get("guidance_code_system", defaults.guidance_code_system), path,
@@ -241,6 +244,8 @@ def _load_settings(path: Path) -> Settings:
         raise ConfigError(str(path), "guidance.when_missing", "must be 'review' or 'none'")
     if not isinstance(values["claims"], bool):
         raise ConfigError(str(path), "output.claims", "must be true or false")
+    if not isinstance(values["require_837p"], bool):
+        raise ConfigError(str(path), "output.require_837p", "must be true or false")
     try:
         ZoneInfo(values["time_zone"])
     except (ZoneInfoNotFoundError, ValueError):

@@ -138,3 +138,31 @@ def test_the_x12_sink_setting_needs_a_folder(tmp_path: Path) -> None:
     path.write_text("sinks:\n  x12: {enabled: true}\n")
     with pytest.raises(ConfigError, match=r"sinks\.x12\.folder"):
         load_settings(path, env={})
+
+
+def test_with_require_837p_a_claim_lacking_an_element_waits_in_review_naming_it() -> None:
+    from dataclasses import replace
+
+    strict = replace(TABLES, settings=replace(TABLES.settings, require_837p=True))
+    scenarios = ROOT / "fixtures/fhir/scenarios"
+    held = process_paths([scenarios / "04-no-guidance-two/input.json"], strict, NOW)
+    [session] = held.built.sessions
+    assert session.claim is None and len(session.charge_items) == 2  # the ChargeItems are still written
+    assert [(r.procedure, r.reason) for r in held.reviews] == [("Procedure/s04-fna-1", "x12-missing-element")]
+    assert "the X12 837P 2000B SBR09 is required (Coverage.type has no claim filing indicator" in held.reviews[0].detail
+    complete = process_paths([scenarios / "01-single-us/input.json"], strict, NOW)
+    assert complete.reviews == [] and complete.built.sessions[0].claim is not None
+
+
+def test_require_837p_must_be_a_boolean(tmp_path: Path) -> None:
+    import shutil
+
+    from adapter.errors import ConfigError
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    settings = tmp_path / "config/settings.yaml"
+    settings.write_text(settings.read_text().replace("require_837p: false", "require_837p: sometimes"))
+    with pytest.raises(ConfigError, match=r"output\.require_837p"):
+        load_tables(tmp_path / "config")
+    settings.write_text(settings.read_text().replace("require_837p: sometimes", "require_837p: true"))
+    assert load_tables(tmp_path / "config").settings.require_837p is True

@@ -413,6 +413,13 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     assert isinstance(provider, BillingProvider) and isinstance(pos, PlaceOfService) and isinstance(payer, dict)
     claim = build_claim(session, lines, ctx, provider, payer, pos, plan.codings, plan.pointers, coverages)
     validate_resource(claim, f"Claim for session {key.text()}")
+    if tables.settings.require_837p:
+        from adapter.x12.claim837 import REASON, first_missing
+
+        missing = first_missing(claim, index.get, tables.x12)
+        if missing is not None:
+            why = f"Claim for session {key.text()} waits (ChargeItems written): the X12 837P {missing}"
+            return built, warnings, [Review(p.ref, p.origin, REASON, why) for p in session.procedures]
     built.claim = claim
     return built, warnings, []
 

@@ -91,6 +91,7 @@ RULE_OF_REASON = {
     "mue-exceeded": Rule.MUE, "session-held": Rule.SESSION,
     "missing-payer": Rule.BILLING, "missing-billing-provider": Rule.BILLING, "missing-place-of-service": Rule.BILLING,
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
+    "x12-missing-element": Rule.BILLING,
 }
 
 

@@ -159,7 +159,8 @@ class _Ctx:
     claim: dict[str, Any]
     resolve: Resolve
     tables: X12Tables
-    payer_claim_numbers: Mapping[str, str]
+    payer_claim_numbers: Mapping[str, str] | None
+    """None: not known yet (first_missing), REF*F8 is not checked."""
 
 
 def _billing_provider(ctx: _Ctx) -> list[str]:
@@ -269,7 +270,7 @@ def _claim(ctx: _Ctx) -> list[str]:
                     f"{place}:B:{frequency}", "Y", "A", "Y", "Y")]
     if frequency in ("7", "8"):
         prior = next((reference_of(r.get("claim")) for r in claim.get("related") or [] if isinstance(r, dict)), None)
-        number = ctx.payer_claim_numbers.get(prior or "")
+        number = ctx.payer_claim_numbers.get(prior or "") if ctx.payer_claim_numbers is not None else "?"
         out.append(_segment("REF", "F8", clean(_require(
             number, "2300 REF02 (F8)", f"the payer's claim control number of the Claim it "
                                        f"{'replaces' if frequency == '7' else 'voids'} ({prior}) is not known: no "
@@ -330,13 +331,24 @@ def claim_segments(claim: dict[str, Any], resolve: Resolve, tables: X12Tables, h
                    payer_claim_numbers: Mapping[str, str] | None = None) -> tuple[list[str], int]:
     """The 2000A-2400 segments of one Claim, starting at HL number `hl`; returns them and the next HL number.
     Raises Missing naming the first required element it lacks."""
-    ctx = _Ctx(claim, resolve, tables, payer_claim_numbers or {})
+    ctx = _Ctx(claim, resolve, tables, payer_claim_numbers)
     patient = _require(resolve(reference_of(claim.get("patient"))), "2010BA NM1",
                        "the patient (Claim.patient) is not in the input")
     billing = [_segment("HL", hl, "", "20", "1"), *_billing_provider(ctx)]
     subscriber, with_patient = _subscriber(ctx, _coverage(ctx), patient, hl + 1)
     body = _claim(ctx)
     return [*billing, *subscriber, *body], hl + (3 if with_patient else 2)
+
+
+def first_missing(claim: dict[str, Any], resolve: Resolve, tables: X12Tables) -> str | None:
+    """The first element the 837P requires that `claim` (with its resources) lacks, as `<element> is required
+    (<why>)`; None when it has them all. A replacement's or void's REF*F8 is not asked for here: the payer's
+    claim number is known only once its answer is read (adapter/x12/step.py)."""
+    try:
+        claim_segments(claim, resolve, tables, 1, None)
+    except Missing as missing:
+        return f"{missing.element} is required ({missing.detail})"
+    return None
 
 
 def build_interchange(claims: Sequence[dict[str, Any]], resolve: Resolve, tables: X12Tables, control: Control,
@@ -348,7 +360,7 @@ def build_interchange(claims: Sequence[dict[str, Any]], resolve: Resolve, tables
     for claim in claims:
         value = str(((claim.get("identifier") or [{}])[0]).get("value") or claim.get("id") or "?")
         try:
-            segments, hl_next = claim_segments(claim, resolve, tables, hl, payer_claim_numbers)
+            segments, hl_next = claim_segments(claim, resolve, tables, hl, payer_claim_numbers or {})
         except Missing as missing:
             procedures = tuple(r for r in (reference_of(p.get("procedureReference"))
                                            for p in claim.get("procedure") or [] if isinstance(p, dict)) if r)

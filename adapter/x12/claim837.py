@@ -161,6 +161,7 @@ class _Ctx:
     tables: X12Tables
     payer_claim_numbers: Mapping[str, str] | None
     """None: not known yet (first_missing), REF*F8 is not checked."""
+    billing_address: dict[str, Any] | None = None
 
 
 def _billing_provider(ctx: _Ctx) -> list[str]:
@@ -182,6 +183,7 @@ def _billing_provider(ctx: _Ctx) -> list[str]:
     address = _first_address(org) or (configured.address if configured else None)
     out = [_segment("PRV", "BI", "PXC", taxonomy)] if taxonomy else []
     out.append(_segment("NM1", "85", "2", clean(name, 60), "", "", "", "", "XX", npi))
+    ctx.billing_address = address
     out += address_segments(address, "2010AA", f"the billing provider NPI {npi} (address in "
                                                 "config/billing-providers.yaml or its Organization)")
     out.append(_segment("REF", "EI", tin))
@@ -298,18 +300,28 @@ def _claim(ctx: _Ctx) -> list[str]:
 
 
 def _service_facility(ctx: _Ctx, item: dict[str, Any], place: str) -> list[str]:
-    """Loop 2310C for a place of service that is a facility, when the Encounter names a Location with an address."""
+    """Loop 2310C for a place of service that is a facility, when the Encounter names a Location with an address
+    other than the billing provider's (the same place is not sent again)."""
     if place not in ctx.tables.facility_places_of_service:
         return []
     encounter = ctx.resolve(next((reference_of(e) for e in item.get("encounter") or []), None)) or {}
     for entry in encounter.get("location") or []:
         location = ctx.resolve(reference_of((entry or {}).get("location")))
         if location and isinstance(location.get("address"), dict) and location.get("name"):
+            if _same_place(location["address"], ctx.billing_address):
+                return []
             npi = _identifier(location, [NPI_SYSTEM])
             return [_segment("NM1", "77", "2", clean(location["name"], 60), "", "", "", "",
                              "XX" if npi else "", npi or ""),
                     *address_segments(location["address"], "2310C", "the service facility")]
     return []
+
+
+def _same_place(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    def key(address: dict[str, Any]) -> tuple[str, ...]:
+        postal = re.sub(r"\D", "", str(address.get("postalCode") or ""))[:5]
+        return (*(str(x).strip().lower() for x in address.get("line") or []), postal)
+    return b is not None and key(a) == key(b)
 
 
 def _line(item: dict[str, Any], n: int, pointer: Mapping[Any, int]) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import ConfigError
+from adapter.hl7v2.tables import _mapping
 
 FILE = "x12.yaml"
 PROVIDERS_FILE = "billing-providers.yaml"
@@ -66,14 +67,6 @@ def _text(value: Any, file: Path, key: str, pattern: re.Pattern[str] | None = No
     if pattern is not None and not pattern.match(text):
         raise ConfigError(str(file), key, f"{text!r} is not allowed here")
     return text
-
-
-def _mapping(value: Any, file: Path, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(str(file), key, "must be a mapping")
-    return value
 
 
 def _providers(base: Path, read_yaml: Any) -> tuple[ProviderDetails, ...]:

@@ -276,6 +276,8 @@ class Service:
         self.metrics.inc("charge_adapter_credits_total", summary.credits)
         if self.hl7v2 is not None:
             self.metrics.inc("charge_adapter_hl7v2_messages_total", summary.hl7v2_sent)
+        if self.syncer.x12 is not None:
+            self.metrics.inc("charge_adapter_x12_claims_total", summary.x12_claims)
         for failure in summary.failures:
             self.metrics.inc("charge_adapter_failures_total", kind=failure.kind)
         if summary.to_retry:

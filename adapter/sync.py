@@ -119,6 +119,8 @@ class SyncSummary:
     hl7v2_sent: int = 0
     """HL7 v2 messages the receiver acknowledged (adapter/hl7v2), of which `hl7v2_credits` credited earlier charges."""
     hl7v2_credits: int = 0
+    x12_claims: int = 0
+    """Claims written to the X12 sink's folder in an 837P interchange (adapter/x12/sink.py)."""
     queued: int = 0
     """Changed patients (and Procedures without one) a poll queued for the replicas' workers (shared state)."""
     free_text: FreeText = field(default_factory=FreeText)
@@ -126,7 +128,8 @@ class SyncSummary:
 
     def add(self, other: SyncSummary) -> None:
         for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "credits",
-                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
+                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "x12_claims",
+                     "queued"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.drift.update(other.drift)
         self.drift_items += other.drift_items
@@ -261,16 +264,17 @@ class Syncer:
         failed: dict[str, WriteFailure] = {}
         if not self.dry_run and self.fhir:
             failed = self._write(writes, summary, should_stop)
-        if not self.dry_run and self.hl7v2 is not None:
-            self._send_hl7v2(report, wanted, summary, failed, should_stop)
         if not self.dry_run and self.x12 is not None:
-            from adapter.x12.step import send_x12
+            from adapter.x12.step import send_x12  # before HL7 v2: only the FHIR side's failures hold a Claim
 
             x12, x12_reviews = send_x12(self.x12, self.client, report, writes, failed)
             summary.reviews += x12_reviews
+            summary.x12_claims += x12.claims if not x12.failure else 0
             if x12.failure:
                 summary.failures.append(WriteFailure("X12 interchange", (), x12.failure, tuple(wanted), True,
                                                      "x12-unwritable"))
+        if not self.dry_run and self.hl7v2 is not None:
+            self._send_hl7v2(report, wanted, summary, failed, should_stop)
         summary.outcomes = self._outcomes(report, writes, failed, summary.reviews)
         return summary
 

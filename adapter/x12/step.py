@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from adapter.client.errors import FhirError
 from adapter.coding.engine import Review
 from adapter.extraction.index import reference_of
 from adapter.x12.claim837 import REASON, frequency_of
@@ -30,11 +31,14 @@ def payer_claim_numbers(client: Any, claims: list[dict[str, Any]]) -> dict[str, 
         prior = next((reference_of(r.get("claim")) for r in claim.get("related") or []), None)
         if not prior or prior in numbers:
             continue
-        for response in client.search_all("ClaimResponse", {"request": prior}):
-            value = next((i.get("value") for i in response.get("identifier") or [] if i.get("value")), None)
-            if response.get("resourceType") == "ClaimResponse" and value:
-                numbers[prior] = str(value)
-                break
+        try:
+            for response in client.search_all("ClaimResponse", {"request": prior}):
+                value = next((i.get("value") for i in response.get("identifier") or [] if i.get("value")), None)
+                if response.get("resourceType") == "ClaimResponse" and value:
+                    numbers[prior] = str(value)
+                    break
+        except FhirError as exc:  # the Claim is reported (REF*F8 unknown), never sent without it
+            log.warning("the ClaimResponse of %s could not be read: %s", prior, exc)
     return numbers
 
 

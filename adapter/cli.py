@@ -187,9 +187,11 @@ def cli(ctx: click.Context, tables_dir: str | None, config_file: str | None, ver
 
 @cli.command("dry-run")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["json", "table", "hl7v2"]), default="json", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["json", "table", "hl7v2", "x12"]), default="json",
+              show_default=True,
               help="json: one FHIR transaction Bundle; table: the charges for humans; hl7v2: the DFT^P03 charge "
-                   "messages (one segment per line, a blank line between messages).")
+                   "messages (one segment per line, a blank line between messages); x12: one X12 837P interchange "
+                   "of the Claims (one segment per line).")
 @click.option("--compact", is_flag=True, help="JSON on one line, without spaces (default: indented by two spaces).")
 @click.option("--quiet", is_flag=True, help="Leave no-charge, skipped and info lines out of the diagnostics.")
 @click.option("--now", "now", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ"]),
@@ -208,10 +210,10 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
     tables = _tables(ctx)
     if now is not None and now.tzinfo is None:  # the literal Z form parses without a zone: it is UTC
         now = now.replace(tzinfo=UTC)
-    if stream and fmt == "hl7v2":
-        raise click.UsageError("--format hl7v2 is coded in memory only; leave out --stream")
+    if stream and fmt in ("hl7v2", "x12"):
+        raise click.UsageError(f"--format {fmt} is coded in memory only; leave out --stream")
     if stream is None:
-        stream = fmt != "hl7v2" and input_bytes(paths) > STREAM_THRESHOLD_BYTES
+        stream = fmt not in ("hl7v2", "x12") and input_bytes(paths) > STREAM_THRESHOLD_BYTES
     if stream:
         ctx.exit(_stream_out(paths, tables, now, fmt, compact, quiet, workdir, None))
     report = process_paths(paths, tables, now)
@@ -220,6 +222,8 @@ def dry_run(ctx: click.Context, paths: tuple[str, ...], fmt: str, compact: bool,
         jsonout.write_bundle(output_bundle(report), sys.stdout, compact)
     elif fmt == "hl7v2":
         exit_code = _print_hl7v2(report, tables, now)
+    elif fmt == "x12":
+        exit_code = _print_x12(report, tables, now)
     else:
         click.echo(charges_table(report))
     _emit_diagnostics(report, quiet)
@@ -263,6 +267,18 @@ def _print_hl7v2(report: RunReport, tables: CodeTables, now: datetime | None) ->
     for review in reviews:
         click.echo(f"review: {review.procedure}: {review.reason}: {text.mask(review.detail)}", err=True)
     return max(report.exit_code, ExitCode.REVIEW if reviews else ExitCode.OK)
+
+
+def _print_x12(report: RunReport, tables: CodeTables, now: datetime | None) -> int:
+    """The 837P on stdout; each Claim it cannot carry on stderr, naming the element it lacks."""
+    from adapter.x12.dry_run import dry_run_interchange
+
+    interchange = dry_run_interchange(report, tables, now or datetime.now(UTC))
+    sys.stdout.write(interchange.text or "")
+    for problem in interchange.problems:
+        click.echo(f"review: {', '.join(problem.procedures) or problem.claim}: x12-missing-element: {problem.text}",
+                   err=True)
+    return max(report.exit_code, ExitCode.REVIEW if interchange.problems else ExitCode.OK)
 
 
 @cli.command("explain")

@@ -23,6 +23,7 @@ from adapter.tables.billing import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, Bill
 from adapter.tables.hl7v2 import FILE as HL7V2_FILE
 from adapter.tables.hl7v2 import Hl7v2Tables, load_hl7v2_tables
 from adapter.urls import normalize_base
+from adapter.x12.tables import X12Tables, load_x12_tables
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -117,6 +118,8 @@ class Settings:
     when_missing: str = "review"
     distinct_modifier: str = "59"
     claims: bool = True
+    require_837p: bool = False
+    """True: a Claim lacking an element the X12 837P requires waits in review naming it (ChargeItems written)."""
     when_price_missing: str = "review"
     """`review`: the Claim waits in review (ChargeItems are written); `warn`: written without a price."""
     guidance_code_system: str = "http://fhir-charge-adapter.example.org/fhir/CodeSystem/guidance"
@@ -178,6 +181,8 @@ class CodeTables:
     """HL7 v2 charge messages: sender, receiver, version, value maps (config/hl7v2.yaml)."""
     local_codes: LocalCodes = field(default_factory=LocalCodes)
     """The site's procedure codes mapped to SNOMED CT/CPT (config/local-codes.json), and FNA words (input.yaml)."""
+    x12: X12Tables = field(default_factory=X12Tables)
+    """X12 837P claims: envelope, value maps (config/x12.yaml), billing providers' addresses and taxonomy."""
 
     def display_of(self, modality: str) -> str:
         return self.modalities.get(modality, modality)
@@ -274,6 +279,7 @@ def _load_settings(path: Path) -> Settings:
             coding.get("distinct_modifier", defaults.distinct_modifier), path, "coding.distinct_modifier"
         ),
         "claims": output.get("claims", defaults.claims),
+        "require_837p": output.get("require_837p", defaults.require_837p),
         "when_price_missing": _str(pricing.get("when_missing", defaults.when_price_missing), path,
                                    "pricing.when_missing"),
         "guidance_code_system": _str(urls.get("guidance_code_system", defaults.guidance_code_system), path,
@@ -294,6 +300,8 @@ def _load_settings(path: Path) -> Settings:
         raise ConfigError(str(path), "guidance.when_missing", "must be 'review' or 'none'")
     if not isinstance(values["claims"], bool):
         raise ConfigError(str(path), "output.claims", "must be true or false")
+    if not isinstance(values["require_837p"], bool):
+        raise ConfigError(str(path), "output.require_837p", "must be true or false")
     try:
         ZoneInfo(values["time_zone"])
     except (ZoneInfoNotFoundError, ValueError):
@@ -413,6 +421,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
               **{m.system: f"{cpt_file.name} modifiers.{m.code}" for m in modifiers.values()}}
     hl7v2 = load_hl7v2_tables(base, _read_yaml, needed)
     local_codes = load_local_codes(base, cpt_system, _read_yaml)
+    x12 = load_x12_tables(base, _read_yaml)
 
     digest = hashlib.sha256()
     definitions = sorted((base / DEFINITIONS_DIR).glob("*.json")) if (base / DEFINITIONS_DIR).is_dir() else []
@@ -425,7 +434,7 @@ def load_tables(config_dir: str | os.PathLike[str] | None = None) -> CodeTables:
         procedure_codes=procedure_codes, cpt_system=cpt_system, family=family, never_emit=never_emit,
         modifiers=modifiers, mue=mue, settings=settings, billing=billing, version=digest.hexdigest()[:12],
         guidance_procedures=guidance_procedures, mue_sources=mue_sources, hl7v2=hl7v2, local_codes=local_codes,
-        including=including,
+        including=including, x12=x12,
         **reading,
     )
 

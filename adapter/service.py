@@ -167,6 +167,11 @@ class Service:
             self.hl7v2.observer = self.health.hl7v2
             self.health.sink_enabled(self.hl7v2.transport.where)
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
+        self.x12 = None
+        if settings.sinks.x12.enabled:  # 837P interchanges to a folder (adapter/x12/sink.py)
+            from adapter.x12.sink import from_settings as x12_sink
+
+            self.x12 = self.syncer.x12 = x12_sink(settings.sinks.x12, tables.x12, self.state)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
         self.client.on_write = lambda method, seconds: self.metrics.observe("charge_adapter_fhir_write_seconds",
@@ -287,6 +292,8 @@ class Service:
         self.metrics.inc("charge_adapter_credits_total", summary.credits)
         if self.hl7v2 is not None:
             self.metrics.inc("charge_adapter_hl7v2_messages_total", summary.hl7v2_sent)
+        if self.x12 is not None:
+            self.metrics.inc("charge_adapter_x12_claims_total", summary.x12_claims)
         for failure in summary.failures:
             self.metrics.inc("charge_adapter_failures_total", kind=failure.kind)
         if summary.to_retry:

@@ -413,14 +413,28 @@ class Hl7v2SinkSettings:
 
 
 @dataclass(frozen=True)
+class X12SinkSettings:
+    """Where X12 837P interchanges go (adapter/x12/sink.py); what they say comes from config/x12.yaml."""
+
+    enabled: bool = False
+    folder: str = ""
+    """One file per batch (`837P-<ISA13>.x12`), for a clearinghouse's pickup."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.folder.strip():
+            raise SettingError("folder", "the folder the clearinghouse picks interchanges up from is needed")
+
+
+@dataclass(frozen=True)
 class SinksSettings:
     """Where charges go: the FHIR server (ChargeItems and Claims), a billing system (HL7 v2), or both."""
 
     fhir: bool = True
     hl7v2: Hl7v2SinkSettings = field(default_factory=Hl7v2SinkSettings)
+    x12: X12SinkSettings = field(default_factory=X12SinkSettings)
 
     def __post_init__(self) -> None:
-        if not self.fhir and not self.hl7v2.enabled:
+        if not self.fhir and not self.hl7v2.enabled and not self.x12.enabled:
             raise SettingError("fhir", "no sink left: keep fhir: true or set hl7v2.enabled: true")
 
 

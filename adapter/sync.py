@@ -120,6 +120,8 @@ class SyncSummary:
     hl7v2_sent: int = 0
     """HL7 v2 messages the receiver acknowledged (adapter/hl7v2), of which `hl7v2_credits` credited earlier charges."""
     hl7v2_credits: int = 0
+    x12_claims: int = 0
+    """Claims written to the X12 sink's folder in an 837P interchange (adapter/x12/sink.py)."""
     queued: int = 0
     """Changed patients (and Procedures without one) a poll queued for the replicas' workers (shared state)."""
     free_text: FreeText = field(default_factory=FreeText)
@@ -127,7 +129,8 @@ class SyncSummary:
 
     def add(self, other: SyncSummary) -> None:
         for name in ("procedures", "patients", "sessions", "lines", "written", "unchanged", "voided", "credits",
-                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "queued"):
+                     "protected", "edits_kept", "verified", "hl7v2_sent", "hl7v2_credits", "x12_claims",
+                     "queued"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.drift.update(other.drift)
         self.drift_items += other.drift_items
@@ -241,6 +244,8 @@ class Syncer:
         """Write ChargeItems and Claims back to the server (`sinks.fhir`)."""
         self.hl7v2 = hl7v2
         """Send DFT^P03 messages to a billing system (`sinks.hl7v2`)."""
+        self.x12: Any = None
+        """Write the pass's Claims as an X12 837P interchange to a folder (`sinks.x12`, adapter/x12/sink.py)."""
         self.local_bases = local_bases(tables, client.base_url)
         """Bases whose absolute references are local: config/input.yaml local_bases and the server's own."""
         self.source = ServerSource(client, tables, local=self.local_bases)
@@ -269,6 +274,15 @@ class Syncer:
         failed: dict[str, WriteFailure] = {}
         if not self.dry_run and self.fhir:
             failed = self._write(writes, summary, should_stop)
+        if not self.dry_run and self.x12 is not None:
+            from adapter.x12.step import send_x12  # before HL7 v2: only the FHIR side's failures hold a Claim
+
+            x12, x12_reviews = send_x12(self.x12, self.client, report, writes, failed)
+            summary.reviews += x12_reviews
+            summary.x12_claims += x12.claims if not x12.failure else 0
+            if x12.failure:
+                summary.failures.append(WriteFailure("X12 interchange", (), x12.failure, tuple(wanted), True,
+                                                     "x12-unwritable"))
         if not self.dry_run and self.hl7v2 is not None:
             self._send_hl7v2(report, wanted, summary, failed, should_stop)
         summary.outcomes = self._outcomes(report, writes, failed, summary.reviews)

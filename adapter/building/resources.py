@@ -255,6 +255,13 @@ def _claim_item(n: int, entry: _Line, pointers: list[int], proc_seq: dict[str, i
     return item
 
 
+def original_frequency(settings: Any) -> dict[str, Any]:
+    """The claim-frequency extension of a Claim first in its chain: 1, an original claim (the X12 837P CLM05-3;
+    replacements carry 7 and voids 8, adapter.sinks.reconcile)."""
+    return {"url": settings.claim_frequency_extension,
+            "valueCoding": {"system": settings.claim_frequency_system, "code": "1", "display": "Original claim"}}
+
+
 def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: BillingProvider,
                 payer: dict[str, Any], pos: PlaceOfService, diagnoses: list[dict[str, str]],
                 pointers: list[list[int]], coverages: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -263,6 +270,7 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
     proc_seq = {p.ref: i for i, p in enumerate(procs, start=1)}
     claim: dict[str, Any] = {"resourceType": "Claim"}
     claim.update({
+        "extension": [original_frequency(tables.settings)],
         "identifier": [{"system": tables.settings.claim_identifier_system, "value": claim_identifier(key)}],
         "status": "active",
         "type": _CLAIM_TYPE,
@@ -405,6 +413,13 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     assert isinstance(provider, BillingProvider) and isinstance(pos, PlaceOfService) and isinstance(payer, dict)
     claim = build_claim(session, lines, ctx, provider, payer, pos, plan.codings, plan.pointers, coverages)
     validate_resource(claim, f"Claim for session {key.text()}")
+    if tables.settings.require_837p:
+        from adapter.x12.claim837 import REASON, first_missing
+
+        missing = first_missing(claim, index.get, tables.x12)
+        if missing is not None:
+            why = f"Claim for session {key.text()} waits (ChargeItems written): the X12 837P {missing}"
+            return built, warnings, [Review(p.ref, p.origin, REASON, why) for p in session.procedures]
     built.claim = claim
     return built, warnings, []
 

@@ -109,6 +109,7 @@ RULE_OF_REASON = {
     "missing-diagnosis": Rule.BILLING, "missing-price": Rule.BILLING, "invalid-output": Rule.BILLING,
     "modifier-element": Rule.MODIFIER_ELEMENT, "unmapped-local-code": Rule.LOCAL_CODE,
     "no-row-for-date": Rule.EFFECTIVE, "time-zone-conflict": Rule.DATE, "included-fna-distinct-site": Rule.INCLUDED,
+    "x12-missing-element": Rule.BILLING,
 }
 
 

@@ -50,6 +50,13 @@ def _is_fingerprint(extension: Any) -> bool:
     return isinstance(extension, dict) and str(extension.get("url", "")).endswith("/" + FINGERPRINT_NAME)
 
 
+def _is_original(extension: Any) -> bool:
+    """Claim frequency 1 (original): it says what a Claim without a frequency said before releases wrote one, so
+    a Claim written without it is not changed (nor replaced, once answered) just for its arrival."""
+    return (isinstance(extension, dict) and str(extension.get("url", "")).endswith("/claim-frequency")
+            and (extension.get("valueCoding") or {}).get("code") == "1")
+
+
 def _normalized(value: Any) -> Any:
     """Numbers as a server may give them back (`150.0` for `150`), so a round trip keeps the hash."""
     if isinstance(value, float) and value.is_integer():
@@ -63,12 +70,13 @@ def _normalized(value: Any) -> Any:
 
 def payload(resource: dict[str, Any]) -> dict[str, Any]:
     """What a resource says, as far as ownership and reconciliation compare: all but the server-managed elements
-    (id, meta), the narrative (generated from the rest), the time of writing and the fingerprint itself."""
+    (id, meta), the narrative (generated from the rest), the time of writing, the fingerprint itself and an
+    original claim's frequency 1."""
     skip = (*SERVER_MANAGED, WRITE_TIME_FIELDS.get(resource.get("resourceType", ""), ""))
     out = {k: v for k, v in resource.items() if k not in skip}
     extensions = out.get("extension")
-    if isinstance(extensions, list) and any(_is_fingerprint(e) for e in extensions):
-        kept = [e for e in extensions if not _is_fingerprint(e)]
+    if isinstance(extensions, list) and any(_is_fingerprint(e) or _is_original(e) for e in extensions):
+        kept = [e for e in extensions if not _is_fingerprint(e) and not _is_original(e)]
         if kept:
             out["extension"] = kept
         else:

@@ -280,7 +280,9 @@ def _related_prior(claim: dict[str, Any], prior: str) -> dict[str, Any]:
 def replacement_claim(wanted: dict[str, Any], prior: str, value: str, settings: Settings) -> dict[str, Any]:
     """The Claim that replaces `prior` (answered by a payer): the coding's Claim under the next identifier of the
     chain, naming `prior` (`related` prior) with claim frequency 7."""
-    claim = _related_prior(_extension(_with_identifier(wanted, value), _frequency(settings, "7")), prior)
+    own = [e for e in wanted.get("extension") or [] if e.get("url") != settings.claim_frequency_extension]
+    first = {**wanted, "extension": own} if own else {k: v for k, v in wanted.items() if k != "extension"}
+    claim = _related_prior(_extension(_with_identifier(first, value), _frequency(settings, "7")), prior)
     claim["text"] = claim_text(claim)
     return claim
 

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from adapter.building.validate import validate_resource
 from adapter.client import FhirClient
 from adapter.client.errors import FhirConflict
 from adapter.state.base import ReviewAction, ReviewEntry, StateBackend
+from adapter.validation import validate_resource
 from adapter.worklist.reasons import TASK_INPUTS, TASK_STATUSES, help_for
 
 log = logging.getLogger(__name__)

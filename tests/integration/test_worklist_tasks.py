@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adapter.building.validate import validate_resource
 
 from adapter.client import FhirClient
 from adapter.state import open_state
 from adapter.state.base import StateBackend
+from adapter.validation import validate_resource
 from adapter.worklist.reasons import REASONS
 from adapter.worklist.tasks import task_urls
 

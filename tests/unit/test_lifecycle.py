@@ -323,7 +323,7 @@ def test_the_corrections_sample_has_every_kind() -> None:
     sample = corrections_sample()
     frequencies = {e["valueCoding"]["code"] for r in sample for e in r.get("extension") or []
                    if e["url"] == TABLES.settings.claim_frequency_extension}
-    assert frequencies == {"7", "8"}
+    assert frequencies == {"1", "7", "8"}  # first Claims (in-place updates), replacements, voids
     assert any(r["resourceType"] == "ChargeItem" and r["quantity"]["value"] < 0 for r in sample)
     assert any(e["url"] == TABLES.settings.replaces_extension for r in sample for e in r.get("extension") or [])
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapter.building.validate import validate_resource
-
 from adapter.config import DEFAULT_CANONICAL_BASE
 from adapter.state.base import NewReview, PassRecord, ReviewEntry
 from adapter.state.memory import MemoryState
+from adapter.validation import validate_resource
 from adapter.worklist.reasons import REASONS
 from adapter.worklist.tasks import TaskMirror, task_urls
 from adapter.worklist.web import age_text, parse_users

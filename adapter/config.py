@@ -22,8 +22,8 @@ from adapter.local_codes import LOCAL_CODES_FILE, LocalCodes, load_local_codes
 from adapter.tables.billing import BILLING_FILES, DEFINITIONS_DIR, ICD10CM, BillingTables, load_billing_tables
 from adapter.tables.hl7v2 import FILE as HL7V2_FILE
 from adapter.tables.hl7v2 import Hl7v2Tables, load_hl7v2_tables
+from adapter.tables.x12 import X12Tables, load_x12_tables
 from adapter.urls import normalize_base
-from adapter.x12.tables import X12Tables, load_x12_tables
 
 CodeKey = tuple[str, str]
 """(system, code) of a coding."""
@@ -262,8 +262,9 @@ def _load_settings(path: Path) -> Settings:
     output = _mapping(data.get("output", {}), path, "output")
     pricing = _mapping(data.get("pricing", {}), path, "pricing")
     urls = _mapping(data.get("urls", {}), path, "urls")
+    output_keys = ("claims", "require_837p")
     for name, section, keys in (("session", session, ("time_zone",)), ("guidance", guidance, ("when_missing",)),
-                                ("coding", coding, ("distinct_modifier",)), ("output", output, ("claims",)),
+                                ("coding", coding, ("distinct_modifier",)), ("output", output, output_keys),
                                 ("pricing", pricing, ("when_missing",))):
         check_keys(section, keys, path, name)
     for key in urls:

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from adapter.building.claim837 import Control, Interchange, build_interchange, clean
 from adapter.config import load_tables
 from adapter.pipeline import process, process_paths
 from adapter.sinks.reconcile import plan
 from adapter.sources.files import SourcedResource
-from adapter.x12.claim837 import Control, Interchange, build_interchange, clean
 from adapter.x12.dry_run import dry_run_interchange
 
 from .test_lifecycle_fixtures import _act, _changed, _resources

@@ -414,7 +414,7 @@ def _build_session(session: Session, ctx: _Context) -> tuple[SessionOutput, list
     claim = build_claim(session, lines, ctx, provider, payer, pos, plan.codings, plan.pointers, coverages)
     validate_resource(claim, f"Claim for session {key.text()}")
     if tables.settings.require_837p:
-        from adapter.x12.claim837 import REASON, first_missing
+        from adapter.building.claim837 import REASON, first_missing
 
         missing = first_missing(claim, index.get, tables.x12)
         if missing is not None:

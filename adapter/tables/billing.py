@@ -164,7 +164,7 @@ def load_providers(file: Path, data: dict[str, Any]) -> BillingProviders:
     for key, raw in _mapping(data.get("organizations"), file, "organizations").items():
         entry = f"organizations.{key}"
         item = _mapping(raw, file, entry)
-        check_keys(item, ("name", "npi", "tin", "reference"), file, entry)
+        check_keys(item, ("name", "npi", "tin", "reference", "taxonomy", "address"), file, entry)
         npi = _text(item.get("npi"), file, f"{entry}.npi", required=False)
         if npi is not None and not npi_is_valid(npi):
             raise ConfigError(str(file), f"{entry}.npi", f"{npi!r} is not a valid NPI (10 digits, check digit)")

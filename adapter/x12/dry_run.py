@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from adapter.building.claim837 import Control, Interchange, build_interchange
 from adapter.config import CodeTables
-from adapter.x12.claim837 import Control, Interchange, build_interchange
 
 
 def run_claims(report: Any) -> list[dict[str, Any]]:

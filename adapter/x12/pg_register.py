@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from adapter.building.claim837 import Control
 from adapter.errors import StateError
 from adapter.state.postgres import Cursor, PostgresState, Steps
-from adapter.x12.claim837 import Control
 
 MIGRATIONS: Steps = (
     (1, (

@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapter.building.claim837 import ClaimProblem, Control, Resolve, build_interchange
 from adapter.errors import StateError
 from adapter.hl7v2.files import FolderTransport
 from adapter.hl7v2.mllp import TransportError
-from adapter.x12.claim837 import ClaimProblem, Control, Resolve, build_interchange
-from adapter.x12.tables import X12Tables
+from adapter.tables.x12 import X12Tables
 
 MAX_CONTROL = 999_999_999
 _VOLATILE = ("id", "meta", "text", "created")

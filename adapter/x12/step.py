@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from adapter.building.claim837 import REASON, frequency_of
 from adapter.client.errors import FhirError
 from adapter.coding.engine import Review
 from adapter.extraction.index import reference_of
-from adapter.x12.claim837 import REASON, frequency_of
 from adapter.x12.sink import X12Result, X12Sink
 
 log = logging.getLogger("adapter.x12")

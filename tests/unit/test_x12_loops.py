@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapter.building.claim837 import Control, build_interchange
 from adapter.config import load_tables
 from adapter.pipeline import process_paths
-from adapter.x12.claim837 import Control, build_interchange
 from adapter.x12.dry_run import run_claims
 
 from ..x12check import pyx12_errors

@@ -1,6 +1,6 @@
 """config/x12.yaml (the 837P envelope and value maps) and the billing providers' 837P details.
 
-Pure data: loading these stays cheap, and the builder (adapter.x12.claim837) never reads files.
+Pure data: loading these stays cheap, and the builder (adapter.building.claim837) never reads files.
 """
 
 from __future__ import annotations

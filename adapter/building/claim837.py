@@ -19,7 +19,7 @@ from typing import Any
 
 from adapter.extraction.index import reference_of
 from adapter.tables.billing import NPI_SYSTEM, TIN_SYSTEM
-from adapter.x12.tables import X12Tables
+from adapter.tables.x12 import X12Tables
 
 IMPLEMENTATION = "005010X222A1"
 REASON = "x12-missing-element"

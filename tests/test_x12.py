@@ -124,7 +124,7 @@ def test_dry_run_format_x12_prints_the_interchange_and_names_what_a_claim_lacks(
     assert held.exit_code == 1 and held.stdout == ""
     assert "review: Procedure/s04-fna-1: x12-missing-element: not in the 837P: 2000B SBR09 is required" in held.stderr
     streamed = CliRunner().invoke(cli, ["dry-run", "--format", "x12", "--stream", str(scenarios / "01-single-us")])
-    assert streamed.exit_code == 2 and "coded in memory only" in streamed.output
+    assert streamed.exit_code == 3 and "coded in memory only" in streamed.output
 
 
 def test_the_x12_sink_setting_needs_a_folder(tmp_path: Path) -> None:

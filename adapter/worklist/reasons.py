@@ -108,6 +108,26 @@ REASONS: dict[str, ReasonHelp] = {
     "missing-price": _r(
         "No price", "ChargeItemDefinition",
         "Add a ChargeItemDefinition for the code, or a row to config/chargemaster.yaml, then replay."),
+    "modifier-element": _r(
+        "A modifier element changes what the record means", "the element named in the detail",
+        "Correct the record on the server (the void Encounter, implicitRules, the inactive or merged Patient, "
+        "the order not to perform) or link the right one, then replay."),
+    "unmapped-local-code": _r(
+        "A local procedure code nobody mapped", "Procedure.code, config/local-codes.json",
+        "Map the site's code to SNOMED CT or CPT in config/local-codes.json (or code the Procedure with a "
+        "standard code), then replay."),
+    "no-row-for-date": _r(
+        "No code table row for the date of service", "Procedure.performed[x], config/ (the table named)",
+        "Check the date of service; if it is right, add a table row whose effective period covers it, then "
+        "replay."),
+    "time-zone-conflict": _r(
+        "The facility's time zones give different dates", "Location/Organization timezone extension",
+        "Make the Location's and Organization's timezone extensions agree (or write the time with its local "
+        "offset), then replay."),
+    "included-fna-distinct-site": _r(
+        "An including procedure of the session names another site", "Procedure.partOf, BodyStructure",
+        "Decide whether the FNA was part of the endoscopic procedure: link it by partOf or give it its own "
+        "site, then replay."),
     "invalid-output": _r(
         "The charge built would not be valid FHIR", "ChargeItem, Claim",
         "A bug or a table error: check config/ for the value named in the detail, then replay; report it if "
@@ -124,8 +144,13 @@ REASONS: dict[str, ReasonHelp] = {
         "Look for the error in the adapter's log, fix the cause (or report the bug), then replay."),
     "changed-on-server": _r(
         "Someone else changed a charge we wrote", "ChargeItem, Claim",
-        "A coder decides which coding is right: correct the charge on the server by hand, or dismiss so ours "
-        "stands as it is; the adapter never overwrites another's change."),
+        "A coder decides which coding is right: correct the charge on the server by hand, or set it "
+        "entered-in-error so the coding is written beside it (then replay); dismiss to keep the server's "
+        "version. The adapter never overwrites another's change."),
+    "x12-missing-element": _r(
+        "The Claim lacks what an X12 837P requires", "Claim, Coverage, Patient, config/billing-providers.yaml",
+        "Add the element the detail names (e.g. Coverage.relationship, the patient's street, the billing "
+        "provider's address), then replay."),
     # -- HL7 v2 sink -------------------------------------------------------------------------------------------
     "hl7v2-missing-mrn": _r(
         "No MRN for PID-3", "Patient.identifier",

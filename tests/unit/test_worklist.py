@@ -110,7 +110,7 @@ def test_review_dismiss_on_the_command_line_needs_a_note_and_an_open_entry(tmp_p
     config = tmp_path / "adapter.yaml"
     config.write_text(f"state: {tmp_path / 'state.sqlite'}\n")
     run = CliRunner().invoke
-    assert run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", " "]).exit_code == 2
+    assert run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", " "]).exit_code == 3
     done = run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", "billed by hand"])
     assert done.exit_code == 0 and "dismissed" in done.output
     assert run(cli, ["--config", str(config), "review", "dismiss", str(entry.id), "--note", "x"]).exit_code == 1

@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from adapter.errors import FhirError
 from adapter.extraction.procedures import RULE_OF_REASON
 from adapter.pipeline import process
-from adapter.redact import MASK, FreeText
+from adapter.redact import FreeText
 from adapter.report import explain
 from adapter.sources.files import SourcedResource
 from adapter.state.base import ReviewAction, ReviewEntry, StateBackend
@@ -361,8 +361,7 @@ def worklist_of(service: Any, token: str, env: dict[str, str]) -> Worklist:
         pushed = [SourcedResource(r, f"pushed {r.get('resourceType')}/{r.get('id')}") for r in entry.resources]
         report = process([*ctx.resources, *pushed], service.tables, server_base=service.client.base_url)
         text = explain(report, service.tables, entry.procedure if entry.procedure.startswith("Procedure/") else None)
-        pattern = FreeText.of(r.resource for r in [*ctx.resources, *pushed]).pattern
-        return pattern.sub(MASK, text) if pattern is not None else text
+        return FreeText.of(r.resource for r in [*ctx.resources, *pushed]).mask(text)
 
     return Worklist(service.state, service.replay, token=token, users=users,
                     show_patient_names=conf.show_patient_names, read=service.client.read, history=history,

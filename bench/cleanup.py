@@ -8,8 +8,11 @@ whatever still references it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
+
+from adapter.client.errors import FhirConflict
 
 OUTPUT_SEARCHES = (("ChargeItem", "subject"), ("Claim", "patient"))
 """What the adapter writes, and the search parameter naming the patient."""
@@ -49,7 +52,7 @@ def remove(client: Any, resources: Iterable[dict[str, Any]], batch: int = 400) -
     deleted = 0
     entries: list[dict[str, Any]] = []
     for refs in groups.values():
-        entries += [{"request": {"method": "DELETE", "url": ref}} for ref in refs]
+        entries += [{"request": {"method": "DELETE", "url": ref}} for ref in dict.fromkeys(refs)]
         if len(entries) >= batch:
             deleted += _delete(client, entries)
             entries = []
@@ -58,6 +61,15 @@ def remove(client: Any, resources: Iterable[dict[str, Any]], batch: int = 400) -
     return deleted
 
 
-def _delete(client: Any, entries: list[dict[str, Any]]) -> int:
-    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True)
-    return len(entries)
+def _delete(client: Any, entries: list[dict[str, Any]], attempts: int = 6) -> int:
+    """One delete transaction, tried again on HAPI's 409 "version constraint failure": HAPI's own background
+    work (indexing, Subscription matching) may hold a row of the batch for a moment; the delete is idempotent."""
+    for attempt in range(1, attempts + 1):
+        try:
+            client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries}, idempotent=True)
+            return len(entries)
+        except FhirConflict:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
+    return 0

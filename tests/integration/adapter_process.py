@@ -34,6 +34,11 @@ TOKEN = logscan.secret("test-receiver-token-not-a-secret")
 HERE = Path(__file__).resolve().parent
 
 
+ONLY_NEW = {"overlap_seconds": 0}
+"""Poll settings for a test that counts what one pass did: no look-back before the cursor, so Procedures an
+earlier test wrote in its last seconds (on the same server) are not picked up too."""
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():

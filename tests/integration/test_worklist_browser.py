@@ -16,7 +16,7 @@ from playwright.sync_api import Browser, sync_playwright
 from adapter.client import FhirClient
 from adapter.worklist.reasons import REASONS
 
-from .adapter_process import TOKEN, Adapter, billed
+from .adapter_process import ONLY_NEW, TOKEN, Adapter, billed
 from .helpers import free_port, namespaced, patients_of, server_now, wait_for
 from .worklist_helpers import give_scenario_80_a_payer, page_answers
 
@@ -36,7 +36,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
 @pytest.fixture
 def adapter(tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
-    runner = Adapter(tmp_path, hapi_url, worklist={"port": free_port(), "task_poll_seconds": 0})
+    runner = Adapter(tmp_path, hapi_url, worklist={"port": free_port(), "task_poll_seconds": 0}, poll=ONLY_NEW)
     yield runner
     runner.stop_all()
 

@@ -15,14 +15,14 @@ import requests
 from adapter.client import FhirClient
 from adapter.worklist.reasons import REASONS
 
-from .adapter_process import TABLES, TOKEN, Adapter, billed
+from .adapter_process import ONLY_NEW, TABLES, TOKEN, Adapter, billed
 from .helpers import free_port, namespaced, patients_of, resources_of, server_now, wait_for
 from .worklist_helpers import give_scenario_80_a_payer, page_answers
 
 
 @pytest.fixture
 def adapter(tmp_path: Path, hapi_url: str) -> Iterator[Adapter]:
-    runner = Adapter(tmp_path, hapi_url, worklist={"port": free_port(), "task_poll_seconds": 0})
+    runner = Adapter(tmp_path, hapi_url, worklist={"port": free_port(), "task_poll_seconds": 0}, poll=ONLY_NEW)
     yield runner
     runner.stop_all()
 
@@ -120,7 +120,7 @@ def test_a_coder_logs_in_filters_reads_replays_and_dismisses(client: FhirClient,
 
 def test_serve_serves_the_page_and_its_loop_acts_on_a_cancelled_task(client: FhirClient, tmp_path: Path,
                                                                       hapi_url: str, fhir_ns: str) -> None:
-    adapter = Adapter(tmp_path, hapi_url, worklist={"task_poll_seconds": 1})
+    adapter = Adapter(tmp_path, hapi_url, worklist={"task_poll_seconds": 1}, poll=ONLY_NEW)
     try:
         adapter.start_cursor_at(server_now(client))
         client.transaction(namespaced("31", fhir_ns))  # modality-missing

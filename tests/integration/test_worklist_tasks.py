@@ -17,7 +17,7 @@ from adapter.validation import validate_resource
 from adapter.worklist.reasons import REASONS
 from adapter.worklist.tasks import task_urls
 
-from .adapter_process import TABLES, Adapter, billed
+from .adapter_process import ONLY_NEW, TABLES, Adapter, billed
 from .helpers import namespaced, patients_of, resources_of, server_now
 from .worklist_helpers import give_scenario_80_a_payer
 
@@ -41,7 +41,7 @@ def test_review_items_live_as_tasks_and_coders_act_through_them(
         client: FhirClient, tmp_path: Path, hapi_url: str, fhir_ns: str, backend: str,
         request: pytest.FixtureRequest) -> None:
     location = str(tmp_path / "state.sqlite") if backend == "sqlite" else request.getfixturevalue("pg_url")
-    adapter = Adapter(tmp_path, hapi_url, state={"location": location})
+    adapter = Adapter(tmp_path, hapi_url, state={"location": location}, poll=ONLY_NEW)
     state = open_state(location)
     state.set_cursor(server_now(client))
     bundles = {n: namespaced(n, fhir_ns) for n in ("31", "30", "80")}  # modality-missing/-conflict, missing-payer

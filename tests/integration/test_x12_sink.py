@@ -10,7 +10,7 @@ from pathlib import Path
 from adapter.client import FhirClient
 
 from ..x12check import pyx12_errors
-from .adapter_process import Adapter
+from .adapter_process import ONLY_NEW, Adapter
 from .helpers import namespaced, patients_of, resources_of, server_now
 from .test_lifecycle import claims, with_a_lesion_more
 
@@ -22,10 +22,10 @@ def test_run_writes_interchanges_and_a_replacement_names_the_payers_claim(
     client.transaction(bundle)
     patients = patients_of(resources_of(bundle))
     outbox = tmp_path / "837"
-    runner = Adapter(tmp_path, hapi_url, sinks={"x12": {"enabled": True, "folder": str(outbox)}})
+    runner = Adapter(tmp_path, hapi_url, sinks={"x12": {"enabled": True, "folder": str(outbox)}}, poll=ONLY_NEW)
     runner.start_cursor_at(since)
     first = runner.cmd("run", "--once")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 0, first.stderr + runner.cmd("review", "list").stdout
     assert sorted(p.name for p in outbox.iterdir()) == ["837P-000000001.x12"]
     original = (outbox / "837P-000000001.x12").read_text()
     assert pyx12_errors(original) == [] and ":B:1*" in original and "SV1*HC:10006*412*UN*2" in original

@@ -162,11 +162,28 @@ def sample(prefix: str, seed: int, loaded: Resources) -> tuple[Resources, str]:
     return resources, f"Procedure/{proc['id']}"
 
 
+def delivering(client: FhirClient, serve: Serve, run: str, loaded: Resources, attempts: int = 6) -> None:
+    """Wait, outside the timed samples, until HAPI delivers: its REST API says a Subscription is `active` before
+    its matcher has loaded it, so a write in the first seconds may never be notified (`serve`'s safety poll
+    covers that in production; the bench turns it off). Each attempt is a new Procedure, so a new notification."""
+    for attempt in range(attempts):
+        resources, proc = sample(f"l{run}w{attempt}-", 1000 + attempt, loaded)
+        put_all(client, resources)
+        try:
+            recorded_at(serve.state, [proc], timeout=15)
+            return
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"HAPI delivered no notification for Subscription/{serve.subscription} in {attempts} "
+                       "attempts of 15 s")
+
+
 def measure(client: FhirClient, serve: Serve, run: str, samples: int, backlog: int,
             loaded: list[dict[str, Any]]) -> None:
     serve.start()
     try:
         serve.cli("subscribe")
+        delivering(client, serve, run, loaded)
         hapi: list[float] = []
         for i in range(samples):
             resources, proc = sample(f"l{run}h{i}-", i, loaded)

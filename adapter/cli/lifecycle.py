@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,16 +22,18 @@ def stop_on_signals(stop: Callable[[], None]) -> threading.Event:
 
     The handler only records the signal: calling into threading from a handler can deadlock when a second
     signal interrupts the first handler inside a lock (two SIGTERMs in a row do that). A watcher thread acts.
+    It waits on an event, not with time.sleep: on a host whose wall clock is faked (libfaketime, the skewed-clock
+    tests) time.sleep fails with EINVAL, the watcher died and SIGTERM was never acted on.
     """
     received: list[int] = []
-    stopping = threading.Event()
+    stopping, tick = threading.Event(), threading.Event()  # `tick` is never set: only its timed wait is used
 
     def handler(signum: int, _frame: Any) -> None:
         received.append(signum)
 
     def watch() -> None:
         while not received:
-            time.sleep(0.1)
+            tick.wait(0.1)
         click.echo(f"{signal.Signals(received[0]).name}: stopping after the current work", err=True)
         stop()
         stopping.set()

@@ -202,7 +202,7 @@ def test_any_mix_of_scenarios_in_any_file_shape_streams_to_the_same_bytes(
 
 def test_dry_run_streams_by_itself_above_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the size threshold `dry-run` takes the streaming path (nothing else tells them apart)."""
-    import adapter.cli as cli_module
+    import adapter.cli.offline as cli_module
 
     used: list[str] = []
     real = cli_module.stream_paths

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -124,21 +125,48 @@ class Adapter:
         wait_for(listening, timeout, "the adapter to listen")
 
     def stop_all(self) -> None:
+        """SIGTERM to each process group, then wait until the whole group is gone, not only the process we
+        started: a wrapper such as `faketime` forks the adapter and dies at once on SIGTERM, which would leave
+        the adapter running on with PPID 1. A group still alive after 30 s gets SIGUSR1 (its stacks) and SIGKILL."""
         for proc in self.procs:
-            if proc.poll() is None:
-                with_group = proc.pid
-                try:
-                    os.killpg(with_group, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(with_group, signal.SIGUSR1)  # the stacks of the hung process, into its log
-                    time.sleep(1)
-                    os.killpg(with_group, signal.SIGKILL)
-                    proc.wait(10)
+            group = proc.pid
+            if proc.poll() is not None and not live_members(group):
+                continue
+            with suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+            if group_gone(proc, 30):
+                continue
+            with suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGUSR1)  # the stacks of the hung process, into its log
+                time.sleep(1)
+                os.killpg(group, signal.SIGKILL)
+            if not group_gone(proc, 10):
+                raise AssertionError(f"process group {group} ({' '.join(proc.args)}) outlived SIGKILL: "
+                                     f"{live_members(group)}")
 
+
+def live_members(group: int) -> list[int]:
+    """The processes of a process group that have not exited (zombies have), read from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # state, ppid, pgrp, ...
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[2]) == group and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def group_gone(proc: subprocess.Popen[str], timeout: float) -> bool:
+    """Whether `proc` exited and no process of its group is left, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None and not live_members(proc.pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 def notify_put(adapter: Adapter, procedure: dict[str, Any], timeout: float = 10) -> requests.Response:
     """What a HAPI rest-hook Subscription with payload sends."""

@@ -263,3 +263,5 @@ def test_a_replica_20_minutes_off_reports_true_ages_and_retries_with_backoff(
                                                   f"{'ahead of' if minutes > 0 else 'behind'} the state's")
         else:  # one file, one host: the state's clock is the process's own
             assert body["clock_skew_seconds"] == 0 and "warnings" not in body
+    for minutes, adapter in adapters.items():  # SIGTERM was acted on under libfaketime: a clean stop, no kill
+        assert "stopped" in adapter.log().splitlines(), f"{minutes:+d} min: {adapter.log()[-2000:]}"

@@ -225,8 +225,10 @@ def _subscriber(ctx: _Ctx, coverage: dict[str, Any], patient: dict[str, Any], hl
     member = _require(coverage.get("subscriberId"), "2010BA NM109", "Coverage.subscriberId (member id) is missing")
     group = next((c.get("value") for c in coverage.get("class") or []
                   if isinstance(c, dict) and (_coding(c.get("type")) or {}).get("code") == "group"), None)
-    payors = [ref for ref in (reference_of(p) for p in coverage.get("payor") or []) if ref]
-    payer = ctx.resolve(payors[0]) if payors else None
+    payor = next((p for p in coverage.get("payor") or [] if isinstance(p, dict)), {})
+    payer = ctx.resolve(reference_of(payor)) if reference_of(payor) else None
+    if payer is None and isinstance(payor.get("identifier"), dict):  # a logical reference: its identifier, name
+        payer = {"identifier": [payor["identifier"]], "name": payor.get("display")}
     payer_name = _require((payer or {}).get("name") or (ctx.claim.get("insurer") or {}).get("display"),
                           "2010BB NM103", "the payer (Coverage.payor) has no name")
     payer_id = _require(_identifier(payer, ctx.tables.payer_id_systems), "2010BB NM109",

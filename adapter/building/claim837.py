@@ -182,13 +182,14 @@ def _billing_provider(ctx: _Ctx) -> list[str]:
     provider = ctx.claim.get("provider") or {}
     org = _provider_organization(ctx)
     where = str(provider.get("reference") or "Claim.provider")
+    note = ", contained: written from config/billing-providers.yaml" if where.startswith("#") else ""
     if provider.get("reference") and org is None:
         raise Missing("2010AA NM1", f"the billing provider {where} is neither contained in the Claim nor in the input")
     logical = provider.get("identifier") or {}
     npi = _identifier(org, [NPI_SYSTEM]) or (logical.get("value") if logical.get("system") == NPI_SYSTEM else None)
     tin = _identifier(org, [TIN_SYSTEM]) or (logical.get("value") if logical.get("system") == TIN_SYSTEM else None)
-    npi = _require(npi, "2010AA NM109", f"the billing provider ({where}) has no NPI")
-    what = f"the billing provider {where} (NPI {npi})"
+    npi = _require(npi, "2010AA NM109", f"the billing provider ({where}{note}) has no NPI")
+    what = f"the billing provider {where} (NPI {npi}{note})"
     tin = _require(tin, "2010AA REF02", f"{what} has no tax id (TIN, identifier system {TIN_SYSTEM})")
     name = _require((org or {}).get("name") or provider.get("display"), "2010AA NM103", f"{what} has no name")
     taxonomy = next((c["code"] for t in (org or {}).get("type") or []

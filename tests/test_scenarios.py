@@ -37,9 +37,13 @@ def short(ref: str) -> str:
 
 
 def _billing_provider(claim: dict[str, Any]) -> str:
-    """`Organization/x` for a provider of the input, `NPI n` for a configured one (a logical reference)."""
+    """`Organization/x` for a provider of the input, `NPI n` for a configured one (contained in the Claim)."""
     provider = claim["provider"]
-    return provider.get("reference") or f"NPI {provider['identifier']['value']}"
+    if provider["reference"].startswith("#"):
+        [org] = [c for c in claim["contained"] if c["id"] == provider["reference"][1:]]
+        assert provider["identifier"] == org["identifier"][0]  # the reference names what the Organization holds
+        return f"NPI {provider['identifier']['value']}"
+    return str(provider["reference"])
 
 
 def _line(line: Any, item: dict[str, Any]) -> dict[str, Any]:

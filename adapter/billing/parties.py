@@ -12,21 +12,80 @@ from typing import Any
 
 from adapter.extraction.index import ResourceIndex
 from adapter.extraction.procedures import Finding, ProcedureFacts
-from adapter.tables.billing import NPI_SYSTEM, TIN_SYSTEM, BillingTables
+from adapter.tables.billing import NPI_SYSTEM, TIN_SYSTEM, BillingOrganization, BillingProviders, BillingTables
 
 Gap = Finding
 """Something the Claim needs and the input plus tables cannot give: a review reason and a sentence."""
+CONTAINED_PROVIDER = "billing-provider"
+"""The id of the Organization a Claim contains for a configured billing provider (Claim.provider
+`#billing-provider`)."""
+TAXONOMY_SYSTEM = "http://nucc.org/provider-taxonomy"
 
 
 @dataclass(frozen=True)
 class BillingProvider:
     reference: dict[str, Any]
-    """Claim.provider: a literal reference, or (a configured organization not on the server) a logical one by
-    its NPI, else its TIN."""
+    """Claim.provider: a literal reference to the input's Organization, or (a configured organization not on
+    the server) `#billing-provider`, the Organization in `contained`, with its NPI (else TIN) and name."""
     venue: str | None
     """`Organization/x` when the provider is a server resource: what a ChargeItemDefinition's venue names."""
     source: str
     display: str
+    contained: dict[str, Any] | None = None
+    """The Organization the Claim contains (a configured organization without `reference`): NPI, TIN, taxonomy,
+    address; what the X12 837P billing provider (loop 2010AA) reads."""
+
+
+def contained_organization(org: BillingOrganization) -> dict[str, Any]:
+    """A configured billing organization as the Organization a Claim contains: everything the 837P's loop 2010AA
+    needs (NPI, TIN, taxonomy, address) travels in the Claim."""
+    out: dict[str, Any] = {"resourceType": "Organization", "id": CONTAINED_PROVIDER}
+    identifiers = [{"system": NPI_SYSTEM, "value": org.npi}] if org.npi else []
+    identifiers += [{"system": TIN_SYSTEM, "value": org.tin}] if org.tin else []
+    out["identifier"] = identifiers
+    out["active"] = True
+    if org.taxonomy:
+        out["type"] = [{"coding": [{"system": TAXONOMY_SYSTEM, "code": org.taxonomy}]}]
+    out["name"] = org.name
+    if org.address:
+        out["address"] = [{"use": "work", **org.address}]
+    return out
+
+
+def configured_provider(org: BillingOrganization, where: str) -> BillingProvider:
+    """Claim.provider of a configured organization: a literal reference to its server Organization
+    (`reference`), else `#billing-provider` and the Organization contained in the Claim."""
+    ref: dict[str, Any] = {"reference": org.reference} if org.reference else {
+        "reference": f"#{CONTAINED_PROVIDER}", "type": "Organization"}
+    if org.npi or org.tin:
+        ref["identifier"] = {"system": NPI_SYSTEM if org.npi else TIN_SYSTEM, "value": org.npi or org.tin}
+    ref["display"] = org.name
+    return BillingProvider(ref, org.reference, where, org.name,
+                           None if org.reference else contained_organization(org))
+
+
+def with_contained_provider(claim: dict[str, Any], providers: BillingProviders) -> dict[str, Any]:
+    """`claim` (one a release before the contained billing provider wrote) with it: when Claim.provider is a
+    logical reference whose NPI (else TIN) is a configured organization's, that organization, contained. Used
+    for the void of such a Claim, so the 837P has the billing provider it needs; any other Claim as it is."""
+    provider = claim.get("provider")
+    if not isinstance(provider, dict) or provider.get("reference") or claim.get("contained"):
+        return claim
+    ident = provider.get("identifier") if isinstance(provider.get("identifier"), dict) else {}
+    system, value = ident.get("system"), ident.get("value")
+    org = next((o for o in providers.organizations.values() if not o.reference and value
+                and value == (o.npi if system == NPI_SYSTEM else o.tin if system == TIN_SYSTEM else None)), None)
+    if org is None:
+        return claim
+    built = configured_provider(org, "")
+    out: dict[str, Any] = {}
+    for key, item in claim.items():
+        if key == "extension" and "contained" not in out:
+            out["contained"] = [built.contained]
+        out[key] = built.reference if key == "provider" else item
+    if "contained" not in out:
+        out["contained"] = [built.contained]
+    return out
 
 
 @dataclass(frozen=True)
@@ -103,13 +162,7 @@ def billing_provider(procedures: list[ProcedureFacts], performer: str, encounter
         return Gap("missing-billing-provider",
                    f"no billing organization: {performer} acts through no PractitionerRole with an organization "
                    "and no performer.onBehalfOf, and config/billing-providers.yaml has no match and no default")
-    org = providers.organizations[key]
-    where = f"config/billing-providers.yaml {source} -> {key}"
-    ref = {"reference": org.reference} if org.reference else {"type": "Organization"}
-    if org.npi or org.tin:
-        ref["identifier"] = {"system": NPI_SYSTEM if org.npi else TIN_SYSTEM, "value": org.npi or org.tin}
-    ref["display"] = org.name
-    return BillingProvider(ref, org.reference, where, org.name)
+    return configured_provider(providers.organizations[key], f"config/billing-providers.yaml {source} -> {key}")
 
 
 def _period_covers(period: Any, day: date) -> bool:

@@ -2,9 +2,10 @@
 
 Nothing here codes: every CPT, modifier, unit, price, diagnosis and place of service is read from a Claim
 (built by adapter.building, corrected by adapter.sinks.reconcile), and the parties from the resources the
-Claim references (Patient, Coverage and its payor, Practitioner, ServiceRequest, Encounter and Location) plus
-config/billing-providers.yaml and config/x12.yaml. A Claim that lacks an element the 837P requires is left
-out of the interchange and reported (`Missing`) naming the loop, segment and element. Pure: no I/O.
+Claim contains (its billing provider's Organization) or references (Patient, Coverage and its payor,
+Practitioner, ServiceRequest, Encounter and Location), with config/x12.yaml for the envelope and value maps
+only. A Claim that lacks an element the 837P requires is left out of the interchange and reported (`Missing`)
+naming the loop, segment and element. Pure: no I/O.
 docs/output.md "X12 837P" maps each element to its source.
 """
 
@@ -17,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from adapter.billing.parties import TAXONOMY_SYSTEM
 from adapter.extraction.index import reference_of
 from adapter.tables.billing import NPI_SYSTEM, TIN_SYSTEM
 from adapter.tables.x12 import X12Tables
@@ -24,7 +26,6 @@ from adapter.tables.x12 import X12Tables
 IMPLEMENTATION = "005010X222A1"
 REASON = "x12-missing-element"
 FREQUENCY_URL_SUFFIX = "/StructureDefinition/claim-frequency"
-TAXONOMY_SYSTEM = "http://nucc.org/provider-taxonomy"
 CLAIM_PREFIX = "fna-claim-"
 GENDER = {"female": "F", "male": "M"}
 _BAD = re.compile(r"[*~:^\r\n]+")
@@ -164,28 +165,40 @@ class _Ctx:
     billing_address: dict[str, Any] | None = None
 
 
+def _provider_organization(ctx: _Ctx) -> dict[str, Any] | None:
+    """The Organization Claim.provider refers to: contained in the Claim (`#id`), else the input's resource."""
+    ref = (ctx.claim.get("provider") or {}).get("reference")
+    if not isinstance(ref, str):
+        return None
+    if ref.startswith("#"):
+        return next((c for c in ctx.claim.get("contained") or []
+                     if isinstance(c, dict) and c.get("id") == ref[1:]), None)
+    return ctx.resolve(reference_of(ctx.claim["provider"]))
+
+
 def _billing_provider(ctx: _Ctx) -> list[str]:
-    """Loops 2000A and 2010AA: PRV*BI, NM1*85 (NPI), N3/N4, REF*EI (TIN)."""
+    """Loops 2000A and 2010AA: PRV*BI, NM1*85 (NPI), N3/N4, REF*EI (TIN), all from Claim.provider's Organization
+    (contained in the Claim, or the input's); a logical reference gives only its NPI (or TIN) and name."""
     provider = ctx.claim.get("provider") or {}
-    org = ctx.resolve(reference_of(provider)) if provider.get("reference") else None
+    org = _provider_organization(ctx)
+    where = str(provider.get("reference") or "Claim.provider")
+    note = ", contained: written from config/billing-providers.yaml" if where.startswith("#") else ""
+    if provider.get("reference") and org is None:
+        raise Missing("2010AA NM1", f"the billing provider {where} is neither contained in the Claim nor in the input")
     logical = provider.get("identifier") or {}
     npi = _identifier(org, [NPI_SYSTEM]) or (logical.get("value") if logical.get("system") == NPI_SYSTEM else None)
     tin = _identifier(org, [TIN_SYSTEM]) or (logical.get("value") if logical.get("system") == TIN_SYSTEM else None)
-    configured = ctx.tables.provider(npi, tin)
-    npi = _require(npi or (configured.npi if configured else None), "2010AA NM109",
-                   "the billing provider (Claim.provider) has no NPI")
-    tin = _require(tin or (configured.tin if configured else None), "2010AA REF02",
-                   f"the billing provider NPI {npi} has no tax id (TIN) in the input or config/billing-providers.yaml")
-    name = (org or {}).get("name") or provider.get("display") or (configured.name if configured else None)
-    name = _require(name, "2010AA NM103", f"the billing provider NPI {npi} has no name")
-    taxonomy = (_coding((org or {}).get("type", [None])[0] if (org or {}).get("type") else None, TAXONOMY_SYSTEM)
-                or {}).get("code") or (configured.taxonomy if configured else None)
-    address = _first_address(org) or (configured.address if configured else None)
+    npi = _require(npi, "2010AA NM109", f"the billing provider ({where}{note}) has no NPI")
+    what = f"the billing provider {where} (NPI {npi}{note})"
+    tin = _require(tin, "2010AA REF02", f"{what} has no tax id (TIN, identifier system {TIN_SYSTEM})")
+    name = _require((org or {}).get("name") or provider.get("display"), "2010AA NM103", f"{what} has no name")
+    taxonomy = next((c["code"] for t in (org or {}).get("type") or []
+                     for c in [_coding(t, TAXONOMY_SYSTEM)] if c), None)
+    address = _first_address(org)
     out = [_segment("PRV", "BI", "PXC", taxonomy)] if taxonomy else []
     out.append(_segment("NM1", "85", "2", clean(name, 60), "", "", "", "", "XX", npi))
     ctx.billing_address = address
-    out += address_segments(address, "2010AA", f"the billing provider NPI {npi} (address in "
-                                                "config/billing-providers.yaml or its Organization)")
+    out += address_segments(address, "2010AA", what)
     out.append(_segment("REF", "EI", tin))
     return out
 
@@ -213,8 +226,10 @@ def _subscriber(ctx: _Ctx, coverage: dict[str, Any], patient: dict[str, Any], hl
     member = _require(coverage.get("subscriberId"), "2010BA NM109", "Coverage.subscriberId (member id) is missing")
     group = next((c.get("value") for c in coverage.get("class") or []
                   if isinstance(c, dict) and (_coding(c.get("type")) or {}).get("code") == "group"), None)
-    payors = [ref for ref in (reference_of(p) for p in coverage.get("payor") or []) if ref]
-    payer = ctx.resolve(payors[0]) if payors else None
+    payor = next((p for p in coverage.get("payor") or [] if isinstance(p, dict)), {})
+    payer = ctx.resolve(reference_of(payor)) if reference_of(payor) else None
+    if payer is None and isinstance(payor.get("identifier"), dict):  # a logical reference: its identifier, name
+        payer = {"identifier": [payor["identifier"]], "name": payor.get("display")}
     payer_name = _require((payer or {}).get("name") or (ctx.claim.get("insurer") or {}).get("display"),
                           "2010BB NM103", "the payer (Coverage.payor) has no name")
     payer_id = _require(_identifier(payer, ctx.tables.payer_id_systems), "2010BB NM109",

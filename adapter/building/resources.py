@@ -269,6 +269,8 @@ def build_claim(session: Session, lines: list[_Line], ctx: _Context, provider: B
     procs = session.procedures
     proc_seq = {p.ref: i for i, p in enumerate(procs, start=1)}
     claim: dict[str, Any] = {"resourceType": "Claim"}
+    if provider.contained is not None:  # the billing provider's NPI, TIN, taxonomy and address travel in the Claim
+        claim["contained"] = [provider.contained]
     claim.update({
         "extension": [original_frequency(tables.settings)],
         "identifier": [{"system": tables.settings.claim_identifier_system, "value": claim_identifier(key)}],

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from adapter.billing.parties import CONTAINED_PROVIDER
 from adapter.building.resources import WRITE_TIME_FIELDS
 
 FINGERPRINT_NAME = "written-fingerprint"
@@ -118,10 +119,36 @@ def stamped(resource: dict[str, Any], url: str) -> dict[str, Any]:
     return out
 
 
+def _contains_provider(claim: dict[str, Any]) -> bool:
+    provider = claim.get("provider")
+    return isinstance(provider, dict) and provider.get("reference") == f"#{CONTAINED_PROVIDER}"
+
+
+def without_contained_provider(claim: dict[str, Any]) -> dict[str, Any]:
+    """`claim` as releases before the contained billing provider wrote it: Claim.provider the logical reference
+    (type, identifier, display) without `#billing-provider`, and that Organization not contained."""
+    if not _contains_provider(claim):
+        return claim
+    out = {k: v for k, v in claim.items() if k != "contained"}
+    kept = [c for c in claim.get("contained") or [] if not (isinstance(c, dict) and c.get("id") == CONTAINED_PROVIDER)]
+    if kept:
+        out["contained"] = kept
+    out["provider"] = {k: v for k, v in claim["provider"].items() if k != "reference"}
+    return out
+
+
 def same_content(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Equal but for server-managed elements, the narrative, the time of writing and the fingerprint:
-    re-coding the same input is never a change."""
-    return payload(existing) == payload(wanted)
+    re-coding the same input is never a change.
+
+    A Claim written before the billing provider was contained in it is compared with the wanted Claim as that
+    release wrote it (`without_contained_provider`): its arrival alone neither updates a Claim that is still
+    ours nor replaces an answered one; a change of anything else writes the whole new Claim, contained provider
+    and all. Once a Claim holds it, the contained Organization is content like any other."""
+    if payload(existing) == payload(wanted):
+        return True
+    return (existing.get("resourceType") == "Claim" and _contains_provider(wanted) and not _contains_provider(existing)
+            and payload(existing) == payload(without_contained_provider(wanted)))
 
 
 def standing(resource: dict[str, Any], answered: frozenset[str] | set[str] = frozenset()) -> Standing:

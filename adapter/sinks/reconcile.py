@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from adapter.billing.parties import with_contained_provider
 from adapter.building.identifiers import full_url
 from adapter.building.narrative import charge_item_text, claim_text
 from adapter.building.resources import WRITE_TIME_FIELDS, SessionOutput, conditional_url, instant
@@ -293,7 +294,9 @@ def void_claim(prior: dict[str, Any], value: str, settings: Settings, written_at
     own = [e for e in prior.get("extension") or [] if isinstance(e, dict) and e.get("url") not in ours]
     body = {k: copy.deepcopy(v) for k, v in prior.items()
             if k not in (*SERVER_MANAGED, "extension", "resourceType", "related")}
-    claim = {"resourceType": "Claim", "text": None, "extension": [*own, _frequency(settings, "8")], **body}
+    contained = {"contained": body.pop("contained")} if "contained" in body else {}
+    claim = {"resourceType": "Claim", "text": None, **contained, "extension": [*own, _frequency(settings, "8")],
+             **body}
     claim = _with_identifier(claim, value)
     claim["status"] = "active"
     claim[WRITE_TIME_FIELDS["Claim"]] = written_at
@@ -371,6 +374,8 @@ class _OthersVoid:
 class _Planner:
     def __init__(self, tables: CodeTables, answered: frozenset[str], written_at: str) -> None:
         self.settings = tables.settings
+        self.providers = tables.billing.providers
+        """For the void of a Claim written before the contained billing provider (`with_contained_provider`)."""
         self.answered = answered
         self.written_at = written_at
         self.result = Plan()
@@ -480,7 +485,8 @@ class _Planner:
                 validate_resource(claim, f"replacement of {ref}")
                 entries = [new_entry(claim, self.settings)]
             else:
-                claim = void_claim(current, following, self.settings, self.written_at)
+                claim = void_claim(with_contained_provider(current, self.providers), following, self.settings,
+                                   self.written_at)
                 validate_resource(claim, f"void of {ref}")
                 entries = [new_entry(claim, self.settings)]
         except InvalidOutputError as exc:
@@ -526,7 +532,7 @@ class _Planner:
         bills, so the payer must get the void of the answered one. The replacement is still ours: it becomes
         that void (frequency 8) in place."""
         try:
-            claim = void_claim(prior, value, self.settings, self.written_at)
+            claim = void_claim(with_contained_provider(prior, self.providers), value, self.settings, self.written_at)
             validate_resource(claim, f"void of Claim/{prior['id']}")
         except InvalidOutputError as exc:
             self.result.unvoidable.append((ref, str(exc)))

@@ -8,6 +8,7 @@ decisions would all go to review); a table may be empty (`items: []`). Unknown k
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
@@ -23,6 +24,7 @@ DEFINITIONS_DIR = "charge-definitions"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 TIN_SYSTEM = "urn:oid:2.16.840.1.113883.4.4"
+_TAXONOMY = re.compile(r"^[0-9A-Z]{9}X$")
 POS_SYSTEM = "https://www.cms.gov/Medicare/Coding/place-of-service-codes/Place_of_Service_Code_Set"
 
 
@@ -46,7 +48,12 @@ class BillingOrganization:
     npi: str | None = None
     tin: str | None = None
     reference: str | None = None
-    """`Organization/x` when the organization exists on the server; else it is written as a contained resource."""
+    """`Organization/x` when the organization exists on the server (which then holds its details); else it is
+    written as an Organization contained in the Claim, with the details below."""
+    taxonomy: str | None = None
+    """NUCC provider taxonomy code (the X12 837P PRV*BI), written as a `type` of the contained Organization."""
+    address: dict[str, Any] | None = None
+    """FHIR Address shape: line (1 or 2 texts), city, state, postalCode (digits; the 837P N3/N4)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,25 @@ def _pos_code(value: Any, file: Path, entry: str, codes: dict[str, str]) -> str:
     return code
 
 
+def _address(value: Any, file: Path, entry: str) -> dict[str, Any] | None:
+    """A US postal address: 1 or 2 street lines, city, a 2-letter state and a 5- or 9-digit ZIP code."""
+    if value is None:
+        return None
+    item = _mapping(value, file, entry)
+    check_keys(item, ("line", "city", "state", "postalCode"), file, entry)
+    lines = item.get("line")
+    if not isinstance(lines, list) or not 1 <= len(lines) <= 2:
+        raise ConfigError(str(file), f"{entry}.line", "must be a list of 1 or 2 street lines")
+    state = _req(item.get("state"), file, f"{entry}.state")
+    if not re.fullmatch(r"[A-Z]{2}", state):
+        raise ConfigError(str(file), f"{entry}.state", f"{state!r} is not a 2-letter state code such as IL")
+    postal = _req(item.get("postalCode"), file, f"{entry}.postalCode")
+    if not re.fullmatch(r"\d{5}(-?\d{4})?", postal):
+        raise ConfigError(str(file), f"{entry}.postalCode", f"{postal!r} is not a 5- or 9-digit ZIP code")
+    return {"line": [_req(x, file, f"{entry}.line[{i}]") for i, x in enumerate(lines)],
+            "city": _req(item.get("city"), file, f"{entry}.city"), "state": state, "postalCode": postal}
+
+
 def load_providers(file: Path, data: dict[str, Any]) -> BillingProviders:
     check_keys(data, ("organizations", "by_performer", "by_department", "default"), file, "")
     orgs: dict[str, BillingOrganization] = {}
@@ -176,8 +202,18 @@ def load_providers(file: Path, data: dict[str, Any]) -> BillingProviders:
             raise ConfigError(str(file), f"{entry}.reference", "must be an Organization reference (Organization/id)")
         if reference is None and npi is None and tin is None:
             raise ConfigError(str(file), entry, "needs an npi or tin (or a reference to an Organization)")
+        taxonomy = _text(item.get("taxonomy"), file, f"{entry}.taxonomy", required=False)
+        if taxonomy is not None and not _TAXONOMY.match(taxonomy):
+            raise ConfigError(str(file), f"{entry}.taxonomy", f"{taxonomy!r} is not a NUCC taxonomy code "
+                                                              "(9 letters or digits and X, e.g. 193200000X)")
+        address = _address(item.get("address"), file, f"{entry}.address")
+        if reference is not None and (taxonomy or address):
+            raise ConfigError(str(file), entry, f"taxonomy and address belong on {reference}: the Claim refers to "
+                                                "that Organization, which holds them (leave out `reference` to "
+                                                "have them written in the Claim)")
         orgs[str(key)] = BillingOrganization(str(key), _req(item.get("name"), file, f"{entry}.name"),
-                                             npi, tin.replace("-", "") if tin else None, reference)
+                                             npi, tin.replace("-", "") if tin else None, reference, taxonomy,
+                                             address)
 
     def keyed(name: str) -> dict[str, str]:
         out: dict[str, str] = {}

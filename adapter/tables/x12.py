@@ -1,4 +1,4 @@
-"""config/x12.yaml (the 837P envelope and value maps) and the billing providers' 837P details.
+"""config/x12.yaml: the 837P envelope and value maps (the billing provider's details are on the Claim).
 
 Pure data: loading these stays cheap, and the builder (adapter.building.claim837) never reads files.
 """
@@ -14,27 +14,13 @@ from adapter.errors import ConfigError
 from adapter.tables.hl7v2 import _mapping
 
 FILE = "x12.yaml"
-PROVIDERS_FILE = "billing-providers.yaml"
 _ID = re.compile(r"^[A-Za-z0-9 ]{1,15}$")
-_TAXONOMY = re.compile(r"^[0-9A-Z]{9}X$")
 
 
 @dataclass(frozen=True)
 class Party:
     name: str
     id: str
-
-
-@dataclass(frozen=True)
-class ProviderDetails:
-    """What config/billing-providers.yaml says of an organization beyond its name and identifiers."""
-
-    name: str
-    npi: str | None
-    tin: str | None
-    taxonomy: str | None
-    address: dict[str, Any] | None
-    """FHIR Address shape: line (list), city, state, postalCode."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +38,6 @@ class X12Tables:
     relationship: dict[str, str] = field(default_factory=lambda: {"self": "18"})
     payer_id_systems: tuple[str, ...] = ()
     facility_places_of_service: frozenset[str] = frozenset()
-    providers: tuple[ProviderDetails, ...] = ()
-
-    def provider(self, npi: str | None, tin: str | None) -> ProviderDetails | None:
-        """The configured organization with this NPI (else this TIN)."""
-        return (next((p for p in self.providers if npi and p.npi == npi), None)
-                or next((p for p in self.providers if tin and p.tin == tin), None))
 
 
 def _text(value: Any, file: Path, key: str, pattern: re.Pattern[str] | None = None) -> str:
@@ -69,33 +49,8 @@ def _text(value: Any, file: Path, key: str, pattern: re.Pattern[str] | None = No
     return text
 
 
-def _providers(base: Path, read_yaml: Any) -> tuple[ProviderDetails, ...]:
-    file = base / PROVIDERS_FILE
-    if not file.exists():
-        return ()
-    out = []
-    for key, raw in _mapping(read_yaml(file).get("organizations"), file, "organizations").items():
-        item = _mapping(raw, file, f"organizations.{key}")
-        taxonomy = item.get("taxonomy")
-        if taxonomy is not None:
-            taxonomy = _text(taxonomy, file, f"organizations.{key}.taxonomy", _TAXONOMY)
-        address = item.get("address")
-        if address is not None:
-            address = _mapping(address, file, f"organizations.{key}.address")
-            for part in ("city", "state", "postalCode"):
-                _text(address.get(part), file, f"organizations.{key}.address.{part}")
-            lines = address.get("line")
-            if not isinstance(lines, list) or not lines or not all(isinstance(x, str) and x for x in lines):
-                raise ConfigError(str(file), f"organizations.{key}.address.line", "must be a list of 1 or 2 texts")
-            address = {**address, "postalCode": str(address["postalCode"])}
-        tin = item.get("tin")
-        out.append(ProviderDetails(str(item.get("name") or key), str(item["npi"]) if item.get("npi") else None,
-                                   str(tin).replace("-", "") if tin else None, taxonomy, address))
-    return tuple(out)
-
-
 def load_x12_tables(base: Path, read_yaml: Any) -> X12Tables:
-    """config/x12.yaml in `base` (defaults when absent) and the 837P details of config/billing-providers.yaml."""
+    """config/x12.yaml in `base` (defaults when absent)."""
     file = base / FILE
     data = read_yaml(file) if file.exists() else {}
     known = {"sender_qualifier", "sender_id", "receiver_qualifier", "receiver_id", "usage", "submitter", "receiver",
@@ -141,5 +96,4 @@ def load_x12_tables(base: Path, read_yaml: Any) -> X12Tables:
         relationship,
         tuple(str(s) for s in data.get("payer_id_systems") or ()),
         frozenset(str(s) for s in data.get("facility_places_of_service") or ()),
-        _providers(base, read_yaml),
     )

@@ -212,6 +212,13 @@ class X12Sink:
         return result
 
 
+WITHOUT_REQUIRE_837P = (
+    "sinks.x12 is on while output.require_837p is false (config/settings.yaml): a Claim written to FHIR while it "
+    "lacks an element the 837P requires is reported (x12-missing-element) but sent only once the Claim itself "
+    "changes; set output.require_837p: true so such a Claim waits in review and goes once it can")
+"""Logged at start of a service with the x12 sink and `require_837p` off (docs/output.md "X12 837P")."""
+
+
 def from_settings(conf: Any, tables: X12Tables, state: Any) -> X12Sink:
     """The sink of `sinks.x12` (adapter.settings.X12SinkSettings), its register in `state`."""
     return X12Sink(tables, open_register(state), conf.folder)

@@ -22,6 +22,7 @@ from adapter.client import FhirClient
 from adapter.extraction.index import seen_version
 from adapter.hl7v2.messages import validate
 from adapter.pipeline import process
+from adapter.sinks.ownership import stamped
 from adapter.sources.files import SourcedResource
 from adapter.state.base import NewReview, ReviewKind
 from adapter.state.sqlite import SqliteState
@@ -279,3 +280,28 @@ def test_kill_9_in_the_middle_of_corrections_leaves_every_patient_balanced(
     assert len(credits) >= len(changed) // 2
     runner.cmd("run", "--once")
     assert len(charges(client, patients)) == len(on_server)  # settled: a further pass writes nothing
+
+
+def test_claims_written_before_the_contained_billing_provider_are_left_alone(
+        client: FhirClient, hapi_url: str, tmp_path: Path, fhir_ns: str) -> None:
+    """Claims as the release before wrote them (Claim.provider a logical reference, nothing contained), one
+    answered by a payer and one still ours: a sync of the same coding writes neither (docs/output.md)."""
+    since = server_now(client)
+    bundle = namespaced("17", fhir_ns)  # two sessions (two days), two Claims
+    client.transaction(bundle)
+    patients = patients_of(resources_of(bundle))
+    runner = Adapter(tmp_path, hapi_url)
+    assert runner.cmd("sync", "--since", since).returncode == 0
+    written = claims(client, patients)
+    assert len(written) == 2 and all(c["contained"][0]["id"] == "billing-provider" for c in written)
+    for claim in written:  # HAPI kept the contained Organization and its local reference as written
+        assert claim["provider"]["reference"] == "#billing-provider"
+        old = {k: v for k, v in claim.items() if k not in ("contained", "meta")}
+        old["provider"] = {k: v for k, v in claim["provider"].items() if k != "reference"}
+        client.update(stamped(old, TABLES.settings.fingerprint_extension))
+    answer(client, written[0])
+    before = versions(client, patients)
+    again = runner.cmd("sync", "--since", since)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert versions(client, patients) == before
+    assert all("contained" not in c for c in claims(client, patients))

@@ -54,8 +54,13 @@ def test_a_complete_claim_has_payer_billing_provider_care_team_place_and_prices(
     claim = claim_of(report)
     assert claim is not None and not report.reviews
     assert claim["insurer"] == {"reference": "Organization/o1"}
-    assert claim["provider"] == {"type": "Organization", "display": "Northriver Health Physician Services",
+    assert claim["provider"] == {"reference": "#billing-provider", "type": "Organization",
+                                 "display": "Northriver Health Physician Services",
                                  "identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}}
+    [org] = claim["contained"]  # the configured organization, with what the 837P's loop 2010AA needs
+    assert org["id"] == "billing-provider" and org["name"] == "Northriver Health Physician Services"
+    assert [i["value"] for i in org["identifier"]] == ["1234567893", "361234567"]
+    assert org["type"][0]["coding"][0]["code"] == "193200000X" and org["address"][0]["city"] == "Springfield"
     assert claim["careTeam"][0]["provider"] == {"reference": "Practitioner/d1"}
     assert claim["careTeam"][0]["role"]["coding"][0]["code"] == "primary"
     assert [i["careTeamSequence"] for i in claim["item"]] == [[1], [1]]
@@ -73,6 +78,7 @@ def test_on_behalf_of_organization_is_the_billing_provider() -> None:
     assert claim is not None
     assert claim["provider"] == {"reference": "Organization/grp", "display": "Group",
                                  "identifier": {"system": "urn:oid:2.16.840.1.113883.4.4", "value": "123456789"}}
+    assert "contained" not in claim  # the input's Organization is the billing provider resource itself
 
 
 def test_billing_provider_by_department_then_review_without_default() -> None:
@@ -367,6 +373,11 @@ def test_every_nine_digits_have_exactly_one_npi_check_digit(prefix: str) -> None
      "pricing.when_missing: must be 'review' or 'warn'"),
     ("billing-providers.yaml", 'npi: "1234567893"', 'npi: "1234567890"', "not a valid NPI"),
     ("billing-providers.yaml", "default: northriver-physicians", "default: nobody", "not one of the organizations"),
+    ("billing-providers.yaml", 'taxonomy: "193200000X"', 'taxonomy: "1932"', "not a NUCC taxonomy code"),
+    ("billing-providers.yaml", 'postalCode: "627011234"}', 'postalCode: "6270"}', "not a 5- or 9-digit ZIP"),
+    ("billing-providers.yaml", 'state: "IL"', 'state: "Illinois"', "not a 2-letter state"),
+    ("billing-providers.yaml", 'tin: "361234567"', 'tin: "361234567"\n    reference: Organization/np',
+     "taxonomy and address belong on Organization/np"),
     ("place-of-service.yaml", 'default: "22"', 'default: "77"', "not one of the place-of-service codes"),
     ("chargemaster.yaml", "unit_price: 236.00", "unit_price: cheap", "non-negative amount"),
     ("diagnosis-map.yaml", 'icd10cm: "E04.1"', "icd10cm: ''", "icd10cm: must be a non-empty string"),

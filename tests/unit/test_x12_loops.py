@@ -80,3 +80,15 @@ def test_a_referral_names_the_referring_provider_and_a_facility_its_place() -> N
     assert "NM1*77" not in _interchange(office, extra).text
     lost = _interchange(claim, {**extra, "Practitioner/s01-gp": {**gp, "identifier": []}})
     assert [p.element for p in lost.problems] == ["2310A NM109"]
+
+
+def test_the_payer_comes_from_coverage_payor_also_when_it_is_a_logical_reference() -> None:
+    claim = run_claims(REPORT)[0]
+    coverage = copy.deepcopy(REPORT.index.get("Coverage/s01-cov"))
+    system = TABLES.x12.payer_id_systems[0]
+    coverage["payor"] = [{"type": "Organization", "identifier": {"system": system, "value": "LOGIC01"},
+                          "display": "Logical Health Plan"}]
+    result = _interchange(claim, {"Coverage/s01-cov": coverage})
+    assert result.problems == [] and "NM1*PR*2*Logical Health Plan*****PI*LOGIC01~" in result.text
+    coverage["payor"][0]["identifier"]["system"] = "urn:other"  # not a payer id system: the Claim is held
+    assert [p.element for p in _interchange(claim, {"Coverage/s01-cov": coverage}).problems] == ["2010BB NM109"]

@@ -106,3 +106,23 @@ def test_the_pass_sends_the_claims_it_wrote() -> None:
     claims = written_claims(writes, {})
     assert len(claims) == 2 and all(c["resourceType"] == "Claim" for c in claims)
     assert written_claims(writes, {writes.sessions[0].label: object()}) == claims[1:]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_service_with_the_sink_and_without_require_837p_says_so_at_start(
+        tmp_path: Path, required: bool, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from adapter.client import FhirClient
+    from adapter.service import Service
+    from adapter.settings import X12SinkSettings, load_settings
+    from adapter.state.memory import MemoryState
+    from adapter.x12.sink import WITHOUT_REQUIRE_837P
+
+    settings = load_settings(None, env={})
+    settings = dataclasses.replace(settings, sinks=dataclasses.replace(
+        settings.sinks, x12=X12SinkSettings(True, str(tmp_path))))
+    tables = dataclasses.replace(TABLES, settings=dataclasses.replace(TABLES.settings, require_837p=required))
+    with caplog.at_level("WARNING", logger="adapter.service"):
+        Service(settings, tables, client=FhirClient("http://127.0.0.1:9/fhir"), state=MemoryState())
+    assert (WITHOUT_REQUIRE_837P in caplog.messages) is not required

@@ -70,9 +70,12 @@ class ServiceCore:
         self.syncer = Syncer(self.client, tables, fhir=settings.sinks.fhir, hl7v2=self.hl7v2)
         self.x12 = None
         if settings.sinks.x12.enabled:  # 837P interchanges to a folder (adapter/x12/sink.py)
+            from adapter.x12.sink import WITHOUT_REQUIRE_837P
             from adapter.x12.sink import from_settings as x12_sink
 
             self.x12 = self.syncer.x12 = x12_sink(settings.sinks.x12, tables.x12, self.state)
+            if not tables.settings.require_837p:
+                log.warning(WITHOUT_REQUIRE_837P)
         self.syncer.source.page_size = settings.poll.page_size
         self.metrics = metrics or Metrics()
         self.client.on_write = lambda method, seconds: self.metrics.observe("charge_adapter_fhir_write_seconds",

@@ -88,7 +88,7 @@ def plan_patient(patient: str, sessions: list[SessionCharges], history: list[Led
     to_credit: list[ActiveCharge] = []
     for line, held in sorted(active.items(), key=lambda item: (item[1].seq, item[1].position)):
         now = wanted.get(line)
-        if now is not None and now[2] == held.version:
+        if now is not None and _holds(held, now[1], now[2]):
             result.unchanged += 1
             continue
         if now is None and under_review & set(held.charge.get("procedures") or ()):
@@ -110,7 +110,7 @@ def plan_patient(patient: str, sessions: list[SessionCharges], history: list[Led
             tuple(sorted({p for h in members for p in h.charge.get("procedures") or ()}))))
     for sc in sessions:
         fresh = [(c, v) for c in sc.charges for v in [wanted[c.line][2]]
-                 if c.line not in active or active[c.line].version != v]
+                 if c.line not in active or not _holds(active[c.line], c, v)]
         if not fresh:
             continue
         versions = [(c.line, v) for c, v in fresh]
@@ -119,6 +119,14 @@ def plan_patient(patient: str, sessions: list[SessionCharges], history: list[Led
         result.messages.append(NewMessage(control, patient, sc.session, CHARGE, text, sc.visit.to_json(),
                                           _entries(fresh), tuple(sc.procedures)))
     return result
+
+
+def _holds(held: ActiveCharge, charge: Charge, version: str) -> bool:
+    """Whether the receiver's line is `charge` as wanted: the same version, billing the same Procedures. A line
+    whose Procedures changed (one record replaced by another, the same units) is credited and charged again,
+    as the FHIR sink updates the ChargeItem's `service`: the ledger then knows which Procedures the line bills,
+    and a later review of the Procedure it billed before protects nothing it no longer bills."""
+    return held.version == version and sorted(held.charge.get("procedures") or ()) == sorted(charge.procedures)
 
 
 def _key(visit: dict[str, Any]) -> str:

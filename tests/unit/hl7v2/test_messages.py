@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from adapter.config import load_tables
@@ -141,6 +141,9 @@ def session_charge(session: str, code: str, units: int, price: int, procedures: 
 
 @settings(max_examples=60, deadline=None)
 @given(session_steps)
+@example([((({}, "coded"), ({"10006": (2, 200, {"a"})}, "coded")), False),  # 10006 moves from a to b, same
+          ((({}, "coded"), ({"10006": (2, 200, {"b"}), "10005": (1, 100, {"a"})}, "coded")), False),  # units;
+          ((({}, "coded"), ({"10005": (1, 100, {"a"})}, "held")), False)])  # a held: 10006 (b) is credited
 def test_what_the_receiver_holds_is_what_is_wanted_and_nothing_is_edited(steps: list) -> None:
     """Two sessions of one patient, each coded, coded while its Claim waits (under review, charges produced), or
     held (under review, no charges): the receiver holds exactly the wanted charges of every produced session,

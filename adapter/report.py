@@ -62,12 +62,19 @@ def diagnostics(report: RunReport) -> list[str]:
     redaction mode; `explain` shows everything. The streaming path (adapter/streaming) writes the same lines,
     in the same order, from the same functions.
     """
-    text = free_text_of(report)
+    text: FreeText | None = None
+
+    def mask(line: str) -> str:  # the input's free text is collected only for a line that may hold some
+        nonlocal text
+        if text is None:
+            text = free_text_of(report)
+        return text.mask(line)
+
     out = [unreadable_line(err) for err in report.read.unreadable]
     out += [problem_line(p) for p in report.problems]
     out += [info_line(n) for n in report.read.notes]
-    out += [review_line(r, text.mask) for r in report.reviews]
-    out += [warning_line(w, text.mask) for w in report.built.warnings]
+    out += [review_line(r, mask) for r in report.reviews]
+    out += [warning_line(w, mask) for w in report.built.warnings]
     out += [conflict_line(ref, origins) for ref, origins in report.index.conflicts.items()
             if not ref.startswith("Procedure/")]
     out += [duplicate_line(ref, kept, old) for ref, kept, old in report.index.duplicates]

@@ -29,7 +29,7 @@ from adapter.extraction.modifiers import modifier_findings
 from adapter.urls import normalize_base, normalize_bases
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourcedResource:
     """A resource as read, and where it was read from (`file#entry[2]`, `file:4`). Defined here, where the
     index takes it in, so the sources that make one (adapter.sources) import downward."""

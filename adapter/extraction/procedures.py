@@ -113,7 +113,7 @@ RULE_OF_REASON = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Finding:
     """Why something needs an analyst: a stable reason code and a sentence for humans."""
 
@@ -125,7 +125,7 @@ class Finding:
         return str(RULE_OF_REASON.get(self.reason, self.reason))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Evidence:
     element: str
     system: str
@@ -140,7 +140,7 @@ class Evidence:
         return f"{self.element}: {self.system}|{self.code}{label}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lesion:
     key: str
     """Identity across the session: `BodyStructure/x`, or `Procedure/p#site:...` for coded sites."""
@@ -167,7 +167,7 @@ class SessionKey:
         return f"{self.patient}|{self.performer}|{self.encounter or '-'}|{self.date}"
 
 
-@dataclass
+@dataclass(slots=True)
 class ProcedureFacts:
     ref: str
     origin: str

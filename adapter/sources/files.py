@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapter import jsonin
 from adapter.errors import InputError
 from adapter.extraction.index import SourcedResource
 
@@ -184,7 +185,7 @@ def _tombstone(request: dict[str, Any], response: dict[str, Any],
 
 def _read_json(path: Path, text: str, result: ReadResult) -> None:
     try:
-        data = json.loads(text)
+        data = jsonin.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
@@ -241,7 +242,7 @@ def _read_ndjson(path: Path, result: ReadResult, chunk_bytes: int = CHUNK_BYTES)
             continue
         blank = False
         try:
-            data = json.loads(line)
+            data = jsonin.loads(line)  # orjson where it gives what json.loads gives
         except json.JSONDecodeError as exc:
             bad.append(f"line {number} is not valid JSON ({exc.msg})")
             continue

@@ -212,3 +212,30 @@ def test_every_decision_explain_prints_names_a_documented_rule() -> None:
 def test_explain_names_the_rule_where_the_audit_found_none(fixture: str, rule: str, said: str) -> None:
     text = CliRunner().invoke(cli, ["explain", str(ROOT / "fixtures/fhir" / fixture)]).stdout
     assert any(f"(rule {rule})" in line and said in line for line in text.splitlines()), text
+
+
+def test_the_lazy_command_map_names_every_command_and_its_module() -> None:
+    """`group.COMMAND_MODULES` is how a command's module gets imported; a command missing from it would vanish."""
+    import importlib
+    import pkgutil
+
+    import adapter.cli as package
+    from adapter.cli.group import COMMAND_MODULES
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"adapter.cli.{module.name}")
+    registered = {name: command.callback.__module__.rsplit(".", 1)[1] for name, command in cli.commands.items()
+                  if command.callback is not None}
+    assert registered == COMMAND_MODULES
+
+
+def test_dry_run_loads_neither_the_service_nor_the_fhir_client() -> None:
+    script = ("import sys\nfrom adapter.cli import cli\n"
+              "try:\n    cli.main(['dry-run', 'fixtures/fhir/scenarios/01-single-us/input.json'], prog_name='x')\n"
+              "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+              "loaded = sorted(m for m in ('adapter.service', 'adapter.client', 'adapter.state') if m in sys.modules)\n"
+              "print('loaded:', loaded, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded: []" in proc.stderr, proc.stderr[-2000:]

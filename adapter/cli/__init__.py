@@ -12,17 +12,25 @@ message and exit code in one place (`AdapterGroup`), so no command prints errors
 One module per job: group.py (the group, its error handling, the context's parts), options.py (shared
 options), offline.py (dry-run, explain), server.py (sync, reconcile, backfill), unattended.py (run, serve,
 worklist, subscribe) with lifecycle.py (listener, loops, signals), status.py, review.py, tables.py (mue,
-conformance). Importing this package registers every command on `cli`.
+conformance). A command's module is imported when the command is looked up (`group.COMMAND_MODULES`), so
+`dry-run` does not pay for loading the service, the FHIR client or the state.
 """
 
 import faulthandler
 import signal
+from typing import Any
 
-from adapter.cli import offline, review, server, status, tables, unattended  # noqa: F401  (they register their commands)
 from adapter.cli.group import cli
-from adapter.cli.offline import output_bundle
 
 __all__ = ["cli", "main", "output_bundle"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "output_bundle":  # the offline Bundle writer, used by tests and benches
+        from adapter.cli.offline import output_bundle
+
+        return output_bundle
+    raise AttributeError(f"module 'adapter.cli' has no attribute {name!r}")
 
 
 def main() -> None:

@@ -3,18 +3,30 @@ message and exit code, and what every command takes from the context (settings, 
 
 from __future__ import annotations
 
+import importlib
 import sys
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from adapter import __version__, logs, redact
 from adapter.config import CodeTables, load_tables
 from adapter.errors import AdapterError, ExitCode, StateSchemaError, exit_code_for
-from adapter.service import Service
-from adapter.settings import AppSettings, load_settings
-from adapter.state import StateBackend, open_state
+
+if TYPE_CHECKING:  # imported where used: `dry-run` and `explain` never load the service, the state or settings
+    from adapter.service import Service
+    from adapter.settings import AppSettings
+    from adapter.state import StateBackend
+
+COMMAND_MODULES = {
+    "dry-run": "offline", "explain": "offline",
+    "sync": "server", "reconcile": "server", "backfill": "server",
+    "run": "unattended", "serve": "unattended", "worklist": "unattended", "subscribe": "unattended",
+    "status": "status", "review": "review", "conformance": "tables", "mue": "tables",
+}
+"""The module under adapter/cli/ that defines each command: a command's module (and what it imports) is loaded
+only when that command runs or help lists it (tests/test_cli.py checks this map against the commands)."""
 
 
 class AdapterGroup(click.Group):
@@ -23,6 +35,14 @@ class AdapterGroup(click.Group):
     A bad argument or option (click's usage errors) exits 3 like a bad config value: click's own default, 2,
     means "the environment failed" here. An exception nobody expected (a bug) is one line too, and its
     traceback is shown at -vv."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMAND_MODULES) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            importlib.import_module(f"adapter.cli.{COMMAND_MODULES[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -69,6 +89,8 @@ class AdapterGroup(click.Group):
 
 def settings_of(ctx: click.Context) -> AppSettings:
     if "settings" not in ctx.obj:
+        from adapter.settings import load_settings
+
         ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
         logs.use_format(ctx.obj["settings"].logging.format)
     return ctx.obj["settings"]
@@ -81,6 +103,8 @@ def tables_of(ctx: click.Context) -> CodeTables:
 
 def state_of(ctx: click.Context) -> StateBackend:
     """The state alone, for commands that need no FHIR server (status, review list/show)."""
+    from adapter.state import open_state
+
     settings = settings_of(ctx)
     state = open_state(settings.state.location, busy_timeout=settings.state.busy_timeout_seconds,
                        lease_seconds=settings.worker.lease_seconds)
@@ -89,6 +113,8 @@ def state_of(ctx: click.Context) -> StateBackend:
 
 
 def service_of(ctx: click.Context) -> Service:
+    from adapter.service import Service
+
     service = Service(settings_of(ctx), tables_of(ctx))
     _redact_patients(ctx, service.settings, service.state)
     return service

@@ -13,8 +13,9 @@ primitive) and its primitive values. A shape is accepted once a full `model_vali
 shape accepted it; a later resource with a known shape is accepted when each of its primitive values passes the
 very validator pydantic compiled for that element (the same core schema, built with the model's config). Anything
 else, including every resource that does not pass this way, goes through the full model validation, which gives
-the verdict and names the failing elements. Anything the fast way cannot read (unknown elements, contained
-resources, values of a type JSON does not have) goes through the full validation too.
+the verdict and names the failing elements. Contained resources are read the same way, under the model their
+`resourceType` names (the model class is part of the shape). Anything the fast way cannot read (unknown
+elements, values of a type JSON does not have) goes through the full validation too.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class _Model:
     primitives: dict[str, _Element] = field(default_factory=dict)
     ones: dict[str, _Element] = field(default_factory=dict)
     manys: dict[str, _Element] = field(default_factory=dict)
+    contained: set[str] = field(default_factory=set)
+    """Lists of resources (`contained`): each item is read under the model its `resourceType` names."""
 
 
 _models: dict[type, _Model | None] = {}
@@ -171,7 +174,9 @@ def _build(cls: type) -> _Model | None:
         kind, many = found
         if isinstance(kind, type) and issubclass(kind, FhirBase):
             if issubclass(kind, FhirElementOrResourceBase):
-                continue  # contained resources: their model depends on their content
+                if many:
+                    view.contained.add(key)  # contained resources: their model depends on their content
+                continue
             element = view.elements[key] = _Element(_MANY if many else _ONE, cls=kind)  # model imported when used
             (view.manys if many else view.ones)[key] = element
         elif is_primitive_type(info):
@@ -220,6 +225,14 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
             _walk(element.child or _child(element), value, shape, pending)
         elif kind is list:
             append(key)
+            if key in view.contained:
+                append(_LIST)
+                append(len(value))
+                for item in value:
+                    inner = _resource_view(item)
+                    append(inner.cls)
+                    _walk(inner, item, shape, pending)
+                continue
             element = view.manys.get(key)
             if element is not None:
                 child = element.child or _child(element)
@@ -260,6 +273,19 @@ def _walk(view: _Model, data: dict[str, Any], shape: list[Any], pending: list[tu
             if known not in element.seen:
                 pending.append((element, value, known))
     append(_CLOSE)
+
+
+def _resource_view(item: Any) -> _Model:
+    """The view of a contained resource's model, by its `resourceType`."""
+    if type(item) is not dict:
+        raise _Irregular
+    try:
+        found = _model(get_fhir_model_class(item.get("resourceType")))
+    except (KeyError, TypeError, ValueError):
+        raise _Irregular from None
+    if found is None:
+        raise _Irregular
+    return found
 
 
 def _exact(value: Any) -> Any:
@@ -322,6 +348,8 @@ def validate_resource(resource: dict[str, Any], what: str = "") -> None:
         raise InvalidOutputError(what or kind, summary) from None
     except (ValueError, TypeError, AttributeError) as exc:  # AttributeError: fhir.resources tripped on a shape
         raise InvalidOutputError(what or kind, f"invalid ({exc})") from None
+    except KeyError as exc:  # fhir.resources looks a contained resource's type up in a dict
+        raise InvalidOutputError(what or kind, f"unknown resource type {exc.args[0] if exc.args else ''}") from None
     if fast is not False:
         if len(_shapes) >= _SHAPES_LIMIT:
             _shapes.clear()

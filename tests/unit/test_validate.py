@@ -404,12 +404,40 @@ def test_a_known_shape_with_new_values_needs_no_full_validation(monkeypatch: pyt
 
 
 def test_what_the_fast_way_does_not_read_is_validated_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from decimal import Decimal
+
     calls = _count_full(monkeypatch, "ChargeItem")
-    contained = _charge_item()
-    contained["contained"] = [{"resourceType": "Patient", "id": "p"}]
+    odd = _set(_charge_item(), ("quantity", "value"), Decimal(1))  # a value of a type JSON does not have
     for _ in range(2):
-        validate_resource(contained)
+        validate_resource(odd)
     assert calls[0] == 2
+
+
+def test_contained_resources_are_read_by_shape_under_their_own_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Claim's contained billing provider: its shape is learnt once, its values are checked every time."""
+    calls = _count_full(monkeypatch, "ChargeItem")
+    organization = {"resourceType": "Organization", "id": "billing-provider", "name": "Lakeside",
+                    "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}]}
+    first = _charge_item()
+    first["contained"] = [organization]
+    validate_resource(first)
+    before = calls[0]
+    second = copy.deepcopy(first)
+    second["contained"][0]["name"] = "Another name"
+    validate_resource(second)
+    assert calls[0] == before  # a known shape with new values: no full validation
+    bad = copy.deepcopy(first)
+    bad["contained"][0]["name"] = ""  # an empty string is no FHIR string
+    with pytest.raises(InvalidOutputError, match="contained"):
+        validate_resource(bad)
+    as_patient = copy.deepcopy(first)  # the same keys under another resource type: another shape
+    as_patient["contained"][0] = {**organization, "resourceType": "Patient"}
+    with pytest.raises(InvalidOutputError):
+        validate_resource(as_patient)  # Patient has no `name` string: judged in full, and refused
+    unknown = copy.deepcopy(first)
+    unknown["contained"][0] = {**organization, "resourceType": "Nothing"}
+    with pytest.raises(InvalidOutputError):
+        validate_resource(unknown)
 
 
 def test_errors_still_name_the_element() -> None:

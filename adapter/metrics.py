@@ -43,6 +43,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charge_adapter_reconcile_runs_total": ("Scheduled reconciliations finished", ()),
     "charge_adapter_drift_total": ("Differences scheduled reconciliations found between the coding and the server, "
                                    "by kind: missing, outdated, unknown, billed-wrong, changed-by-others", ("kind",)),
+    "charge_adapter_claims_lost_total": ("Patients of a running pass another replica claimed because the pass "
+                                         "outlived its lease before the renewal", ()),
 }
 """The adapter's counters (help, label names), declared up front so a scrape lists them before anything
 happened: unlabelled ones at 0, labelled ones without samples until their first increment."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from adapter import redact
@@ -113,7 +113,9 @@ class ServiceCore:
             claimed = self.state.claim_patients(wanted, self.owner, self.settings.worker.lease_seconds) \
                 if wanted else set()
             try:
-                summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None, scope=scope)
+                with self._claims_renewed(claimed):
+                    summary = self.syncer.sync_patients(claimed, loose or [], stop.is_set if stop else None,
+                                                        scope=scope)
             except BaseException:
                 with suppress(StateError):
                     self.state.release_patients(claimed, self.owner)
@@ -121,6 +123,35 @@ class ServiceCore:
         if summary.written or summary.voided or summary.verified or summary.credits:
             self.health.wrote()
         return PassResult(summary, claimed, wanted - claimed)
+
+    @contextmanager
+    def _claims_renewed(self, claimed: set[str]) -> Iterator[None]:
+        """Renew the claims on `claimed` every third of the lease while the pass runs: a pass slower than the
+        lease (a slow server, a large patient) must not let another replica code the same patients beside it."""
+        lease = self.settings.worker.lease_seconds
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(lease / 3):
+                try:
+                    kept = self.state.claim_patients(claimed, self.owner, lease)
+                except StateError as exc:
+                    log.warning("could not renew the claims of a pass on %d patient(s): %s", len(claimed), exc)
+                    continue
+                if kept != claimed:
+                    self.metrics.inc("charge_adapter_claims_lost_total", len(claimed - kept))
+                    log.warning("%d of %d patient(s) of a running pass were claimed by another replica (the pass "
+                                "outlived its lease before it was renewed)", len(claimed - kept), len(claimed))
+
+        renewer = threading.Thread(target=renew, name="claim-renewal", daemon=True) if claimed else None
+        if renewer is not None:
+            renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if renewer is not None:
+                renewer.join(timeout=5)
 
     def pass_record(self, result: PassResult,
                     pushed: dict[str, list[dict[str, Any]]] | None = None) -> tuple[PassRecord, dict[str, str]]:

@@ -208,3 +208,34 @@ def test_a_restored_server_reusing_a_version_number_for_other_content_is_coded_a
     edited = {**procedure("p1"), "note": [{"text": "edited after the restore"}]}  # still versionId 1
     source.pages = [[edited]]
     assert a.poll_once().queued == 1
+
+
+def test_a_pass_longer_than_its_lease_keeps_its_patients(shared: Any) -> None:
+    """The claims of a running pass are renewed every third of the lease: a slow pass (a slow server, a large
+    patient) never lets another replica code the same patients beside it."""
+    import threading
+    import time
+
+    state, _source, server = shared
+    a = replica(state, server, "a")
+    a.settings = dataclasses.replace(a.settings, worker=dataclasses.replace(a.settings.worker, lease_seconds=0.6))
+    inner = a.syncer
+    in_pass = threading.Event()
+    taken_by_b: list[set[str]] = []
+
+    class Slow:
+        source = inner.source
+        local_bases = inner.local_bases
+
+        def sync_patients(self, patients: Iterable[str], *args: Any, **kwargs: Any) -> SyncSummary:
+            in_pass.set()
+            deadline = time.monotonic() + 2.0  # more than three leases
+            while time.monotonic() < deadline:
+                taken_by_b.append(state.replica("b").claim_patients({"Patient/p1"}, "b", 30))
+                time.sleep(0.1)
+            return inner.sync_patients(patients, *args, **kwargs)
+
+    a.syncer = Slow()
+    result = a.sync_patients({"Patient/p1"})
+    assert in_pass.is_set() and result.claimed == {"Patient/p1"}
+    assert taken_by_b and all(not granted for granted in taken_by_b)  # b never got p1 while a coded it

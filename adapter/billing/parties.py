@@ -78,14 +78,7 @@ def with_contained_provider(claim: dict[str, Any], providers: BillingProviders) 
     if org is None:
         return claim
     built = configured_provider(org, "")
-    out: dict[str, Any] = {}
-    for key, item in claim.items():
-        if key == "extension" and "contained" not in out:
-            out["contained"] = [built.contained]
-        out[key] = built.reference if key == "provider" else item
-    if "contained" not in out:
-        out["contained"] = [built.contained]
-    return out
+    return {**claim, "provider": built.reference, "contained": [built.contained]}  # void_claim orders the keys
 
 
 @dataclass(frozen=True)

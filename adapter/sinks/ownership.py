@@ -145,10 +145,11 @@ def same_content(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     release wrote it (`without_contained_provider`): its arrival alone neither updates a Claim that is still
     ours nor replaces an answered one; a change of anything else writes the whole new Claim, contained provider
     and all. Once a Claim holds it, the contained Organization is content like any other."""
-    if payload(existing) == payload(wanted):
+    said = payload(existing)
+    if said == payload(wanted):
         return True
     return (existing.get("resourceType") == "Claim" and _contains_provider(wanted) and not _contains_provider(existing)
-            and payload(existing) == payload(without_contained_provider(wanted)))
+            and said == payload(without_contained_provider(wanted)))
 
 
 def standing(resource: dict[str, Any], answered: frozenset[str] | set[str] = frozenset()) -> Standing:
